@@ -1,0 +1,34 @@
+"""steerkern: Triton-accelerated activation steering for causal language models.
+
+Extract steering vectors from contrast pairs, apply them inside decoder layers while the model
+generates (a different vector and coefficient per request in one batch), evaluate what they
+did, and train steering with a per-token coherence-bounded loss.
+
+Public names are imported lazily, so ``import steerkern`` stays cheap.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "steerkern.models",
+    "decoder_layers": "steerkern.models",
+    "resolve_module": "steerkern.models",
+    "steer": "steerkern.control",
+    "SteeringBank": "steerkern.control",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'steerkern' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,47 @@
+"""Tiny random-initialised models of every supported architecture, built from configs.
+
+Each is small enough to run a forward pass in milliseconds on CPU: hidden 64, 4 layers,
+vocabulary 128. Used by layer discovery, control and extraction tests.
+"""
+
+import torch
+import transformers
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+CONFIGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 64}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 64}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                   "shared_expert_intermediate_size": 48}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel",
+             {"n_embd": 64, "n_layer": 4, "n_head": 4, "n_positions": 256, "vocab_size": 128,
+              "bos_token_id": 1, "eos_token_id": 2}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                 {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+                  "num_attention_heads": 4, "max_position_embeddings": 256, "bos_token_id": 1,
+                  "eos_token_id": 2, "pad_token_id": 0}),
+}
+
+ARCHITECTURES = sorted(CONFIGS)
+
+
+def build_tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    config_name, model_name, overrides = CONFIGS[arch]
+    if arch in ("gpt2", "gpt_neox"):
+        kwargs = dict(overrides)
+    else:
+        kwargs = {**COMMON, **overrides}
+    config = getattr(transformers, config_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    return model
