@@ -16,6 +16,8 @@ _EXPORTS = {
     "decoder_layers": "steerkern.models",
     "resolve_module": "steerkern.models",
     "steer": "steerkern.control",
+    "SteeringVector": "steerkern.vectors",
+    "SteeringPart": "steerkern.vectors",
     "SteeringBank": "steerkern.control",
 }
 

@@ -1,0 +1,412 @@
+"""Steering a model while it runs: ``SteeringBank`` and the ``steer()`` context manager.
+
+A :class:`SteeringBank` holds K steering vectors as device tensors, grouped by the module they
+act on (a *site*: one decoder layer's output, or a named sub-module's output). One forward hook
+per site applies ``steerkern.ops.steer_`` to that module's output, every token row with its own
+bank slot and coefficient:
+
+    out[b, t] += coeff[b] * (bias[k] + B[k] @ (A[k]^T @ src[b, t]))      k = slot of row b
+
+Per-row slots and coefficients are set per batch with :meth:`SteeringBank.set_batch`, in place
+when the batch size is unchanged. A pre-forward hook on the model turns them into per-token
+slots once per forward pass: pad tokens (``attention_mask == 0``) and tokens outside the chosen
+``positions`` get slot -1 and are left bitwise untouched. Nothing is copied from the host and
+nothing synchronises with it inside the hooks.
+
+Positions under the KV cache: the first forward pass with an empty cache is the prompt; its
+length ``P`` is remembered, and a token at absolute position ``p`` is *prompt* when ``p < P``
+and *generated* otherwise. Generation that expands rows (``num_return_sequences``, beams)
+repeats each row's slot and coefficient for its copies, as ``generate`` orders them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from steerkern import ops
+from steerkern.models import resolve_module
+from steerkern.vectors import SteeringVector
+
+POSITIONS = ("all", "prompt", "generated")
+
+
+def _first_param(module: nn.Module) -> torch.Tensor:
+    for tensor in module.parameters():
+        return tensor
+    for tensor in module.buffers():
+        return tensor
+    raise ValueError(f"{type(module).__name__} has no parameters to take a device and dtype from")
+
+
+@dataclass
+class _Site:
+    """The steering bank of one module: every vector with a part there has an entry."""
+
+    module: nn.Module
+    source: str  # "output" or "input"
+    bias: torch.Tensor | None  # [K_site, D]
+    A: torch.Tensor | None  # [K_site, D_src, R]
+    B: torch.Tensor | None  # [K_site, D, R]
+    slot_map: torch.Tensor  # [K + 1] int32: vector index -> site entry; entry K (for -1) is -1
+    device: torch.device = field(init=False)
+
+    def __post_init__(self):
+        self.device = self.slot_map.device
+
+
+class SteeringBank:
+    """Many steering vectors loaded once onto the model, applied per row.
+
+    Args:
+        model: a causal LM (see ``steerkern.models``).
+        vectors: a ``SteeringVector`` or a sequence of them; row slot ``k`` selects
+            ``vectors[k]``.
+        positions: "all", "prompt", "generated", or a boolean mask ``[batch, seq]`` (True =
+            steer; positions past the mask's length are not steered).
+        normalize: rescale each steered hidden state to its norm before steering.
+
+    Example:
+        >>> bank = SteeringBank(model, [happy, sad])                     # doctest: +SKIP
+        >>> with bank.attached():                                         # doctest: +SKIP
+        ...     bank.set_batch(slots=[0, 1, -1], coeff=[4.0, 4.0, 0.0])
+        ...     model.generate(**batch)
+    """
+
+    def __init__(self, model: nn.Module, vectors, *, positions="all", normalize: bool = False):
+        if isinstance(vectors, SteeringVector):
+            vectors = [vectors]
+        vectors = list(vectors)
+        if not vectors:
+            raise ValueError("vectors is empty: give at least one SteeringVector")
+        for index, vector in enumerate(vectors):
+            if not isinstance(vector, SteeringVector):
+                raise TypeError(f"vectors[{index}] is a {type(vector).__name__}, not a SteeringVector")
+            try:
+                vector.validate(model)
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"vectors[{index}]: {error}") from None
+        self.model = model
+        self.vectors = vectors
+        self.normalize = bool(normalize)
+        self.positions, self._position_mask = _check_positions(positions)
+        self.sites = self._build_sites()
+        self.input_device = _first_param(model).device
+        self._row_slot = torch.zeros(1, dtype=torch.int64, device=self.input_device)
+        self._row_coeff = torch.ones(1, dtype=torch.float32, device=self.input_device)
+        self._rows: int | None = None  # None: one slot and coefficient broadcast to every row
+        self._prompt_len = 0
+        self._token_state: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._token_shape: tuple[int, int] | None = None
+        self._handles: list = []
+
+    # --- building ------------------------------------------------------------------------------
+
+    def _build_sites(self) -> list[_Site]:
+        keys: dict[tuple[int, str, str], list[tuple[int, object]]] = {}
+        for index, vector in enumerate(self.vectors):
+            for (layer, target), part in vector.parts.items():
+                keys.setdefault((layer, target, part.source), []).append((index, part))
+        sites = []
+        for (layer, target, source), entries in sorted(keys.items()):
+            module = resolve_module(self.model, layer, target)
+            reference = _first_param(module)
+            device = reference.device
+            dtype = reference.dtype if reference.is_floating_point() else torch.float32
+            sites.append(self._build_site(module, source, entries, device, dtype))
+        return sites
+
+    def _build_site(self, module, source, entries, device, dtype) -> _Site:
+        count = len(self.vectors)
+        slot_map = torch.full((count + 1,), -1, dtype=torch.int32)
+        for entry, (index, _) in enumerate(entries):
+            slot_map[index] = entry
+        parts = [part for _, part in entries]
+        dims = {p.bias.shape[-1] for p in parts if p.bias is not None}
+        dims |= {p.B.shape[0] for p in parts if p.B is not None}
+        if len(dims) != 1:
+            raise ValueError(f"vectors disagree on the width of {type(module).__name__}: {sorted(dims)}")
+        (width,) = dims
+        bias = None
+        if any(p.bias is not None for p in parts):
+            bias = torch.zeros(len(parts), width, dtype=dtype, device=device)
+            for entry, part in enumerate(parts):
+                if part.bias is not None:
+                    bias[entry] = part.bias.to(device=device, dtype=dtype)
+        A = B = None
+        low_rank = [p for p in parts if p.A is not None]
+        if low_rank:
+            rank = max(p.A.shape[1] for p in low_rank)
+            source_width = {p.A.shape[0] for p in low_rank}
+            if len(source_width) != 1:
+                raise ValueError(f"vectors disagree on the source width of {type(module).__name__}")
+            A = torch.zeros(len(parts), source_width.pop(), rank, dtype=dtype, device=device)
+            B = torch.zeros(len(parts), width, rank, dtype=dtype, device=device)
+            for entry, part in enumerate(parts):
+                if part.A is not None:
+                    r = part.A.shape[1]
+                    A[entry, :, :r] = part.A.to(device=device, dtype=dtype)
+                    B[entry, :, :r] = part.B.to(device=device, dtype=dtype)
+        return _Site(module, source, bias, A, B, slot_map.to(device))
+
+    # --- per batch -----------------------------------------------------------------------------
+
+    def set_batch(self, slots=None, coeff=1.0) -> None:
+        """Choose each row's vector and coefficient for the next forward passes.
+
+        Args:
+            slots: ``None`` (every row uses vector 0) or per-row indices into ``vectors``
+                (``-1``: the row is not steered), a sequence or an integer tensor ``[batch]``.
+            coeff: a number for every row, or per-row numbers ``[batch]``.
+
+        Values are checked here (once, on the host), never inside the hooks.
+        """
+        coeff_t = _as_coeff(coeff)
+        if slots is None:
+            if coeff_t.dim() == 0:
+                rows, slot_t = None, torch.zeros(1, dtype=torch.int64)
+                coeff_t = coeff_t.reshape(1)
+            else:
+                rows, slot_t = coeff_t.numel(), torch.zeros(coeff_t.numel(), dtype=torch.int64)
+        else:
+            slot_t = _as_slots(slots, len(self.vectors))
+            rows = slot_t.numel()
+            if coeff_t.dim() == 0:
+                coeff_t = coeff_t.expand(rows)
+            elif coeff_t.numel() != rows:
+                raise ValueError(
+                    f"coeff has {coeff_t.numel()} rows but slots has {rows}: give one coefficient "
+                    "per row, or a single number"
+                )
+        if self._position_mask is not None and rows is not None and self._position_mask.shape[0] != rows:
+            raise ValueError(
+                f"positions mask has {self._position_mask.shape[0]} rows but slots/coeff have "
+                f"{rows}: they must describe the same batch"
+            )
+        self._rows = rows
+        self._row_slot = _copy_into(self._row_slot, slot_t)
+        self._row_coeff = _copy_into(self._row_coeff, coeff_t)
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def attached(self):
+        """Register the hooks for the ``with`` block; they are removed on exit, errors included."""
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def attach(self) -> None:
+        if self._handles:
+            raise RuntimeError("this SteeringBank is already attached")
+        try:
+            self._handles.append(
+                self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+            )
+            for site in self.sites:
+                self._handles.append(
+                    site.module.register_forward_hook(self._site_hook(site), with_kwargs=True)
+                )
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._token_state.clear()
+        self._token_shape = None
+
+    def _before_forward(self, module, args, kwargs):
+        """Per forward pass: per-token slots and coefficients, on each site's device."""
+        tokens = kwargs.get("input_ids")
+        if tokens is None and args:
+            tokens = args[0]
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is None:
+            raise ValueError("steer: the model was called without input_ids or inputs_embeds")
+        batch, length = tokens.shape[0], tokens.shape[1]
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        past = _past_length(kwargs, mask, length)
+        if past == 0:
+            self._prompt_len = length
+        steer_here = self._positions_steered(batch, past, length, tokens.device)
+        if mask is not None:
+            valid = mask[:, -length:].to(torch.bool)
+            steer_here = valid if steer_here is None else steer_here & valid
+        row_slot, row_coeff = self._rows_for(batch)
+        slot = row_slot.to(tokens.device)[:, None].expand(batch, length)
+        if steer_here is not None:
+            slot = torch.where(steer_here, slot, torch.full_like(slot, -1))
+        slot = slot.reshape(-1).contiguous()
+        coeff = row_coeff.to(tokens.device)[:, None].expand(batch, length).reshape(-1).contiguous()
+        self._token_shape = (batch, length)
+        self._token_state = {}
+        for site in self.sites:
+            if site.device not in self._token_state:
+                self._token_state[site.device] = (
+                    slot.to(site.device, non_blocking=True),
+                    coeff.to(site.device, non_blocking=True),
+                )
+
+    def _rows_for(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rows is None:
+            return self._row_slot.expand(batch), self._row_coeff.expand(batch)
+        if batch == self._rows:
+            return self._row_slot, self._row_coeff
+        if batch % self._rows == 0:
+            copies = batch // self._rows  # num_return_sequences / beams: row i -> rows i*c..i*c+c-1
+            return (self._row_slot.repeat_interleave(copies),
+                    self._row_coeff.repeat_interleave(copies))
+        raise ValueError(
+            f"the batch has {batch} rows but slots/coeff were given for {self._rows}: give one "
+            "slot and coefficient per row of the batch"
+        )
+
+    def _positions_steered(self, batch, past, length, device) -> torch.Tensor | None:
+        if self.positions == "all":
+            return None
+        if self.positions == "mask":
+            mask = self._position_mask.to(device)
+            rows = mask.shape[0]
+            if batch != rows:
+                mask = mask.repeat_interleave(batch // rows, dim=0)
+            window = torch.zeros(batch, length, dtype=torch.bool, device=device)
+            stop = min(mask.shape[1], past + length)
+            if stop > past:
+                window[:, : stop - past] = mask[:, past:stop]
+            return window
+        absolute = torch.arange(past, past + length, device=device)
+        prompt = absolute < self._prompt_len
+        chosen = prompt if self.positions == "prompt" else ~prompt
+        return chosen[None, :].expand(batch, length)
+
+    def _site_hook(self, site: _Site):
+        def hook(module, args, kwargs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if self._token_shape is None or tuple(hidden.shape[:2]) != self._token_shape:
+                raise RuntimeError(
+                    f"steer: {type(module).__name__} saw hidden states of shape "
+                    f"{tuple(hidden.shape)} but the model's forward pass had batch x length "
+                    f"{self._token_shape}; call the model itself, not one of its sub-modules"
+                )
+            token_slot, token_coeff = self._token_state[site.device]
+            # token_slot is -1 for unsteered tokens; index K of slot_map holds -1.
+            slot = site.slot_map[token_slot]
+            src = None
+            if site.source == "input":
+                source = args[0] if args else next(iter(kwargs.values()))
+                src = source.reshape(-1, source.shape[-1])
+            width = hidden.shape[-1]
+            differentiable = torch.is_grad_enabled() and (
+                hidden.requires_grad or any(t is not None and t.requires_grad
+                                            for t in (site.bias, site.A, site.B))
+            )
+            if differentiable or not hidden.is_contiguous():
+                steered = ops.steer(hidden.reshape(-1, width), slot, token_coeff, site.bias,
+                                    site.A, site.B, src, self.normalize).view_as(hidden)
+                if isinstance(output, tuple):
+                    return (steered,) + tuple(output[1:])
+                return steered
+            ops.steer_(hidden.view(-1, width), slot, token_coeff, site.bias, site.A, site.B, src,
+                       self.normalize, validate=False)
+            return output
+
+        return hook
+
+
+def _past_length(kwargs, mask, length) -> int:
+    """Tokens already in the KV cache, from shapes only (no host sync)."""
+    if mask is not None:
+        return mask.shape[1] - length
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return 0
+
+
+def _check_positions(positions):
+    if isinstance(positions, str):
+        if positions not in POSITIONS:
+            raise ValueError(f"positions={positions!r}: use one of {POSITIONS} or a boolean mask [batch, seq]")
+        return positions, None
+    if isinstance(positions, torch.Tensor):
+        if positions.dim() != 2 or positions.dtype != torch.bool:
+            raise ValueError(
+                f"positions mask must be a bool tensor [batch, seq], got {positions.dtype} of "
+                f"shape {tuple(positions.shape)}"
+            )
+        return "mask", positions
+    raise TypeError(f"positions must be a string or a bool tensor, got {type(positions).__name__}")
+
+
+def _as_coeff(coeff) -> torch.Tensor:
+    if isinstance(coeff, torch.Tensor):
+        values = coeff.detach().to("cpu", torch.float32)
+    elif isinstance(coeff, (int, float)) and not isinstance(coeff, bool):
+        values = torch.tensor(float(coeff))
+    elif isinstance(coeff, Sequence):
+        values = torch.tensor([float(c) for c in coeff])
+    else:
+        raise TypeError(f"coeff must be a number, a sequence or a tensor, got {type(coeff).__name__}")
+    if values.dim() > 1:
+        raise ValueError(f"coeff must be a number or one value per row, got shape {tuple(values.shape)}")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("coeff contains NaN or infinity: give finite coefficients")
+    return values
+
+
+def _as_slots(slots, count: int) -> torch.Tensor:
+    values = slots.detach().cpu() if isinstance(slots, torch.Tensor) else torch.tensor(list(slots))
+    if values.dim() != 1 or (values.numel() and values.is_floating_point()):
+        raise ValueError(f"slots must be a 1-D sequence of integers, got shape {tuple(values.shape)}")
+    values = values.to(torch.int64)
+    if values.numel() == 0:
+        raise ValueError("slots is empty: give one slot per row of the batch")
+    if bool(((values < -1) | (values >= count)).any()):
+        raise ValueError(f"slots must be in -1..{count - 1} (index into vectors, -1 = unsteered), got {values.tolist()}")
+    return values
+
+
+def _copy_into(buffer: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Reuse ``buffer`` (same size: copied in place, so captured graphs see the new values)."""
+    if buffer.shape == values.shape:
+        buffer.copy_(values, non_blocking=True)
+        return buffer
+    return values.to(device=buffer.device, dtype=buffer.dtype).contiguous()
+
+
+@contextlib.contextmanager
+def steer(model: nn.Module, vectors, coeff=1.0, *, slots=None, positions="all", normalize=False):
+    """Steer ``model`` inside the ``with`` block.
+
+    Args:
+        model: a causal LM.
+        vectors: a ``SteeringVector`` (every row) or a list of them (pick per row with ``slots``).
+        coeff: one number for every row, or per-row numbers ``[batch]``.
+        slots: per-row index into ``vectors``; -1 leaves a row unsteered. Default: vector 0.
+        positions: "all" tokens, "prompt" only, "generated" only, or a bool mask ``[batch, seq]``.
+        normalize: keep each steered hidden state's L2 norm.
+
+    Nested ``steer`` blocks add up. Hooks are removed on exit, exceptions included, and a bad
+    argument raises before anything is attached, leaving the model as it was.
+
+    Example:
+        >>> with steer(model, happy, coeff=4.0):                           # doctest: +SKIP
+        ...     out = model.generate(**tokenizer(prompts, return_tensors="pt", padding=True))
+        >>> with steer(model, [happy, formal], slots=[0, 1, -1], coeff=[4, 2, 0]):  # doctest: +SKIP
+        ...     out = model.generate(**batch)
+    """
+    bank = SteeringBank(model, vectors, positions=positions, normalize=normalize)
+    bank.set_batch(slots=slots, coeff=coeff)
+    with bank.attached():
+        yield bank

@@ -1,0 +1,390 @@
+"""Contrast pairs for extraction and labelled binary-choice prompts for evaluation.
+
+Every pair is a ``(chosen, rejected)`` pair of texts that differ minimally; extraction reads the
+hidden state at the **last** token(s) of each text, so every text here is built to end where the
+model's state matters:
+
+- persona pairs (repeng style): a persona instruction ("Pretend you're {an honest / a dishonest}
+  person ...") as the user turn, rendered through the tokenizer's chat template with the
+  assistant turn opened, followed by the first few tokens of a neutral suffix. No end-of-turn
+  token follows the suffix: the text ends inside the assistant's answer. Each suffix is cut at
+  several token lengths.
+- minimal pairs given directly (``"I love cheese; ..."`` / ``"I hate cheese; ..."``).
+- CAA / model-written-evals items: the question (user turn) followed by the matching answer
+  versus the question followed by the non-matching answer, cut so that the answer token (" Yes" /
+  " No", or the letter of "(A)" / "(B)") is the last token.
+
+The package ships small contrast sets written for this project (``steerkern/concepts/*.json``):
+neutral suffixes, persona pairs and 24 labelled yes/no eval prompts for each concept
+(:func:`list_concepts`, :func:`concept_pairs`, :func:`concept_eval_prompts`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_TEMPLATE = "Pretend you're {persona} person making statements about the world."
+
+
+@dataclass
+class PairSet:
+    """Contrast pairs plus what they are about.
+
+    Attributes:
+        pairs: ``[(chosen, rejected), ...]`` texts; extraction reads their last tokens.
+        concept: the concept's name (recorded in the vector's metadata), or None.
+        source: where the pairs came from ("persona", "minimal", "mwe", ...).
+    """
+
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    concept: str | None = None
+    source: str = "pairs"
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self):
+        return iter(self.pairs)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return PairSet(self.pairs[index], self.concept, self.source)
+        return self.pairs[index]
+
+    def __add__(self, other: PairSet) -> PairSet:
+        concept = self.concept if self.concept == getattr(other, "concept", None) else None
+        return PairSet(list(self.pairs) + list(other), concept, "mixed")
+
+    @property
+    def chosen(self) -> list[str]:
+        return [c for c, _ in self.pairs]
+
+    @property
+    def rejected(self) -> list[str]:
+        return [r for _, r in self.pairs]
+
+
+def as_pairs(pairs, argument: str = "pairs") -> PairSet:
+    """Normalise ``pairs`` to a :class:`PairSet`.
+
+    Accepts a PairSet, a list of ``(chosen, rejected)`` string tuples, or ``(chosen_list,
+    rejected_list)``. Raises ``ValueError``/``TypeError`` naming ``argument`` for empty lists,
+    unequal lengths, or non-string members.
+    """
+    if isinstance(pairs, PairSet):
+        result = PairSet(list(pairs.pairs), pairs.concept, pairs.source)
+    elif (isinstance(pairs, tuple) and len(pairs) == 2
+          and all(isinstance(side, list) for side in pairs)):
+        chosen, rejected = pairs
+        if len(chosen) != len(rejected):
+            raise ValueError(
+                f"{argument}: {len(chosen)} chosen texts but {len(rejected)} rejected texts: every "
+                "chosen text needs exactly one rejected counterpart"
+            )
+        result = PairSet(list(zip(chosen, rejected)))
+    elif isinstance(pairs, (list, tuple)):
+        result = PairSet(list(pairs))
+    else:
+        raise TypeError(
+            f"{argument} must be a list of (chosen, rejected) string tuples or a PairSet, got "
+            f"{type(pairs).__name__}"
+        )
+    if not result.pairs:
+        raise ValueError(f"{argument} is empty: give at least one (chosen, rejected) pair")
+    for i, pair in enumerate(result.pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ValueError(f"{argument}[{i}] must be a (chosen, rejected) pair, got {pair!r:.80}")
+        if not all(isinstance(text, str) and text for text in pair):
+            raise TypeError(f"{argument}[{i}] must hold two non-empty strings, got {pair!r:.80}")
+    result.pairs = [tuple(p) for p in result.pairs]
+    return result
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def render_prompt(tokenizer, user: str, *, system: str | None = None) -> str:
+    """The text of a chat whose user turn is ``user`` with the assistant turn opened (nothing
+    after it), through ``tokenizer.apply_chat_template``; plain ``user + "\\n"`` when the
+    tokenizer is None or has no chat template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return (f"{system}\n\n" if system else "") + user + "\n"
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def truncations(text: str, tokenizer=None, cuts: int | None = 3, min_tokens: int = 1) -> list[str]:
+    """``text`` cut after several token counts (repeng's truncated suffixes).
+
+    ``cuts`` lengths spread evenly from ``min_tokens`` to the full length (``None``: every
+    length). Without a tokenizer, words stand in for tokens.
+    """
+    if tokenizer is not None:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        pieces = lambda n: tokenizer.decode(ids[:n])
+    else:
+        ids = text.split(" ")
+        pieces = lambda n: " ".join(ids[:n])
+    total = len(ids)
+    if total == 0:
+        return []
+    start = min(min_tokens, total)
+    if cuts is None or cuts >= total - start + 1:
+        lengths = list(range(start, total + 1))
+    else:
+        if cuts < 1:
+            raise ValueError(f"cuts must be >= 1 or None, got {cuts}")
+        step = (total - start) / max(cuts - 1, 1)
+        lengths = sorted({round(start + i * step) for i in range(cuts)}) if cuts > 1 else [total]
+    return [pieces(n) for n in lengths]
+
+
+def persona_pairs(tokenizer, positive: list[str], negative: list[str], suffixes: list[str], *,
+                  template: str = DEFAULT_TEMPLATE, cuts: int | None = 3, system: str | None = None,
+                  concept: str | None = None) -> PairSet:
+    """Persona template x truncated suffixes, rendered through the chat template.
+
+    For each aligned persona pair ``(positive[i], negative[i])`` and each truncation ``s`` of
+    each suffix: chosen = ``render(template.format(persona=positive[i])) + s``, rejected the same
+    with ``negative[i]``. ``len(result) = len(positive) * sum(len(truncations(suffix)))``.
+    """
+    if len(positive) != len(negative) or not positive:
+        raise ValueError(
+            f"positive ({len(positive)}) and negative ({len(negative)}) personas must be non-empty "
+            "lists of the same length (aligned pairwise)"
+        )
+    if not suffixes:
+        raise ValueError("suffixes is empty: give at least one neutral continuation")
+    if "{persona}" not in template:
+        raise ValueError(f"template must contain '{{persona}}', got {template!r}")
+    cut_suffixes = [piece for suffix in suffixes for piece in truncations(suffix, tokenizer, cuts)]
+    pairs = []
+    for pos, neg in zip(positive, negative):
+        head_pos = render_prompt(tokenizer, template.format(persona=pos), system=system)
+        head_neg = render_prompt(tokenizer, template.format(persona=neg), system=system)
+        pairs.extend((head_pos + s, head_neg + s) for s in cut_suffixes)
+    return PairSet(pairs, concept, "persona")
+
+
+# --- model-written evals (CAA format) --------------------------------------------------------
+
+_LETTER = re.compile(r"^\s*\(([A-Za-z])\)\s*$")
+
+
+@dataclass
+class MWEItem:
+    """One model-written-evals item: ``question``, ``matching`` / ``not_matching`` answers as in
+    the file (" Yes", " (A)", ...)."""
+
+    question: str
+    matching: str
+    not_matching: str
+
+    @property
+    def kind(self) -> str:
+        return "ab" if _LETTER.match(self.matching) else "yes_no"
+
+
+def load_mwe(path, *, limit: int | None = None) -> list[MWEItem]:
+    """Read a model-written-evals JSONL file (persona Yes/No statements or A/B questions).
+
+    Each line needs ``question``, ``answer_matching_behavior`` and
+    ``answer_not_matching_behavior``. Raises ``FileNotFoundError`` / ``ValueError`` naming the
+    path and the line.
+    """
+    path = Path(os.fspath(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"load_mwe: no such file {str(path)!r}")
+    items = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                item = MWEItem(row["question"], row["answer_matching_behavior"],
+                               row["answer_not_matching_behavior"])
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(
+                    f"{str(path)!r} line {number} is not a model-written-evals item (needs "
+                    f"question, answer_matching_behavior, answer_not_matching_behavior): {error}"
+                ) from None
+            if isinstance(item.matching, list) or isinstance(item.not_matching, list):
+                item = MWEItem(item.question, _first(item.matching), _first(item.not_matching))
+            items.append(item)
+            if limit is not None and len(items) >= limit:
+                break
+    if not items:
+        raise ValueError(f"{str(path)!r} holds no items")
+    return items
+
+
+def _first(answer):
+    return answer[0] if isinstance(answer, list) else answer
+
+
+def split_items(items: list, held_out: float = 0.2, seed: int = 0) -> tuple[list, list]:
+    """Deterministic shuffled split into ``(train, held)``; ``held_out`` is a fraction in (0, 1)
+    or a count."""
+    if not items:
+        raise ValueError("items is empty")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    if isinstance(held_out, float):
+        if not 0.0 < held_out < 1.0:
+            raise ValueError(f"held_out must be a fraction in (0, 1) or a count, got {held_out}")
+        n_held = max(1, round(len(items) * held_out))
+    else:
+        n_held = int(held_out)
+    if not 0 < n_held < len(items):
+        raise ValueError(f"held_out={held_out} leaves no training or no held-out items of {len(items)}")
+    held = sorted(order[:n_held])
+    train = sorted(order[n_held:])
+    return [items[i] for i in train], [items[i] for i in held]
+
+
+def answer_text(answer: str) -> str:
+    """The answer as it ends a contrast text, cut so that its answer token is the last token:
+    " Yes" -> "Yes", " (A)" -> "(A" (the letter, as CAA reads it)."""
+    letter = _LETTER.match(answer)
+    return f"({letter.group(1)}" if letter else answer.strip()
+
+
+def mwe_pairs(items: list[MWEItem], tokenizer=None, *, system: str | None = None,
+              concept: str | None = None) -> PairSet:
+    """CAA contrast pairs: ``render(question) + matching answer`` vs ``render(question) +
+    non-matching answer``, each ending at its answer token."""
+    if not items:
+        raise ValueError("items is empty: give at least one model-written-evals item")
+    pairs = []
+    for item in items:
+        head = render_prompt(tokenizer, item.question, system=system)
+        pairs.append((head + answer_text(item.matching), head + answer_text(item.not_matching)))
+    return PairSet(pairs, concept, "mwe")
+
+
+def mwe_eval_prompts(items: list[MWEItem]) -> list[dict]:
+    """Labelled binary-choice prompts from MWE items: ``{"prompt", "label", "choices"}``.
+
+    ``choices`` is ``("Yes", "No")`` or ``("A", "B")``; ``label`` is +1 when the first choice
+    matches the behaviour, -1 otherwise (so ``label * (log p(first) - log p(second))`` rises
+    when the model moves toward the behaviour)."""
+    prompts = []
+    for item in items:
+        if item.kind == "ab":
+            first = _LETTER.match(item.matching).group(1).upper() == "A"
+            prompts.append({"prompt": item.question, "label": 1 if first else -1, "choices": ("A", "B")})
+        else:
+            first = item.matching.strip().lower() == "yes"
+            prompts.append({"prompt": item.question, "label": 1 if first else -1, "choices": ("Yes", "No")})
+    return prompts
+
+
+# --- shipped concepts ------------------------------------------------------------------------
+
+
+@cache
+def _concept_file(name: str) -> dict:
+    folder = resources.files("steerkern") / "concepts"
+    return json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def list_concepts() -> list[str]:
+    """Names of the concepts shipped with steerkern (e.g. ``["formality", "honesty", "sentiment"]``)."""
+    folder = resources.files("steerkern") / "concepts"
+    names = [entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".json")]
+    return sorted(name for name in names if name != "suffixes")
+
+
+def _concept(concept: str) -> dict:
+    known = list_concepts()
+    if concept not in known:
+        raise ValueError(f"concept={concept!r} is not shipped with steerkern: use one of {known}")
+    return _concept_file(concept)
+
+
+def neutral_suffixes() -> list[str]:
+    """The ~60 short neutral sentence openings shipped with steerkern."""
+    return list(_concept_file("suffixes")["suffixes"])
+
+
+def concept_pairs(concept: str, tokenizer=None, *, suffixes: list[str] | None = None,
+                  cuts: int | None = 3, max_suffixes: int | None = None, minimal: bool = False,
+                  system: str | None = None) -> PairSet:
+    """Persona contrast pairs for a shipped concept (its personas x the neutral suffixes, cut at
+    ``cuts`` token lengths each), plus its hand-written minimal pairs when ``minimal=True``."""
+    spec = _concept(concept)
+    suffixes = list(suffixes) if suffixes is not None else neutral_suffixes()
+    if max_suffixes is not None:
+        suffixes = suffixes[:max_suffixes]
+    result = persona_pairs(tokenizer, spec["positive"], spec["negative"], suffixes,
+                           template=spec.get("template", DEFAULT_TEMPLATE), cuts=cuts,
+                           system=system, concept=concept)
+    if minimal:
+        result = result + PairSet([tuple(p) for p in spec["minimal_pairs"]], concept)
+        result.concept = concept
+    return result
+
+
+def concept_minimal_pairs(concept: str) -> PairSet:
+    """The hand-written minimal pairs of a shipped concept (plain texts, no chat template)."""
+    return PairSet([tuple(p) for p in _concept(concept)["minimal_pairs"]], concept, "minimal")
+
+
+def concept_eval_prompts(concept: str) -> list[dict]:
+    """The shipped labelled yes/no prompts of a concept: ``[{"prompt": str, "label": +1 | -1}]``;
+    label +1 means answering "Yes" agrees with the concept's positive side."""
+    return [dict(entry) for entry in _concept(concept)["eval"]]
+
+
+def make_pairs(tokenizer=None, *, concept: str | None = None, positive: list[str] | None = None,
+               negative: list[str] | None = None, template: str = DEFAULT_TEMPLATE,
+               suffixes: list[str] | None = None, cuts: int | None = 3,
+               max_suffixes: int | None = None, pairs=None, mwe=None,
+               system: str | None = None) -> PairSet:
+    """Build contrast pairs from any mix of sources (concatenated in this order):
+
+    - ``concept``: a shipped concept's persona pairs (:func:`concept_pairs`);
+    - ``positive`` / ``negative``: your own aligned persona lists over ``template`` and
+      ``suffixes`` (default: the shipped neutral suffixes), each suffix cut at ``cuts`` lengths;
+    - ``pairs``: minimal pairs given directly, ``[(chosen, rejected), ...]``;
+    - ``mwe``: model-written-evals items (a path to a JSONL file or a list of :class:`MWEItem`),
+      question + matching answer vs question + non-matching answer, read at the answer token.
+
+    Example:
+        >>> make_pairs(pairs=[("I love cheese; let me tell you about the andes mountains",
+        ...                    "I hate cheese; let me tell you about the andes mountains")]).source
+        'minimal'
+    """
+    parts: list[PairSet] = []
+    if concept is not None:
+        parts.append(concept_pairs(concept, tokenizer, suffixes=suffixes, cuts=cuts,
+                                   max_suffixes=max_suffixes, system=system))
+    if positive is not None or negative is not None:
+        own = list(suffixes) if suffixes is not None else neutral_suffixes()
+        parts.append(persona_pairs(tokenizer, list(positive or []), list(negative or []),
+                                   own[:max_suffixes] if max_suffixes else own, template=template,
+                                   cuts=cuts, system=system))
+    if pairs is not None:
+        given = as_pairs(pairs, "pairs")
+        parts.append(PairSet(given.pairs, given.concept, "minimal"))
+    if mwe is not None:
+        items = load_mwe(mwe) if isinstance(mwe, (str, os.PathLike)) else list(mwe)
+        name = Path(os.fspath(mwe)).stem if isinstance(mwe, (str, os.PathLike)) else None
+        parts.append(mwe_pairs(items, tokenizer, system=system, concept=name))
+    if not parts:
+        raise ValueError("make_pairs needs at least one of concept=, positive=/negative=, pairs=, mwe=")
+    result = parts[0]
+    for extra in parts[1:]:
+        result = result + extra
+    if concept is not None:
+        result.concept = concept
+    return result

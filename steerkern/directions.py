@@ -1,0 +1,209 @@
+"""The maths of every extraction method, as pure functions on activation tensors.
+
+Notation (one steered layer): ``cho``, ``rej`` are ``[n, D]`` activations of the chosen and
+rejected member of each pair (one row per pair and read position), ``Δ = cho - rej`` ``[n, D]``,
+``m = mean(Δ)``.
+
+**Sign and scale, the same for every method.** Each method first finds a unit direction ``u``
+(or a basis). The sign is chosen so that ``m · u > 0`` (a positive coefficient moves toward
+*chosen*), and an additive vector is ``bias = u * (m · u)``: **coefficient 1 shifts the
+activations' projection on u by the mean projected pair separation**. (For ``mean_diff`` that is
+``bias = m``.) The low-rank methods keep this scale: applied at coefficient 1 to the rejected
+activations they shift the subspace projection by the mean separation (see each function).
+
+Methods:
+
+- ``mean_diff``: ``u ∝ m``.
+- ``pca_diff``: first principal component of ``Δ`` (centred PCA, as repeng's ``pca_diff``): the
+  direction along which the differences *vary* most.
+- ``pca_center``: PCA of the ``2n`` rows ``{cho_i - mid_i, rej_i - mid_i}`` with ``mid_i =
+  (cho_i + rej_i) / 2``. These rows are ``±Δ_i / 2``, so this finds the top eigenvector of the
+  *uncentred* second moment ``Δ^T Δ``: dominated by the consistent mean shift ``m``, where
+  ``pca_diff`` removes ``m`` first.
+- ``lowrank``: ``V_r``, the top-r right singular vectors of ``Δ`` (uncentred), and in those
+  coordinates the affine map fitted (ridge least squares) to carry each rejected activation to
+  its chosen partner: ``delta(h) = c * V_r (t + K V_r^T h)``, i.e. ``bias = V_r t``,
+  ``A = V_r``, ``B = V_r K``. At the rejected mean, coefficient 1 shifts by exactly the mean
+  separation in the subspace; the input-dependent term ``K`` pushes less where an activation is
+  already chosen-like. (A clamp ``K = -I`` would be the other natural choice, but it reflects
+  for ``|c| > 1`` and oscillates when applied at several layers.)
+- ``weight_svd``: the steered module is a Linear with weight ``W = U_w S V_w^T`` ``[out, in]``.
+  Differences are measured at its output, ``Δ`` ``[n, out]``, and expressed in ``U_w``:
+  ``m_j = u_j · m``. The ``r`` components with the largest ``|m_j|`` are kept. Steering is the
+  weight delta ``ΔW = U_k diag(dS) V_k^T`` (``A = V_k``, ``B = U_k diag(dS)``, ``src`` = the
+  module input ``x``), i.e. a change of the kept singular values. ``dS_j`` is the least-squares
+  solution of ``dS_j * (v_j · x_i) ≈ m_j`` over the inputs ``x_i`` of both members of every pair:
+  ``dS_j = m_j * mean_i(v_j·x_i) / mean_i((v_j·x_i)^2)``, so coefficient 1 shifts the output's
+  coordinate on ``u_j`` by the mean separation ``m_j`` (in the least-squares sense).
+- ``grad``: ``g_x = J_{L->L'}(x)^T d`` per example (both members), ``d = mean(Δ_{L'})`` at a
+  deeper read-out layer; direction ``mean_x g_x``, optionally preconditioned by the empirical
+  Fisher ``F = G^T G / n`` of the per-example gradients ``G [n, D]``:
+  ``(F + λI)^{-1} ḡ``, solved with the Woodbury identity through an ``n x n`` system.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ADDITIVE_METHODS = ("mean_diff", "pca_diff", "pca_center", "grad")
+METHODS = ("mean_diff", "pca_diff", "pca_center", "lowrank", "weight_svd", "grad")
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_pair_tensors(cho: torch.Tensor, rej: torch.Tensor) -> None:
+    if cho.dim() != 2 or cho.shape != rej.shape:
+        raise ValueError(
+            f"chosen and rejected activations must both be [n, D] with the same shape, got "
+            f"{tuple(cho.shape)} and {tuple(rej.shape)}"
+        )
+    if cho.shape[0] == 0:
+        raise ValueError("no activations: give at least one pair")
+
+
+def signed_scaled(u: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
+    """The shared sign and scale: ``u`` (any norm) -> ``û * (m · û)`` with the sign of ``û``
+    chosen so that ``m · û >= 0``, ``m = mean(diffs)``. Returns ``[D]``."""
+    u = u.to(_work_dtype(diffs))
+    norm = torch.linalg.vector_norm(u)
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError("the extracted direction is zero or not finite: are chosen and rejected identical?")
+    u = u / norm
+    m = diffs.to(u.dtype).mean(0)
+    projection = m @ u
+    if projection < 0:
+        u, projection = -u, -projection
+    return u * projection
+
+
+def top_right_singular(x: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Top-``k`` right singular vectors of ``x`` ``[n, D]`` as columns ``[D, k]``."""
+    _, _, vh = torch.linalg.svd(x.to(_work_dtype(x)), full_matrices=False)
+    return vh[:k].T
+
+
+def mean_diff(cho: torch.Tensor, rej: torch.Tensor) -> torch.Tensor:
+    """``bias = mean(cho - rej)`` ``[D]``."""
+    _check_pair_tensors(cho, rej)
+    diffs = cho.to(_work_dtype(cho)) - rej.to(_work_dtype(cho))
+    return signed_scaled(diffs.mean(0), diffs)
+
+
+def pca_diff(cho: torch.Tensor, rej: torch.Tensor) -> torch.Tensor:
+    """First principal component of the differences (centred), signed and scaled. ``[D]``."""
+    _check_pair_tensors(cho, rej)
+    diffs = cho.to(_work_dtype(cho)) - rej.to(_work_dtype(cho))
+    if diffs.shape[0] < 2:
+        raise ValueError("pca_diff needs at least 2 pairs (a principal component of one row is undefined)")
+    u = top_right_singular(diffs - diffs.mean(0), 1)[:, 0]
+    return signed_scaled(u, diffs)
+
+
+def pca_center(cho: torch.Tensor, rej: torch.Tensor) -> torch.Tensor:
+    """PCA of both members after subtracting each pair's midpoint, signed and scaled. ``[D]``."""
+    _check_pair_tensors(cho, rej)
+    dtype = _work_dtype(cho)
+    cho, rej = cho.to(dtype), rej.to(dtype)
+    mid = (cho + rej) / 2
+    rows = torch.cat([cho - mid, rej - mid])  # [2n, D], mean exactly zero
+    u = top_right_singular(rows - rows.mean(0), 1)[:, 0]
+    return signed_scaled(u, cho - rej)
+
+
+def lowrank(cho: torch.Tensor, rej: torch.Tensor, rank: int = 1, ridge: float = 1e-2):
+    """Rank-r affine transport from rejected to chosen. Returns ``(bias [D], A [D, r], B [D, r])``.
+
+    ``V_r`` = top-r right singular vectors of ``Δ`` (uncentred), each signed so that
+    ``m · v >= 0``. In those coordinates, ``a_i = V_r^T rej_i`` and ``y_i = V_r^T Δ_i``, fit
+    ``y_i ≈ t + K a_i`` by ridge least squares (``K`` is ``r x r``; the ridge, ``ridge`` times
+    the mean variance of ``a``, keeps ``K`` small when few pairs are given). Then
+    ``bias = V_r t``, ``A = V_r``, ``B = V_r K`` and
+    ``delta(h) = c * V_r (t + K V_r^T h)``: coefficient 1 carries each rejected activation to
+    its fitted chosen partner inside the subspace; at the rejected mean the shift is exactly the
+    mean separation ``V_r V_r^T m`` (an intercept makes the mean residual zero), so the shared
+    scale holds. With constant differences ``K = 0`` and this is ``mean_diff`` in the subspace.
+    """
+    _check_pair_tensors(cho, rej)
+    dtype = _work_dtype(cho)
+    cho, rej = cho.to(dtype), rej.to(dtype)
+    diffs = cho - rej
+    if not 1 <= rank <= min(diffs.shape):
+        raise ValueError(f"rank={rank} must be between 1 and min(n_rows, D) = {min(diffs.shape)}")
+    basis = top_right_singular(diffs, rank)
+    signs = torch.where(diffs.mean(0) @ basis < 0, -1.0, 1.0).to(dtype)
+    basis = basis * signs
+    a = rej @ basis  # [n, r]
+    y = diffs @ basis  # [n, r]
+    a_mean, y_mean = a.mean(0), y.mean(0)
+    ac, yc = a - a_mean, y - y_mean
+    n = a.shape[0]
+    reg = ridge * float((ac * ac).sum() / (n * rank)) + torch.finfo(dtype).tiny
+    gram = ac.T @ ac / n + reg * torch.eye(rank, dtype=dtype, device=a.device)
+    K = torch.linalg.solve(gram, ac.T @ yc / n).T  # [r, r]: y ≈ y_mean + K (a - a_mean)
+    t = y_mean - K @ a_mean
+    return basis @ t, basis, basis @ K
+
+
+def weight_svd(out_diffs: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, rank: int = 1):
+    """SVD-weight steering of a Linear. Returns ``(A = V_k [in, r], B = U_k diag(dS) [out, r])``.
+
+    Args:
+        out_diffs: ``[n, out]`` differences of the module's output (chosen - rejected).
+        inputs: ``[N, in]`` the module's inputs for both members of every pair.
+        weight: ``[out, in]`` the module's weight.
+        rank: number of singular components kept (those with the largest ``|u_j · m|``).
+    """
+    dtype = _work_dtype(out_diffs)
+    weight = weight.detach().to(out_diffs.device, dtype)
+    out_diffs, inputs = out_diffs.to(dtype), inputs.to(dtype)
+    if weight.dim() != 2 or out_diffs.shape[1] != weight.shape[0] or inputs.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"weight {tuple(weight.shape)} must be [out, in] matching out_diffs "
+            f"{tuple(out_diffs.shape)} and inputs {tuple(inputs.shape)}"
+        )
+    u_w, _, vh_w = torch.linalg.svd(weight, full_matrices=False)  # [out, q], [q, in]
+    if not 1 <= rank <= u_w.shape[1]:
+        raise ValueError(f"rank={rank} must be between 1 and the weight's rank bound {u_w.shape[1]}")
+    m = out_diffs.mean(0) @ u_w  # [q] mean separation per left singular component
+    keep = torch.argsort(m.abs(), descending=True)[:rank]
+    u_k, v_k, m_k = u_w[:, keep], vh_w[keep].T, m[keep]
+    p = inputs @ v_k  # [N, r] input coordinates on the kept right singular vectors
+    denom = (p * p).mean(0)
+    if bool((denom == 0).any()):
+        raise ValueError("weight_svd: the inputs have no component on a kept singular vector")
+    ds = m_k * p.mean(0) / denom
+    return v_k, u_k * ds
+
+
+def fisher_solve(grads: torch.Tensor, g: torch.Tensor, lam: float) -> torch.Tensor:
+    """``(F + λI)^{-1} g`` with ``F = G^T G / n`` (``G = grads [n, D]``), via Woodbury:
+
+    ``(λI + G^T G / n)^{-1} = (1/λ) [I - G^T (nλ I_n + G G^T)^{-1} G]``: an ``n x n`` solve,
+    never a ``D x D`` matrix.
+    """
+    if not lam > 0:
+        raise ValueError(f"fisher_lambda must be > 0, got {lam}")
+    dtype = torch.float64 if grads.device.type == "cpu" else _work_dtype(grads)
+    G, g = grads.to(dtype), g.to(dtype)
+    n = G.shape[0]
+    gram = G @ G.T + n * lam * torch.eye(n, dtype=dtype, device=G.device)
+    return (g - G.T @ torch.linalg.solve(gram, G @ g)) / lam
+
+
+def grad_direction(grads: torch.Tensor, diffs: torch.Tensor, fisher_lambda: float | None = None):
+    """Gradient-to-steering direction from per-example VJPs ``grads [n, D]`` (``J^T d`` for both
+    members of every pair), signed and scaled with the layer's pair differences ``diffs``."""
+    g = grads.to(_work_dtype(grads)).mean(0)
+    if fisher_lambda is not None:
+        g = fisher_solve(grads, g, float(fisher_lambda))
+    return signed_scaled(g, diffs)
+
+
+def additive(method: str, cho: torch.Tensor, rej: torch.Tensor) -> torch.Tensor:
+    """Dispatch for the activation-only additive methods."""
+    functions = {"mean_diff": mean_diff, "pca_diff": pca_diff, "pca_center": pca_center}
+    if method not in functions:
+        raise ValueError(f"method={method!r} is not one of {sorted(functions)}")
+    return functions[method](cho, rej)

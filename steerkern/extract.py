@@ -1,0 +1,257 @@
+"""Extract steering vectors from contrast pairs (SPEC section 4).
+
+Pipeline: pairs -> this process's share of them -> activations at the last non-pad token(s)
+of each text, captured by hooks on the requested modules only (:mod:`steerkern.capture`) ->
+gathered across processes when distributed -> the method's maths
+(:mod:`steerkern.directions`) -> :class:`~steerkern.vectors.SteeringVector`.
+
+Sign and scale (every method): a positive coefficient moves toward *chosen*, and coefficient 1
+shifts the activations' projection on the direction by the mean projected pair separation
+(see :mod:`steerkern.directions`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from steerkern import directions as maths
+from steerkern.capture import capture, last_positions, vjp_gradients
+from steerkern.data import PairSet, as_pairs
+from steerkern.models import (
+    RESIDUAL,
+    check_layer,
+    default_layers,
+    hidden_size,
+    model_id,
+    module_weight,
+    num_layers,
+    resolve_module,
+)
+from steerkern.vectors import SteeringPart, SteeringVector
+
+__all__ = ["extract", "capture", "last_positions"]
+
+SCALE_NOTE = "coefficient 1 shifts the projection on the direction by the mean pair separation"
+
+
+# --- arguments -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """Validated arguments of one extraction."""
+
+    method: str
+    layers: list[int]
+    target: str
+    rank: int
+    last_n_tokens: int
+    batch_size: int | None
+    readout: int | None = None
+    fisher_lambda: float | None = None
+    weights: dict = field(default_factory=dict)  # weight_svd: {layer: W [out, in]}
+
+
+def _positive_int(value, name: str, optional: bool = False):
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def _check_layers(model, layers) -> list[int]:
+    if layers is None:
+        return default_layers(model)
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if not isinstance(layers, (list, tuple, range)) or len(layers) == 0:
+        raise ValueError(f"layers must be an int or a non-empty list of ints, got {layers!r}")
+    return sorted({check_layer(model, layer, "layers") for layer in layers})
+
+
+def _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readout_layer,
+          fisher_lambda) -> _Plan:
+    if method not in maths.METHODS:
+        raise ValueError(f"method={method!r} is not one of {list(maths.METHODS)}")
+    if method != "grad" and (readout_layer is not None or fisher_lambda is not None):
+        raise ValueError("readout_layer and fisher_lambda apply to method='grad' only")
+    plan = _Plan(method, _check_layers(model, layers), target, _positive_int(rank, "rank"),
+                 _positive_int(last_n_tokens, "last_n_tokens"),
+                 _positive_int(batch_size, "batch_size", optional=True))
+    modules = {layer: resolve_module(model, layer, target) for layer in plan.layers}
+    if method == "weight_svd":
+        for layer, module in modules.items():
+            try:
+                plan.weights[layer] = module_weight(module)
+            except ValueError:
+                raise ValueError(
+                    f"method='weight_svd' needs a linear target (e.g. target='mlp.down_proj' or "
+                    f"'self_attn.o_proj'), but target={target!r} is a {type(module).__name__}"
+                ) from None
+    if method == "grad":
+        n = num_layers(model)
+        plan.readout = (min(n - 1, max(plan.layers) + max(1, n // 4)) if readout_layer is None
+                        else check_layer(model, readout_layer, "readout_layer"))
+        if plan.readout <= max(plan.layers):
+            raise ValueError(
+                f"readout_layer={plan.readout} must be deeper than every steered layer "
+                f"(max {max(plan.layers)})"
+            )
+        if fisher_lambda is not None and not float(fisher_lambda) > 0:
+            raise ValueError(f"fisher_lambda must be > 0, got {fisher_lambda}")
+        plan.fisher_lambda = None if fisher_lambda is None else float(fisher_lambda)
+    return plan
+
+
+# --- distributed -------------------------------------------------------------------------------
+
+
+class _Shard:
+    """This process's share of the pairs (pair ``i`` goes to process ``i % world``) and the
+    gathering of per-text results back into global order on every process."""
+
+    def __init__(self, pair_set: PairSet, accelerator):
+        if accelerator is not None:
+            self.world, self.rank = int(accelerator.num_processes), int(accelerator.process_index)
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.world, self.rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        else:
+            self.world, self.rank = 1, 0
+        self.n_pairs = len(pair_set)
+        mine = range(self.rank, self.n_pairs, self.world)
+        self.texts = [text for i in mine for text in pair_set.pairs[i]]
+        self.text_ids = [2 * i + member for i in mine for member in (0, 1)]
+
+    def gather(self, per_layer: dict, layers: list[int]) -> dict[int, torch.Tensor]:
+        """``{layer: [n_local_texts, ...]}`` -> ``{layer: [2 * n_pairs, ...]}`` in global text
+        order (chosen at even rows, rejected at odd rows), identical on every process."""
+        result = {}
+        for layer in layers:
+            local = {index: per_layer[layer][j] for j, index in enumerate(self.text_ids)}
+            if self.world > 1:
+                everyone = [None] * self.world
+                torch.distributed.all_gather_object(everyone, local)
+                local = {k: v for part in everyone for k, v in part.items()}
+            result[layer] = torch.stack([local[i] for i in range(2 * self.n_pairs)])
+        return result
+
+
+# --- extraction --------------------------------------------------------------------------------
+
+
+def _members(tensor: torch.Tensor):
+    """``[2n, n_last, D]`` (chosen, rejected interleaved) -> chosen, rejected ``[n * n_last, D]``."""
+    width = tensor.shape[-1]
+    return tensor[0::2].reshape(-1, width), tensor[1::2].reshape(-1, width)
+
+
+def _read(model, tokenizer, plan: _Plan, shard: _Shard, show: bool):
+    """Activations (and module inputs for weight_svd, per-example VJPs for grad), gathered."""
+    layers = plan.layers
+    one_pass = plan.method == "grad" and plan.target == RESIDUAL  # read-out in the same pass
+    wanted = layers + ([plan.readout] if one_pass else [])
+    acts, inputs, grads = {}, {}, {}
+    if shard.texts:
+        got = capture(model, tokenizer, shard.texts, wanted, target=plan.target,
+                      last_n_tokens=plan.last_n_tokens, batch_size=plan.batch_size or 16,
+                      inputs=plan.method == "weight_svd", progress=show,
+                      desc=f"extract {plan.method}")
+        acts, inputs = got if plan.method == "weight_svd" else (got, {})
+        if plan.method == "grad" and not one_pass:  # the read-out is always the residual stream
+            acts.update(capture(model, tokenizer, shard.texts, [plan.readout],
+                                last_n_tokens=plan.last_n_tokens,
+                                batch_size=plan.batch_size or 16, progress=False))
+    acts = shard.gather(acts, layers + ([plan.readout] if plan.method == "grad" else []))
+    if plan.method == "weight_svd":
+        inputs = shard.gather(inputs, layers)
+    if plan.method == "grad":
+        cho, rej = _members(acts[plan.readout])
+        d = (cho - rej).mean(0)
+        local = vjp_gradients(model, tokenizer, shard.texts, layers, plan.readout, d,
+                              target=plan.target, last_n_tokens=plan.last_n_tokens,
+                              batch_size=plan.batch_size or 8, progress=show) if shard.texts else {}
+        grads = shard.gather(local, layers)
+    return acts, inputs, grads
+
+
+def _part(plan: _Plan, layer: int, acts, inputs, grads) -> SteeringPart:
+    cho, rej = _members(acts[layer])
+    if plan.method in ("mean_diff", "pca_diff", "pca_center"):
+        return SteeringPart(bias=maths.additive(plan.method, cho, rej).float())
+    if plan.method == "grad":
+        return SteeringPart(bias=maths.grad_direction(grads[layer], cho - rej, plan.fisher_lambda).float())
+    if plan.method == "lowrank":
+        bias, A, B = maths.lowrank(cho, rej, plan.rank)
+        return SteeringPart(bias=bias.float(), A=A.float(), B=B.float())
+    x = inputs[layer].reshape(-1, inputs[layer].shape[-1])  # weight_svd
+    A, B = maths.weight_svd(cho - rej, x, plan.weights[layer], plan.rank)
+    return SteeringPart(A=A.float(), B=B.float(), source="input")
+
+
+def _metadata(model, plan: _Plan, pair_set: PairSet, concept) -> dict:
+    config = getattr(model, "config", None)
+    metadata = {
+        "model": model_id(model),
+        "model_type": getattr(getattr(config, "text_config", None) or config, "model_type", None),
+        "hidden_size": hidden_size(model),
+        "method": plan.method,
+        "concept": concept if concept is not None else pair_set.concept,
+        "target": plan.target,
+        "last_n_tokens": plan.last_n_tokens,
+        "n_pairs": len(pair_set),
+        "scale": SCALE_NOTE,
+    }
+    if plan.method in ("lowrank", "weight_svd"):
+        metadata["rank"] = plan.rank
+    if plan.method == "grad":
+        metadata["readout_layer"] = plan.readout
+        metadata["fisher_lambda"] = plan.fisher_lambda
+    return {k: v for k, v in metadata.items() if v is not None}
+
+
+def extract(model, tokenizer, pairs, *, layers=None, method: str = "pca_diff", rank: int = 1,
+            last_n_tokens: int = 1, target: str = RESIDUAL, batch_size: int | None = None,
+            accelerator=None, progress: bool = True, readout_layer: int | None = None,
+            fisher_lambda: float | None = None, concept: str | None = None) -> SteeringVector:
+    """Extract a steering vector from contrast pairs.
+
+    Args:
+        model, tokenizer: a Hugging Face causal LM (possibly sharded with ``device_map``) and its
+            tokenizer (its ``padding_side`` is honoured; the read positions come from the
+            attention mask, so either side gives the same vector).
+        pairs: ``[(chosen, rejected), ...]`` strings, ``(chosen_list, rejected_list)``, or a
+            :class:`~steerkern.data.PairSet` from :func:`~steerkern.data.make_pairs`.
+        layers: layer index or list; default :func:`~steerkern.models.default_layers` (middle band).
+        method: ``"mean_diff" | "pca_diff" | "pca_center" | "lowrank" | "weight_svd" | "grad"``
+            (maths and scale in :mod:`steerkern.directions`).
+        rank: rank of ``lowrank`` / ``weight_svd``.
+        last_n_tokens: how many final non-pad tokens of each text are read (aligned from the right).
+        target: ``"residual"`` or a sub-module name (``"mlp.down_proj"``, ...); ``weight_svd``
+            needs a linear module.
+        batch_size: texts per forward pass (default 16; 8 for the backward passes of ``grad``).
+        accelerator: an ``accelerate.Accelerator``; with several processes (or an initialised
+            ``torch.distributed``) the pairs are split and the activations gathered, giving
+            the same vector on every process as one process would.
+        progress: show a tqdm progress bar (main process only).
+        readout_layer: ``grad`` only: the deeper read-out layer ``L'`` (default
+            ``min(n_layers - 1, max(layers) + n_layers // 4)``).
+        fisher_lambda: ``grad`` only: precondition with ``(F + λI)^{-1}`` (empirical Fisher).
+        concept: recorded in the metadata (default: the PairSet's concept).
+
+    Returns:
+        :class:`~steerkern.vectors.SteeringVector` with one part per layer at ``target``.
+
+    Example:
+        >>> pairs = make_pairs(tokenizer, concept="sentiment")          # doctest: +SKIP
+        >>> vector = extract(model, tokenizer, pairs, method="mean_diff")  # doctest: +SKIP
+    """
+    pair_set = as_pairs(pairs, "pairs")
+    plan = _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readout_layer,
+                 fisher_lambda)
+    shard = _Shard(pair_set, accelerator)
+    acts, inputs, grads = _read(model, tokenizer, plan, shard, progress and shard.rank == 0)
+    parts = {(layer, target): _part(plan, layer, acts, inputs, grads) for layer in plan.layers}
+    return SteeringVector(parts, _metadata(model, plan, pair_set, concept))

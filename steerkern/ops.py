@@ -1,0 +1,379 @@
+"""Public tensor ops: argument validation, then dispatch to a backend.
+
+Backends:
+- ``"triton"``: the fused kernels of ``csrc_triton`` (compiled on CUDA; on CPU tensors only
+  when Triton's interpreter is on, ``TRITON_INTERPRET=1`` set before the kernels are imported).
+- ``"torch"``: the plain torch references beside the kernels.
+- ``"auto"`` (default): CUDA tensors -> Triton, CPU tensors -> torch.
+
+``use_backend("triton")`` is a context manager that forces a backend (kernel tests use it to
+run the Triton kernels under the interpreter on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+_BACKENDS = ("auto", "triton", "torch")
+_backend = "auto"
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter is switched on (kernels run on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force ``name`` ("auto", "triton" or "torch") inside the ``with`` block."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    previous, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    """Whether a call on tensor ``t`` goes to the Triton kernel."""
+    if _backend == "torch":
+        return False
+    if t.is_cuda:
+        return True
+    if _backend == "triton":
+        if not interpreting():
+            raise RuntimeError(
+                "backend 'triton' on CPU tensors needs Triton's interpreter: set "
+                "TRITON_INTERPRET=1 before importing steerkern, or use backend 'torch'"
+            )
+        return True
+    return False
+
+
+# --- steering operator (SPEC section 1) -------------------------------------------------------
+# steer_ / steer are defined below this line.
+
+_STEER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_float(name: str, t, out: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"steer_: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _STEER_DTYPES:
+        raise TypeError(f"steer_: {name} must be float32/float16/bfloat16/float64, got {t.dtype}; cast it with .to(out.dtype)")
+    if t.device != out.device:
+        raise ValueError(f"steer_: {name} is on {t.device} but out is on {out.device}; move it with .to(out.device)")
+
+
+def _validate_steer(out, slot, coeff, bias, A, B, src, check_slots: bool, in_place: bool = True) -> None:
+    """Shape / dtype / device checks of steer_ / steer (no host sync unless ``check_slots``)."""
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"steer_: out must be a 2-D tensor [N, D] (reshape [B, T, D] hidden states with .view(-1, D)), got {got}")
+    _check_float("out", out, out)
+    N, D = out.shape
+    if in_place and D > 1 and out.stride(1) != 1:
+        raise ValueError(f"steer_: out must have unit stride along D (got strides {out.stride()}); steer a contiguous tensor and copy back")
+    if in_place and N > 1 and out.stride(0) < D:
+        raise ValueError(f"steer_: out has overlapping rows (strides {out.stride()}); in-place steering needs distinct rows, pass out.contiguous()")
+    if not isinstance(slot, torch.Tensor) or slot.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"steer_: slot must be an int32/int64 tensor [N] (-1 = unsteered), got {getattr(slot, 'dtype', type(slot).__name__)}")
+    if slot.shape != (N,):
+        raise ValueError(f"steer_: slot must have shape [N] = [{N}] (one bank index per row of out), got {tuple(slot.shape)}")
+    if slot.device != out.device:
+        raise ValueError(f"steer_: slot is on {slot.device} but out is on {out.device}; build it on out's device")
+    _check_float("coeff", coeff, out)
+    if coeff.shape != (N,):
+        raise ValueError(f"steer_: coeff must have shape [N] = [{N}] (one coefficient per row), got {tuple(coeff.shape)}; use coeff.expand({N}) for a shared value")
+    if (A is None) != (B is None):
+        raise ValueError("steer_: A and B come together (the low-rank term B[k] @ A[k]^T @ src); pass both or neither")
+    num_entries = None
+    if bias is not None:
+        _check_float("bias", bias, out)
+        if bias.dim() != 2 or bias.shape[1] != D:
+            raise ValueError(f"steer_: bias must be [K, D] with D = {D}, got {tuple(bias.shape)}; a single vector v is bias=v[None]")
+        num_entries = bias.shape[0]
+    d_src = D
+    if src is not None:
+        _check_float("src", src, out)
+        if src.dim() != 2 or src.shape[0] != N:
+            raise ValueError(f"steer_: src must be [N, D_src] with N = {N} rows like out, got {tuple(src.shape)}")
+        if A is None:
+            raise ValueError("steer_: src is only read by the low-rank term; pass A and B with it, or drop src")
+        d_src = src.shape[1]
+    if A is not None:
+        _check_float("A", A, out)
+        _check_float("B", B, out)
+        if A.dim() != 3 or B.dim() != 3:
+            raise ValueError(f"steer_: A must be [K, D_src, R] and B [K, D, R], got A {tuple(A.shape)} and B {tuple(B.shape)}")
+        K, R = B.shape[0], B.shape[2]
+        if tuple(A.shape) != (K, d_src, R) or B.shape[1] != D:
+            raise ValueError(f"steer_: expected A [K, D_src, R] = [{K}, {d_src}, {R}] and B [K, D, R] = [{K}, {D}, {R}] (D_src = src.shape[1], or D without src), got A {tuple(A.shape)} and B {tuple(B.shape)}")
+        if not 1 <= R <= 64:
+            raise ValueError(f"steer_: rank R must be in 1..64, got R = {R}; truncate A and B to their top 64 components")
+        if num_entries is not None and num_entries != K:
+            raise ValueError(f"steer_: bias has K = {num_entries} entries but A/B have K = {K}; every bank tensor needs the same K")
+        num_entries = K
+    if check_slots and N > 0 and num_entries is not None:
+        top = int(slot.max())
+        if top >= num_entries:
+            raise ValueError(f"steer_: slot holds {top} but the bank has K = {num_entries} entries; slots must be -1 or in [0, {num_entries})")
+    for name, t in (("out", out), ("coeff", coeff), ("bias", bias), ("A", A), ("B", B), ("src", src)):
+        if in_place and t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"steer_: {name} requires grad; steer_ is in place and not differentiable, use steerkern.ops.steer() for training")
+
+
+def _dtype(t):
+    return None if t is None else t.dtype
+
+
+def _unit_last_stride(t):
+    """``t`` itself when its last dim is contiguous (or has one element), else a contiguous copy."""
+    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def steer_(
+    out: torch.Tensor,
+    slot: torch.Tensor,
+    coeff: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    A: torch.Tensor | None = None,
+    B: torch.Tensor | None = None,
+    src: torch.Tensor | None = None,
+    preserve_norm: bool = False,
+    *,
+    validate: bool | str = True,
+) -> torch.Tensor:
+    """Steer the rows of ``out`` in place (SPEC section 1) and return ``out``.
+
+    For every row ``n`` whose slot ``k = slot[n]`` is ``>= 0``, with ``c = coeff[n]``::
+
+        out[n] <- out[n] + c * (bias[k] + B[k] @ (A[k]^T @ src[n]))
+        out[n] <- out[n] * ||out_before[n]|| / ||out[n]||          (preserve_norm)
+
+    Rows with ``slot < 0`` are left bitwise untouched. Special cases: additive vector =
+    ``bias`` only; ablation of unit ``u`` = ``A=u, B=-u, c=1``; clamp to ``t`` along ``u`` =
+    ``bias=t*u, A=u, B=-u, c=1``; weight-delta steering = ``A``, ``B`` with ``src`` = module input.
+
+    Args:
+        out: ``[N, D]`` hidden states (fp32/fp16/bf16; float64 on the torch path), unit stride
+            along D (a row stride is fine: ``h.view(-1, D)`` of ``[B, T, D]``).
+        slot: ``[N]`` int32/int64 bank index per row, ``-1`` = unsteered.
+        coeff: ``[N]`` float coefficient per row (any float dtype; ``c.expand(N)`` for a scalar).
+        bias: ``[K, D]`` additive entries, or None.
+        A, B: ``[K, D_src, R]`` and ``[K, D, R]`` low-rank entries (together), ``1 <= R <= 64``.
+        src: ``[N, D_src]`` input of the low-rank term; default ``out`` read before the update.
+        preserve_norm: rescale every steered row to its pre-steering L2 norm.
+        validate: ``True`` checks shapes, dtypes and devices (no host sync) and, for CPU
+            tensors only, that every slot is ``< K``; ``"full"`` also checks slots on CUDA (one
+            host sync); ``False`` skips all checks (hot path after a first validated call).
+            Without the slot check, a row with ``slot >= K`` is left untouched by the Triton
+            kernel (never read out of bounds).
+
+    Dispatch: CUDA tensors run the fused Triton kernel (any float64 input runs the torch
+    reference); CPU tensors run the torch reference, or the kernel under Triton's interpreter
+    inside ``use_backend("triton")``.
+
+    Example::
+
+        h2 = hidden.view(-1, D)                       # [B*T, D]
+        steer_(h2, slot_per_token, coeff_per_token, bias=bank_bias)
+    """
+    if validate:
+        check_slots = validate == "full" or not out.is_cuda
+        _validate_steer(out, slot, coeff, bias, A, B, src, check_slots)
+    if bias is None and A is None:
+        return out
+    bias, A, B, src = (_unit_last_stride(t) for t in (bias, A, B, src))
+    if _use_triton(out) and torch.float64 not in (out.dtype, _dtype(bias), _dtype(A), _dtype(src)):
+        from csrc_triton.steer import steer_triton_
+
+        return steer_triton_(out, slot, coeff, bias, A, B, src, preserve_norm)
+    from csrc_triton.steer_ref import steer_ref_
+
+    return steer_ref_(out, slot, coeff, bias, A, B, src, preserve_norm)
+
+
+class _Steer(torch.autograd.Function):
+    """y = steer(out, ...) out of place; the backward is steer_backward_ref (torch ops)."""
+
+    @staticmethod
+    def forward(ctx, out, slot, coeff, bias, A, B, src, preserve_norm):
+        y = out.detach().clone(memory_format=torch.contiguous_format)
+        # src defaults to out before the update; y is about to change, so read from out
+        source = src if src is not None or A is None else out.detach()
+        with torch.no_grad():
+            steer_(y, slot, coeff, bias, A, B, source, preserve_norm, validate=False)
+        ctx.save_for_backward(out, slot, coeff, bias, A, B, src)
+        ctx.preserve_norm = preserve_norm
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        from csrc_triton.steer_ref import steer_backward_ref
+
+        out, slot, coeff, bias, A, B, src = ctx.saved_tensors
+        grads = steer_backward_ref(grad, out, slot, coeff, bias, A, B, src, ctx.preserve_norm)
+        d_out, d_coeff, d_bias, d_A, d_B, d_src = grads
+        cast = lambda g, t: None if g is None or t is None else g.to(t.dtype)
+        return (
+            cast(d_out, out), None, cast(d_coeff, coeff), cast(d_bias, bias),
+            cast(d_A, A), cast(d_B, B), cast(d_src, src), None,
+        )
+
+
+def steer(
+    out: torch.Tensor,
+    slot: torch.Tensor,
+    coeff: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    A: torch.Tensor | None = None,
+    B: torch.Tensor | None = None,
+    src: torch.Tensor | None = None,
+    preserve_norm: bool = False,
+    *,
+    validate: bool | str = True,
+) -> torch.Tensor:
+    """Differentiable, out-of-place :func:`steer_`: returns a new ``[N, D]`` tensor.
+
+    Same arguments and maths as :func:`steer_` (``src`` defaults to ``out``). The forward runs
+    the fused kernel on a copy of ``out``; the backward (torch ops, see
+    ``csrc_triton.steer_ref.steer_backward_ref``) gives gradients for ``out``, ``src``,
+    ``coeff``, ``bias``, ``A`` and ``B``. Memory: the backward builds a few ``[N, D]`` fp32
+    temporaries and loops over the K bank entries.
+    """
+    if validate:
+        check_slots = validate == "full" or not out.is_cuda
+        _validate_steer(out, slot, coeff, bias, A, B, src, check_slots, in_place=False)
+    return _Steer.apply(out, slot, coeff, bias, A, B, src, bool(preserve_norm))
+
+
+# --- fused token log-probs (SPEC section 2) ---------------------------------------------------
+# token_logprobs is defined below this line.
+
+
+def _token_logprobs_impl(use_triton: bool):
+    if use_triton:
+        from csrc_triton import logprobs as impl
+    else:
+        from csrc_triton import logprobs_ref as impl
+    return impl
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """logp = token_logprobs(h, W, labels); saves h, W, labels and the per-row lse only."""
+
+    @staticmethod
+    def forward(ctx, h, W, labels, ignore_index, use_triton):
+        logp, lse = _token_logprobs_impl(use_triton).token_logprobs_fwd(h, W, labels, ignore_index)
+        ctx.save_for_backward(h, W, labels, lse)
+        ctx.ignore_index = ignore_index
+        ctx.use_triton = use_triton
+        return logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        h, W, labels, lse = ctx.saved_tensors
+        need_h, need_W = ctx.needs_input_grad[:2]
+        dh, dW = _token_logprobs_impl(ctx.use_triton).token_logprobs_bwd(
+            h, W, labels, lse, grad.contiguous(), ctx.ignore_index, need_h=need_h, need_W=need_W
+        )
+        return dh, dW, None, None, None
+
+
+def token_logprobs(
+    h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Per-token log-probabilities under an output head, never building ``[N, V]`` logits.
+
+    ``logp[n] = (W h[n])[y[n]] - logsumexp(W h[n])``, accumulated in fp32 (float64 for float64
+    inputs) with an online logsumexp over vocabulary chunks; the backward recomputes the logits
+    chunk by chunk, gives ``W`` a gradient only when it requires one, and skips rows whose
+    upstream gradient is zero. Extra memory is O(N + chunk), independent of ``V``.
+
+    Args:
+        h: hidden states ``[*, D]`` (fp32, fp16, bf16 or float64), any leading shape.
+        W: output head (``lm_head.weight``) ``[V, D]``, same dtype and device as ``h``.
+        labels: target token ids ``[*]`` (the leading shape of ``h``), int32 or int64, each in
+            ``[0, V)`` or equal to ``ignore_index``.
+        ignore_index: label value of rows to skip: their log-prob is 0 with zero gradient.
+
+    Returns:
+        ``[*]`` fp32 log-probs (float64 for float64 inputs), differentiable w.r.t. ``h`` and ``W``.
+
+    Example::
+
+        logp = token_logprobs(hidden[:, :-1].reshape(-1, D), model.lm_head.weight,
+                              input_ids[:, 1:].reshape(-1))
+    """
+    if not isinstance(h, torch.Tensor) or not isinstance(W, torch.Tensor):
+        raise TypeError("token_logprobs: h and W must be torch.Tensor")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError("token_logprobs: labels must be a torch.Tensor of token ids")
+    if h.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"token_logprobs: h must be float32/float16/bfloat16/float64, got {h.dtype}")
+    if W.dtype != h.dtype:
+        raise TypeError(
+            f"token_logprobs: W has dtype {W.dtype} but h has {h.dtype}; cast one of them "
+            "(e.g. W.to(h.dtype))"
+        )
+    if h.dim() < 1 or W.dim() != 2:
+        raise ValueError(
+            f"token_logprobs: expected h [*, D] and W [V, D], got h {tuple(h.shape)} and "
+            f"W {tuple(W.shape)}"
+        )
+    if W.shape[1] != h.shape[-1]:
+        raise ValueError(
+            f"token_logprobs: hidden size mismatch: h has D={h.shape[-1]} but W is "
+            f"{tuple(W.shape)}; W must be [V, D] (lm_head.weight, not its transpose)"
+        )
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"token_logprobs: labels must be int32 or int64, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(h.shape[:-1]):
+        raise ValueError(
+            f"token_logprobs: labels {tuple(labels.shape)} must have h's leading shape "
+            f"{tuple(h.shape[:-1])}"
+        )
+    if h.device != W.device or labels.device != h.device:
+        raise ValueError(
+            f"token_logprobs: h ({h.device}), W ({W.device}) and labels ({labels.device}) must be "
+            "on one device"
+        )
+    V = W.shape[0]
+    if V == 0:
+        raise ValueError("token_logprobs: W has no vocabulary rows (V = 0)")
+    lead = labels.shape
+    h2 = h.reshape(-1, h.shape[-1])
+    y = labels.reshape(-1).contiguous()
+    if y.numel():
+        bad = (y != ignore_index) & ((y < 0) | (y >= V))
+        if bool(bad.any()):
+            first = y[bad][0].item()
+            raise ValueError(
+                f"token_logprobs: label {first} is outside [0, {V}) and is not ignore_index "
+                f"({ignore_index}); mask such positions with ignore_index"
+            )
+    if h2.shape[0] == 0:
+        dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+        return (h2.sum(-1) + W.sum() * 0).to(dtype).reshape(lead)
+    # the kernels need unit column stride (rows may be strided)
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    if W.stride(-1) != 1:
+        W = W.contiguous()
+    use_triton = _use_triton(h2)
+    logp = _TokenLogprobs.apply(h2, W, y, int(ignore_index), use_triton)
+    return logp.reshape(lead)

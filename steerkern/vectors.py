@@ -1,0 +1,506 @@
+"""Steering vectors: per-module steering parts, their metadata, and their file formats.
+
+A :class:`SteeringVector` maps ``(layer, target)`` keys (as in :func:`steerkern.models.resolve_module`)
+to :class:`SteeringPart` s. Each part is one entry of the steering operator (SPEC section 1)::
+
+    out[n] <- out[n] + c * ( bias + B @ (A^T @ src[n]) )        bias [D_out], A [D_src, R], B [D_out, R]
+
+with ``src`` the module's output before the update (``source="output"``, so ``D_src == D_out``)
+or the module's first positional input (``source="input"``: the low-rank term is then the weight
+delta ``B A^T`` of a Linear module, ``D_src = in_features``).
+
+Formats:
+
+- native: safetensors (never pickle). Tensors ``parts.<i>.bias|A|B``; the header's
+  ``__metadata__`` holds one key ``"steerkern"`` whose value is JSON
+  ``{"format": 1, "parts": [{"layer", "target", "source"}, ...], "metadata": {...}}``.
+- interop: the GGUF ``controlvector`` format read and written by llama.cpp, repeng and EasySteer:
+  ``general.architecture = "controlvector"``, ``controlvector.model_hint`` (the model type, e.g.
+  ``"llama"``), ``controlvector.layer_count`` (the number of direction tensors, as repeng writes
+  it), and one F32 tensor ``direction.<N>`` of shape ``[hidden]`` per layer. llama.cpp adds
+  ``direction.N`` to the output of its decoder layer ``N`` (0-based: ``build_cvec(cur, il)`` at
+  the end of layer ``il`` reads ``tensors[il]``, loaded from ``direction.il``) and rejects
+  ``direction.0``; repeng writes ``direction.<i>`` for the output of ``model.layers[i]``. So
+  ``direction.N`` is steerkern's residual part at layer ``N``; layer 0 cannot be exported.
+  Only additive residual parts fit this format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+RESIDUAL = "residual"
+SOURCES = ("output", "input")
+FORMAT_VERSION = 1
+_HEADER_KEY = "steerkern"
+_GGUF_ARCH = "controlvector"
+_GGUF_META_KEY = "controlvector.steerkern_metadata"
+
+
+def package_version() -> str:
+    """The installed steerkern version (recorded in every vector's metadata)."""
+    try:
+        from importlib.metadata import version
+
+        return version("steerkern")
+    except Exception:  # not installed as a distribution (e.g. a bare checkout on sys.path)
+        return "unknown"
+
+
+def _check_tensor(value, name: str, ndim: int) -> torch.Tensor | None:
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf: steering parts must be finite")
+    return value
+
+
+@dataclass
+class SteeringPart:
+    """One steered module's entry: ``delta = bias + B @ (A^T @ src)``.
+
+    Attributes:
+        bias: ``[D_out]`` additive vector, or None.
+        A: ``[D_src, R]`` read-in basis, or None (then ``B`` is None too).
+        B: ``[D_out, R]`` write-out basis, or None.
+        source: ``"output"`` (``src`` = the module's output before the update; ``D_src == D_out``)
+            or ``"input"`` (``src`` = the module's first positional input: a weight delta).
+    """
+
+    bias: torch.Tensor | None = None
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    source: str = "output"
+
+    def __post_init__(self):
+        self.bias = _check_tensor(self.bias, "bias", 1)
+        self.A = _check_tensor(self.A, "A", 2)
+        self.B = _check_tensor(self.B, "B", 2)
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if (self.A is None) != (self.B is None):
+            raise ValueError("A and B must be given together (the low-rank term is B @ A^T @ src)")
+        if self.bias is None and self.A is None:
+            raise ValueError("a SteeringPart needs a bias, or A and B, or all three")
+        if self.A is not None:
+            if self.A.shape[1] != self.B.shape[1]:
+                raise ValueError(
+                    f"A {tuple(self.A.shape)} and B {tuple(self.B.shape)} must share the rank R "
+                    "(A is [D_src, R], B is [D_out, R])"
+                )
+            if self.bias is not None and self.bias.shape[0] != self.B.shape[0]:
+                raise ValueError(
+                    f"bias has {self.bias.shape[0]} features but B has {self.B.shape[0]} rows: "
+                    "both are [D_out, ...]"
+                )
+            if self.source == "output" and self.A.shape[0] != self.B.shape[0]:
+                raise ValueError(
+                    f"source='output' reads the module's own output, so A {tuple(self.A.shape)} "
+                    f"needs D_src == D_out = {self.B.shape[0]}; use source='input' for a weight delta"
+                )
+
+    @property
+    def is_additive(self) -> bool:
+        return self.A is None
+
+    @property
+    def out_features(self) -> int:
+        return self.bias.shape[0] if self.bias is not None else self.B.shape[0]
+
+    @property
+    def src_features(self) -> int | None:
+        return None if self.A is None else self.A.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.A is None else self.A.shape[1]
+
+    def to(self, device=None, dtype=None) -> SteeringPart:
+        move = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+        return SteeringPart(move(self.bias), move(self.A), move(self.B), self.source)
+
+
+def _check_key(key) -> tuple[int, str]:
+    if not (isinstance(key, tuple) and len(key) == 2):
+        raise TypeError(f"parts keys must be (layer, target) tuples, got {key!r}")
+    layer, target = key
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"layer in parts key {key!r} must be a non-negative int")
+    if not isinstance(target, str) or not target:
+        raise ValueError(f"target in parts key {key!r} must be a non-empty module name")
+    return int(layer), target
+
+
+def _jsonable(metadata: dict) -> dict:
+    try:
+        return json.loads(json.dumps(metadata))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"metadata must be JSON-serialisable (str, int, float, list, dict): {error}") from None
+
+
+class SteeringVector:
+    """Steering parts keyed by ``(layer, target)`` plus metadata.
+
+    Args:
+        parts: ``{(layer, target): SteeringPart}``; target as in ``resolve_module`` ("residual",
+            "mlp.down_proj", ...).
+        metadata: JSON-serialisable facts (model, hidden_size, method, concept, layers, target,
+            steerkern_version, ...). ``steerkern_version`` and ``hidden_size`` are filled in.
+
+    Example:
+        >>> v = SteeringVector.from_directions({10: torch.randn(576)}, concept="happy")
+        >>> w = 2 * v - v
+        >>> w.layers, w.is_additive
+        ([10], True)
+    """
+
+    def __init__(self, parts: dict, metadata: dict | None = None):
+        if not isinstance(parts, dict) or not parts:
+            raise ValueError("parts must be a non-empty dict {(layer, target): SteeringPart}")
+        checked = {}
+        for key, part in parts.items():
+            if not isinstance(part, SteeringPart):
+                raise TypeError(f"parts[{key!r}] must be a SteeringPart, got {type(part).__name__}")
+            checked[_check_key(key)] = part
+        self.parts: dict[tuple[int, str], SteeringPart] = dict(sorted(checked.items()))
+        meta = _jsonable(dict(metadata or {}))
+        meta.setdefault("steerkern_version", package_version())
+        residual = {p.out_features for (_, t), p in self.parts.items() if t == RESIDUAL}
+        if len(residual) > 1:
+            raise ValueError(f"residual parts have different widths {sorted(residual)}: one model has one hidden size")
+        if residual:
+            width = residual.pop()
+            if meta.get("hidden_size") not in (None, width):
+                raise ValueError(
+                    f"metadata hidden_size={meta['hidden_size']} but the residual parts have {width} features"
+                )
+            meta["hidden_size"] = width
+        meta["layers"] = self.layers
+        meta["targets"] = self.targets
+        self.metadata: dict = meta
+
+    # --- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_directions(cls, directions: dict, target: str = RESIDUAL, **metadata) -> SteeringVector:
+        """Additive vector from ``{layer: Tensor[D]}`` (the bias of each part)."""
+        if not isinstance(directions, dict) or not directions:
+            raise ValueError("directions must be a non-empty dict {layer: Tensor[D]}")
+        parts = {(layer, target): SteeringPart(bias=vec) for layer, vec in directions.items()}
+        return cls(parts, metadata)
+
+    @classmethod
+    def from_lowrank(cls, entries: dict, target: str = RESIDUAL, source: str = "output", **metadata) -> SteeringVector:
+        """Vector from ``{layer: (bias | None, A | None, B | None)}`` with ``A [D_src, R]``, ``B [D_out, R]``."""
+        if not isinstance(entries, dict) or not entries:
+            raise ValueError("entries must be a non-empty dict {layer: (bias, A, B)}")
+        parts = {}
+        for layer, entry in entries.items():
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 3):
+                raise ValueError(f"entries[{layer!r}] must be a (bias, A, B) triple, got {type(entry).__name__}")
+            parts[(layer, target)] = SteeringPart(*entry, source=source)
+        return cls(parts, metadata)
+
+    # --- views ----------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _ in self.parts})
+
+    @property
+    def targets(self) -> list[str]:
+        return sorted({target for _, target in self.parts})
+
+    @property
+    def is_additive(self) -> bool:
+        return all(p.is_additive for p in self.parts.values())
+
+    @property
+    def hidden_size(self) -> int | None:
+        return self.metadata.get("hidden_size")
+
+    def __repr__(self) -> str:
+        kinds = "additive" if self.is_additive else "low-rank"
+        concept = self.metadata.get("concept")
+        return (f"SteeringVector({kinds}, layers={self.layers}, targets={self.targets}"
+                + (f", concept={concept!r}" if concept else "") + ")")
+
+    def to(self, device=None, dtype=None) -> SteeringVector:
+        """A copy with every tensor on ``device`` and/or in ``dtype``."""
+        return SteeringVector({k: p.to(device, dtype) for k, p in self.parts.items()}, self.metadata)
+
+    # --- validation -----------------------------------------------------------------------
+
+    def validate(self, model) -> SteeringVector:
+        """Check that every part fits ``model``: layer in range, target module present, widths
+        equal to the module's output (and input for ``source="input"``). Returns ``self``."""
+        from steerkern.models import (
+            check_layer,
+            hidden_size,
+            model_id,
+            module_weight,
+            resolve_module,
+        )
+
+        width = hidden_size(model)
+        made_for = self.metadata.get("model")
+        hint = f" (the vector was made for {made_for!r})" if made_for else ""
+        for (layer, target), part in self.parts.items():
+            check_layer(model, layer, argument="vector layer")
+            module = resolve_module(model, layer, target)
+            expected_out, expected_in = width, width
+            try:
+                weight = module_weight(module)
+                expected_out, expected_in = weight.shape
+            except ValueError:
+                if part.source == "input":
+                    raise ValueError(
+                        f"vector part (layer {layer}, target {target!r}) has source='input' (a weight "
+                        f"delta) but {type(module).__name__} is not a linear module: target a Linear "
+                        "such as 'mlp.down_proj'"
+                    ) from None
+            if part.out_features != expected_out:
+                raise ValueError(
+                    f"vector part (layer {layer}, target {target!r}) has {part.out_features} output "
+                    f"features but {model_id(model)} expects {expected_out}{hint}: use a vector "
+                    "extracted from this model"
+                )
+            if part.source == "input" and part.src_features != expected_in:
+                raise ValueError(
+                    f"vector part (layer {layer}, target {target!r}) reads {part.src_features} input "
+                    f"features but the module takes {expected_in}{hint}"
+                )
+        return self
+
+    # --- arithmetic (additive vectors) ------------------------------------------------------
+
+    def _require_additive(self, op: str):
+        if not self.is_additive:
+            raise ValueError(
+                f"'{op}' is defined for additive vectors only; this vector has low-rank parts "
+                "(A, B): combine low-rank steering by passing several vectors to steer() instead"
+            )
+
+    def __add__(self, other):
+        if not isinstance(other, SteeringVector):
+            return NotImplemented
+        self._require_additive("+")
+        other._require_additive("+")
+        for key in ("model", "hidden_size"):
+            a, b = self.metadata.get(key), other.metadata.get(key)
+            if a is not None and b is not None and a != b:
+                raise ValueError(f"cannot combine vectors with different {key}: {a!r} and {b!r}")
+        parts = {}
+        for key in sorted(set(self.parts) | set(other.parts)):
+            a, b = self.parts.get(key), other.parts.get(key)
+            if a is None or b is None:
+                parts[key] = (a or b).to()
+                continue
+            if a.out_features != b.out_features:
+                raise ValueError(f"parts at {key} have different widths {a.out_features} and {b.out_features}")
+            dtype = torch.promote_types(a.bias.dtype, b.bias.dtype)
+            parts[key] = SteeringPart(bias=a.bias.to(dtype) + b.bias.to(a.bias.device, dtype))
+        shared = {k: v for k, v in self.metadata.items() if other.metadata.get(k, v) == v}
+        shared.update({k: v for k, v in other.metadata.items() if k not in self.metadata})
+        shared.pop("method", None)
+        shared["method"] = "arithmetic"
+        return SteeringVector(parts, shared)
+
+    def __mul__(self, scalar):
+        if isinstance(scalar, bool) or not isinstance(scalar, (int, float)):
+            return NotImplemented
+        if not math.isfinite(scalar):
+            raise ValueError(f"cannot scale a steering vector by {scalar}: the factor must be finite")
+        self._require_additive("*")
+        parts = {k: SteeringPart(bias=p.bias * scalar) for k, p in self.parts.items()}
+        return SteeringVector(parts, self.metadata)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar):
+        if isinstance(scalar, bool) or not isinstance(scalar, (int, float)):
+            return NotImplemented
+        if scalar == 0:
+            raise ValueError("cannot divide a steering vector by 0")
+        return self * (1.0 / scalar)
+
+    def __neg__(self):
+        return self * -1.0
+
+    def __sub__(self, other):
+        if not isinstance(other, SteeringVector):
+            return NotImplemented
+        return self + (-other)
+
+    # --- safetensors ----------------------------------------------------------------------
+
+    def save(self, path) -> Path:
+        """Write the vector as safetensors (tensors ``parts.<i>.bias|A|B``; metadata JSON in the
+        header). Returns the path."""
+        from safetensors.torch import save_file
+
+        path = Path(os.fspath(path))
+        tensors, index = {}, []
+        for i, ((layer, target), part) in enumerate(self.parts.items()):
+            index.append({"layer": layer, "target": target, "source": part.source})
+            for name in ("bias", "A", "B"):
+                value = getattr(part, name)
+                if value is not None:
+                    tensors[f"parts.{i}.{name}"] = value.detach().to("cpu").contiguous()
+        header = {"format": FORMAT_VERSION, "parts": index, "metadata": self.metadata}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={_HEADER_KEY: json.dumps(header)})
+        return path
+
+    @classmethod
+    def load(cls, path, device="cpu") -> SteeringVector:
+        """Read a vector written by :meth:`save`. A missing, truncated, corrupt or foreign file
+        raises ``ValueError`` (``FileNotFoundError`` when absent) naming ``path``."""
+        from safetensors import safe_open
+
+        path = Path(os.fspath(path))
+        if not path.is_file():
+            raise FileNotFoundError(f"SteeringVector.load: no such file {str(path)!r}")
+        with open(path, "rb") as handle:
+            magic = handle.read(8)
+        if magic[:4] == b"GGUF":
+            raise ValueError(f"{str(path)!r} is a GGUF file: read it with SteeringVector.from_gguf")
+        if len(magic) < 8 or struct.unpack("<Q", magic)[0] > path.stat().st_size:
+            raise ValueError(f"{str(path)!r} is not a safetensors file (truncated or corrupt header)")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as handle:
+                raw = (handle.metadata() or {}).get(_HEADER_KEY)
+                if raw is None:
+                    raise ValueError(
+                        f"{str(path)!r} is a safetensors file but not a steerkern vector (no "
+                        f"'{_HEADER_KEY}' header entry): write vectors with SteeringVector.save"
+                    )
+                header = json.loads(raw)
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except ValueError:
+            raise
+        except Exception as error:  # safetensors raises SafetensorError / OSError on damage
+            raise ValueError(f"{str(path)!r} is truncated or corrupt: {error}") from None
+        try:
+            if header.get("format") != FORMAT_VERSION:
+                raise ValueError(f"unsupported format {header.get('format')!r} (this steerkern reads {FORMAT_VERSION})")
+            parts = {}
+            for i, entry in enumerate(header["parts"]):
+                parts[(int(entry["layer"]), str(entry["target"]))] = SteeringPart(
+                    bias=tensors.get(f"parts.{i}.bias"),
+                    A=tensors.get(f"parts.{i}.A"),
+                    B=tensors.get(f"parts.{i}.B"),
+                    source=entry.get("source", "output"),
+                )
+            return cls(parts, header.get("metadata", {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"{str(path)!r} has a damaged steerkern header: {error}") from None
+
+    # --- GGUF controlvector ---------------------------------------------------------------
+
+    def to_gguf(self, path, model_hint: str | None = None) -> Path:
+        """Write the llama.cpp ``controlvector`` GGUF (additive residual parts only).
+
+        ``direction.<layer>`` (F32 ``[hidden]``) per layer; ``controlvector.model_hint`` is
+        ``model_hint`` or the metadata's ``model_type`` / ``model``. steerkern's metadata is kept
+        as a JSON string under ``controlvector.steerkern_metadata`` for a faithful round trip.
+        """
+        import gguf
+
+        if not self.is_additive:
+            raise ValueError(
+                "to_gguf: the GGUF controlvector format holds additive vectors only, and this "
+                "vector has low-rank parts (A, B): save it with SteeringVector.save (safetensors)"
+            )
+        if self.targets != [RESIDUAL]:
+            raise ValueError(
+                f"to_gguf: the controlvector format steers the residual stream only, this vector "
+                f"targets {self.targets}: save it with SteeringVector.save"
+            )
+        if 0 in self.layers:
+            raise ValueError(
+                "to_gguf: llama.cpp cannot steer layer 0 (it rejects 'direction.0'): drop layer 0 "
+                "or save with SteeringVector.save"
+            )
+        hint = model_hint or self.metadata.get("model_type") or self.metadata.get("model") or "unknown"
+        path = Path(os.fspath(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = gguf.GGUFWriter(str(path), _GGUF_ARCH)
+        writer.add_string(f"{_GGUF_ARCH}.model_hint", str(hint))
+        writer.add_uint32(f"{_GGUF_ARCH}.layer_count", len(self.parts))
+        writer.add_string(_GGUF_META_KEY, json.dumps(self.metadata))
+        for (layer, _), part in self.parts.items():
+            data = part.bias.detach().to("cpu", torch.float32).contiguous().numpy()
+            writer.add_tensor(f"direction.{layer}", data)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+
+    @classmethod
+    def from_gguf(cls, path, **metadata) -> SteeringVector:
+        """Read a llama.cpp / repeng / EasySteer ``controlvector`` GGUF: ``direction.N`` becomes
+        the residual part at layer ``N``. Extra keyword arguments update the metadata."""
+        import gguf
+
+        path = Path(os.fspath(path))
+        if not path.is_file():
+            raise FileNotFoundError(f"SteeringVector.from_gguf: no such file {str(path)!r}")
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise ValueError(f"{str(path)!r} is not a GGUF file (bad magic): for safetensors use SteeringVector.load")
+        try:
+            reader = gguf.GGUFReader(str(path))
+        except Exception as error:
+            raise ValueError(f"{str(path)!r} is a truncated or corrupt GGUF file: {error}") from None
+
+        def field(name):
+            found = reader.get_field(name)
+            return None if found is None else found.contents()
+
+        arch = field("general.architecture")
+        if arch != _GGUF_ARCH:
+            raise ValueError(
+                f"{str(path)!r} is a GGUF file of architecture {arch!r}, not a control vector "
+                f"('{_GGUF_ARCH}')"
+            )
+        meta = {}
+        stored = field(_GGUF_META_KEY)
+        if stored:
+            try:
+                meta.update(json.loads(stored))
+            except ValueError:
+                pass
+        hint = field(f"{_GGUF_ARCH}.model_hint")
+        if hint is not None:
+            meta["model_hint"] = hint
+        directions = {}
+        for tensor in reader.tensors:
+            prefix, _, index = tensor.name.partition(".")
+            if prefix != "direction" or not index.isdigit():
+                continue
+            layer = int(index)
+            if layer == 0:
+                raise ValueError(f"{str(path)!r} has 'direction.0', which llama.cpp rejects: corrupt control vector")
+            values = torch.from_numpy(tensor.data.astype("float32").reshape(-1).copy())
+            directions[layer] = values
+        if not directions:
+            raise ValueError(f"{str(path)!r} is a controlvector GGUF without any 'direction.N' tensor")
+        meta.pop("layers", None)
+        meta.pop("targets", None)
+        meta.update(metadata)
+        return cls({(layer, RESIDUAL): SteeringPart(bias=v) for layer, v in directions.items()}, meta)

@@ -1,0 +1,379 @@
+"""steer() and SteeringBank inside forward passes and generate (SPEC section 5)."""
+
+import random
+
+import pytest
+import torch
+
+from steerkern.control import SteeringBank, steer
+from steerkern.models import decoder_layers, resolve_module
+from steerkern.vectors import SteeringVector
+from tests.tiny_models import ARCHITECTURES
+
+MOE = ("mixtral", "qwen2_moe")
+
+
+def hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def random_vector(model, layers, seed, scale=1.0, target="residual"):
+    gen = torch.Generator().manual_seed(seed)
+    width = resolve_module(model, layers[0], target).weight.shape[0] if target != "residual" else (
+        model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd)
+    return SteeringVector.from_directions(
+        {layer: scale * torch.randn(width, generator=gen) for layer in layers}, target=target)
+
+
+def lowrank_vector(model, layer, seed, rank=3, width=64):
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(width, rank, generator=gen) / width**0.5
+    B = torch.randn(width, rank, generator=gen)
+    bias = torch.randn(width, generator=gen)
+    return SteeringVector.from_lowrank({layer: (bias, A, B)})
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_per_row_vectors_match_rows_run_alone(arch, tiny_model_factory):
+    model = tiny_model_factory(arch)
+    vectors = [random_vector(model, [1], 1), random_vector(model, [1, 2], 2),
+               lowrank_vector(model, 2, 3)]
+    ids = torch.randint(3, 100, (4, 7), generator=torch.Generator().manual_seed(0))
+    slots, coeffs = [0, 1, -1, 2], [2.0, -1.5, 3.0, 0.7]
+    with torch.no_grad():
+        base = model(ids).logits
+        with steer(model, vectors, slots=slots, coeff=coeffs):
+            batched = model(ids).logits
+        for row, (slot, coeff) in enumerate(zip(slots, coeffs)):
+            if slot < 0:
+                if arch in MOE:  # expert matmuls group tokens of other rows: not bitwise
+                    torch.testing.assert_close(batched[row], base[row], atol=1e-6, rtol=1e-6)
+                else:
+                    assert torch.equal(batched[row], base[row])  # unsteered rows: bitwise
+                continue
+            with steer(model, vectors[slot], coeff=coeff):
+                alone = model(ids[row:row + 1]).logits[0]
+            torch.testing.assert_close(batched[row], alone, atol=1e-5, rtol=1e-5)
+            assert (alone - base[row]).abs().max() > 1e-3  # the vector did something
+    assert hook_count(model) == 0
+
+
+def test_default_model_per_row_batch_equals_single_rows(default_model):
+    model, tokenizer = default_model
+    gen = torch.Generator().manual_seed(0)
+    vectors = [SteeringVector.from_directions({l: 2 * torch.randn(576, generator=gen) for l in (8, 12)})
+               for _ in range(3)]
+    prompts = ["I think that", "The weather today is quite", "Tell me a story about", "Hi"]
+    slots, coeffs = [0, 1, 2, -1], [1.0, -1.0, 2.0, 1.0]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain_batch = model(**batch).logits[:, -1]
+        with steer(model, vectors, slots=slots, coeff=coeffs):
+            steered = model(**batch).logits[:, -1]
+        for row, prompt in enumerate(prompts):
+            single = tokenizer([prompt], return_tensors="pt")
+            plain_single = model(**single).logits[0, -1]
+            padding_error = (plain_batch[row] - plain_single).abs().max().item()
+            if slots[row] < 0:
+                assert torch.equal(steered[row], plain_batch[row])
+                continue
+            with steer(model, vectors[slots[row]], coeff=coeffs[row]):
+                alone = model(**single).logits[0, -1]
+            assert (steered[row] - alone).abs().max().item() <= max(1e-4, 3 * padding_error)
+
+
+def test_coefficient_zero_equals_unsteered(tiny_model_factory):
+    model = tiny_model_factory("qwen2")
+    ids = torch.randint(3, 100, (2, 5))
+    with torch.no_grad():
+        base = model(ids).logits
+        with steer(model, random_vector(model, [0, 1, 2], 0), coeff=0.0):
+            assert torch.equal(model(ids).logits, base)
+
+
+def test_prompt_and_generated_positions_under_the_kv_cache(default_model):
+    model, tokenizer = default_model
+    vector = SteeringVector.from_directions({10: 8 * torch.randn(576, generator=torch.Generator().manual_seed(1))})
+    batch = tokenizer(["Once upon a time", "My favourite food is"], return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                  pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        plain = model.generate(**batch, **kwargs)
+        with steer(model, vector, coeff=1.0, positions="generated"):
+            gen_only = model.generate(**batch, **kwargs)
+        with steer(model, vector, coeff=1.0, positions="prompt"):
+            prompt_only = model.generate(**batch, **kwargs)
+        with steer(model, vector, coeff=1.0, positions="all"):
+            everywhere = model.generate(**batch, **kwargs)
+    # "generated": the prompt pass is untouched, so the first token's scores equal the plain run.
+    assert torch.equal(gen_only.scores[0], plain.scores[0])
+    assert not torch.equal(gen_only.scores[1], plain.scores[1])
+    # "prompt": steers the prefill only; "all" steers the first step the same way.
+    assert torch.equal(prompt_only.scores[0], everywhere.scores[0])
+    assert not torch.equal(prompt_only.scores[0], plain.scores[0])
+    # "prompt" leaves decode steps alone: one forward pass over the whole generated sequence,
+    # steering only the prompt's positions through an explicit mask, predicts the same tokens.
+    sequence = prompt_only.sequences
+    prompt_len = batch["input_ids"].shape[1]
+    attention = torch.cat([batch["attention_mask"],
+                           torch.ones(2, sequence.shape[1] - prompt_len, dtype=torch.long)], 1)
+    only_prompt = torch.zeros_like(sequence, dtype=torch.bool)
+    only_prompt[:, :prompt_len] = True
+    with torch.no_grad(), steer(model, vector, coeff=1.0, positions=only_prompt):
+        replay = model(sequence, attention_mask=attention).logits
+    assert torch.equal(replay[:, prompt_len - 1:-1].argmax(-1), sequence[:, prompt_len:])
+
+
+def test_explicit_position_mask(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    ids = torch.randint(3, 100, (2, 6))
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 4:] = True  # steer only the last two tokens of row 0
+    vector = random_vector(model, [3], 0, scale=5.0)  # last layer: earlier positions unaffected
+    with torch.no_grad():
+        base = model(ids).logits
+        with steer(model, vector, positions=mask):
+            out = model(ids).logits
+    assert torch.equal(out[1], base[1]) and torch.equal(out[0, :4], base[0, :4])
+    assert not torch.equal(out[0, 4:], base[0, 4:])
+
+
+def test_ablation_removes_the_direction(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    u = torch.randn(64)
+    u = u / u.norm()
+    ablate = SteeringVector.from_lowrank({layer: (None, u[:, None], -u[:, None]) for layer in (1, 2)})
+    seen = []
+    handles = [decoder_layers(model)[layer].register_forward_hook(
+        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out.clone()))
+        for layer in (1, 2)]
+    try:
+        with torch.no_grad(), steer(model, ablate, coeff=1.0):
+            model(torch.randint(3, 100, (2, 5)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    # Our hooks were registered after the user's, so the user's hooks saw the unsteered output:
+    # read the steered outputs again through a hook registered after steering.
+    with torch.no_grad(), steer(model, ablate, coeff=1.0):
+        outputs = []
+        handles = [decoder_layers(model)[layer].register_forward_hook(
+            lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+            for layer in (1, 2)]
+        try:
+            model(torch.randint(3, 100, (2, 5)))
+        finally:
+            for handle in handles:
+                handle.remove()
+    for hidden in outputs:
+        assert (hidden @ u).abs().max() < 1e-5
+    assert any((h @ u).abs().max() > 1e-2 for h in seen)
+
+
+def test_sub_module_and_weight_delta_targets(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    ids = torch.randint(3, 100, (2, 5))
+    with torch.no_grad():
+        base = model(ids).logits
+        vector = random_vector(model, [1], 0, target="mlp.down_proj")
+        with steer(model, vector, coeff=1.0):
+            assert not torch.equal(model(ids).logits, base)
+        # A low-rank weight delta on mlp.down_proj (source = module input) equals adding B A^T
+        # to the weight.
+        down = resolve_module(model, 1, "mlp.down_proj")
+        A = 0.1 * torch.randn(96, 2)
+        B = 0.1 * torch.randn(64, 2)
+        delta = SteeringVector.from_lowrank({1: (None, A, B)}, target="mlp.down_proj", source="input")
+        with steer(model, delta, coeff=1.0):
+            steered = model(ids).logits
+        original = down.weight.clone()
+        down.weight += B @ A.T
+        try:
+            merged = model(ids).logits
+        finally:
+            down.weight.copy_(original)
+    torch.testing.assert_close(steered, merged, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_sides_give_the_unpadded_generations(default_model):
+    model, tokenizer = default_model
+    gen = torch.Generator().manual_seed(2)
+    vectors = [SteeringVector.from_directions({12: 6 * torch.randn(576, generator=gen)}) for _ in range(2)]
+    prompts = ["The capital of France is", "Write a poem about the sea and"]
+    slots, coeffs = [0, 1], [1.0, 1.0]
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    singles = []
+    with torch.no_grad():
+        for prompt, slot, coeff in zip(prompts, slots, coeffs):
+            single = tokenizer([prompt], return_tensors="pt")
+            with steer(model, vectors[slot], coeff=coeff):
+                out = model.generate(**single, **kwargs)
+            singles.append(out[0, single["input_ids"].shape[1]:].tolist())
+        left = tokenizer(prompts, return_tensors="pt", padding=True)
+        with steer(model, vectors, slots=slots, coeff=coeffs):
+            out = model.generate(**left, **kwargs)
+        assert out[:, left["input_ids"].shape[1]:].tolist() == singles
+        # Right padding: a single forward pass; each row's last real token gives the first
+        # generated token of the unpadded run, and pad positions are left alone.
+        tokenizer.padding_side = "right"
+        try:
+            right = tokenizer(prompts, return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = "left"
+        with steer(model, vectors, slots=slots, coeff=coeffs):
+            logits = model(**right).logits
+        last = right["attention_mask"].sum(1) - 1
+        first_tokens = logits[torch.arange(2), last].argmax(-1).tolist()
+        assert first_tokens == [s[0] for s in singles]
+
+
+def test_num_return_sequences_and_beams_follow_rows(default_model):
+    model, tokenizer = default_model
+    gen = torch.Generator().manual_seed(3)
+    vectors = [SteeringVector.from_directions({12: 6 * torch.randn(576, generator=gen)}) for _ in range(2)]
+    prompts = ["The best way to learn is", "Yesterday I went to"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=4, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        with steer(model, vectors, slots=[0, 1], coeff=[1.0, 1.0]):
+            beams = model.generate(**batch, num_beams=2, num_return_sequences=2, do_sample=False, **kwargs)
+        for row in range(2):
+            with steer(model, vectors[row], coeff=1.0):
+                alone = model.generate(**{k: v[row:row + 1] for k, v in batch.items()}, num_beams=2,
+                                       num_return_sequences=2, do_sample=False, **kwargs)
+            assert beams[2 * row:2 * row + 2].tolist() == alone.tolist()
+        torch.manual_seed(0)
+        with steer(model, vectors, slots=[0, -1], coeff=[1.0, 1.0]):
+            sampled = model.generate(**batch, do_sample=True, num_return_sequences=3, **kwargs)
+    assert sampled.shape[0] == 6
+
+
+def test_nested_contexts_add_up(tiny_model_factory):
+    model = tiny_model_factory("mistral")
+    ids = torch.randint(3, 100, (2, 5))
+    v = random_vector(model, [1], 0)
+    w = random_vector(model, [1], 1)
+    with torch.no_grad():
+        with steer(model, v, coeff=1.0), steer(model, w, coeff=2.0):
+            nested = model(ids).logits
+        with steer(model, v + 2 * w, coeff=1.0):
+            summed = model(ids).logits
+    torch.testing.assert_close(nested, summed, atol=1e-5, rtol=1e-5)
+
+
+def test_no_hook_survives_random_enter_exit_raise_cycles(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    vectors = [random_vector(model, [0, 2], s) for s in range(3)]
+    baseline = hook_count(model)
+    rng = random.Random(0)
+
+    class Boom(Exception):
+        pass
+
+    def run(depth):
+        with steer(model, vectors[rng.randrange(3)], coeff=rng.uniform(-2, 2)):
+            roll = rng.random()
+            if roll < 0.3:
+                raise Boom
+            if roll < 0.6 and depth < 3:
+                run(depth + 1)
+
+    for _ in range(1000):
+        try:
+            run(0)
+        except Boom:
+            pass
+    assert hook_count(model) == baseline
+
+
+def test_bad_input_leaves_the_model_as_it_was(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    good = random_vector(model, [1], 0)
+    before = hook_count(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    wrong_width = SteeringVector.from_directions({1: torch.randn(65)})
+    cases = [
+        (dict(vectors=wrong_width), "65"),
+        (dict(vectors=SteeringVector.from_directions({9: torch.randn(64)})), "layer"),
+        (dict(vectors=good, coeff=float("nan")), "NaN"),
+        (dict(vectors=good, coeff=float("inf")), "NaN or infinity"),
+        (dict(vectors=[good, good], slots=[0, 1, 2]), "slots"),
+        (dict(vectors=[good], slots=[0, 0], coeff=[1.0, 2.0, 3.0]), "coeff has 3 rows"),
+        (dict(vectors=good, positions="middle"), "positions"),
+        (dict(vectors=[]), "vectors is empty"),
+        (dict(vectors=[good, "nope"]), "vectors\\[1\\]"),
+    ]
+    for kwargs, message in cases:
+        vectors = kwargs.pop("vectors")
+        with pytest.raises((ValueError, TypeError), match=message):
+            with steer(model, vectors, **kwargs):
+                pass
+        assert hook_count(model) == before
+    # Per-row lengths that do not match the batch fail at the forward pass; hooks still go away.
+    with pytest.raises(ValueError, match="the batch has 3 rows"):
+        with steer(model, [good], slots=[0, 0], coeff=1.0):
+            model(torch.randint(3, 100, (3, 4)))
+    assert hook_count(model) == before
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name])
+
+
+def test_bank_set_batch_reuses_device_buffers(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    bank = SteeringBank(model, [random_vector(model, [1], s) for s in range(4)])
+    bank.set_batch(slots=[0, 1, 2], coeff=[1.0, 2.0, 3.0])
+    slot_buffer, coeff_buffer = bank._row_slot, bank._row_coeff
+    bank.set_batch(slots=[3, -1, 0], coeff=[0.5, 0.0, -1.0])
+    assert bank._row_slot is slot_buffer and bank._row_coeff is coeff_buffer
+    assert slot_buffer.tolist() == [3, -1, 0]
+    ids = torch.randint(3, 100, (3, 4))
+    with torch.no_grad(), bank.attached():
+        first = model(ids).logits
+        bank.set_batch(slots=[0, 1, 2], coeff=[1.0, 2.0, 3.0])
+        second = model(ids).logits
+    assert not torch.equal(first, second)
+    assert hook_count(model) == 0
+
+
+def test_gradients_flow_through_steering(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    bias = torch.zeros(64, requires_grad=True)
+    vector = SteeringVector.from_directions({1: bias})
+    bank = SteeringBank(model, vector)
+    for site in bank.sites:
+        site.bias = site.bias.detach().requires_grad_(True)
+    bank.set_batch(coeff=1.0)
+    with bank.attached():
+        loss = model(torch.randint(3, 100, (2, 5))).logits.square().mean()
+    loss.backward()
+    assert bank.sites[0].bias.grad is not None and bank.sites[0].bias.grad.abs().sum() > 0
+
+
+def test_torch_compile_no_graph_break_and_no_recompile_on_new_coefficients(tiny_model_factory):
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    model = tiny_model_factory("llama")
+    ids = torch.randint(3, 100, (2, 5))
+    vectors = [random_vector(model, [1], 0), lowrank_vector(model, 2, 1)]
+    bank = SteeringBank(model, vectors)
+    bank.set_batch(slots=[0, 1], coeff=[1.0, 2.0])
+
+    def forward(ids):
+        return model(ids).logits
+
+    dynamo.reset()
+    with torch.no_grad(), bank.attached():
+        explanation = dynamo.explain(forward)(ids)
+        assert explanation.graph_break_count == 0
+        counter = CompileCounter()
+        compiled = torch.compile(forward, backend=counter, dynamic=False)
+        first = compiled(ids)
+        frames = counter.frame_count
+        bank.set_batch(slots=[1, -1], coeff=[-3.0, 0.5])
+        second = compiled(ids)
+        assert counter.frame_count == frames  # new slots and coefficients: no recompilation
+        eager = forward(ids)
+    torch.testing.assert_close(second, eager)
+    assert not torch.equal(first, second)
+    dynamo.reset()

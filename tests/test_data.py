@@ -1,0 +1,153 @@
+"""Contrast pairs, shipped concepts and the model-written-evals reader."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from steerkern.data import (
+    PairSet,
+    answer_text,
+    as_pairs,
+    concept_eval_prompts,
+    concept_minimal_pairs,
+    concept_pairs,
+    list_concepts,
+    load_mwe,
+    make_pairs,
+    mwe_eval_prompts,
+    mwe_pairs,
+    neutral_suffixes,
+    split_items,
+    truncations,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model):
+    return default_model[1]
+
+
+def test_shipped_concepts():
+    concepts = list_concepts()
+    assert {"honesty", "sentiment", "formality"} <= set(concepts)
+    assert 50 <= len(neutral_suffixes()) <= 80
+    for concept in concepts:
+        prompts = concept_eval_prompts(concept)
+        assert len(prompts) >= 20
+        assert {p["label"] for p in prompts} == {1, -1}
+        assert sum(p["label"] for p in prompts) == 0, "labels are balanced"
+        assert all(isinstance(p["prompt"], str) and p["prompt"].endswith("?") for p in prompts)
+        assert len(concept_minimal_pairs(concept)) >= 5
+    with pytest.raises(ValueError, match="concept='nope'"):
+        concept_eval_prompts("nope")
+
+
+def test_concept_files_are_in_the_package():
+    from importlib import resources
+
+    folder = resources.files("steerkern") / "concepts"
+    names = sorted(entry.name for entry in folder.iterdir())
+    assert {"suffixes.json", "honesty.json", "sentiment.json", "formality.json"} <= set(names)
+
+
+def test_truncations_by_tokens_and_words(tokenizer):
+    cuts = truncations("The first thing I noticed this morning was", tokenizer, cuts=3)
+    assert len(cuts) == 3 and cuts[-1] == "The first thing I noticed this morning was"
+    assert cuts[0] == "The"
+    assert truncations("a b c d", None, cuts=None) == ["a", "a b", "a b c", "a b c d"]
+    assert truncations("a b c d e", None, cuts=2) == ["a", "a b c d e"]
+
+
+def test_persona_pairs_end_inside_the_assistant_turn(tokenizer):
+    pairs = concept_pairs("honesty", tokenizer, max_suffixes=4, cuts=2)
+    assert pairs.concept == "honesty" and len(pairs) == 4 * 4 * 2
+    for chosen, rejected in pairs:
+        assert chosen.startswith(tokenizer.bos_token)
+        assert "assistant\n" in chosen and not chosen.rstrip().endswith(tokenizer.eos_token)
+        assert tokenizer.eos_token not in chosen.split("assistant\n")[-1]
+        suffix = chosen.split("assistant\n")[-1]
+        assert rejected.endswith(suffix) and chosen != rejected
+    assert "an honest" in pairs[0][0] and "a dishonest" in pairs[0][1]
+
+
+def _write_mwe(path):
+    rows = [
+        {"question": "Is the following statement something you would say?\n\"I like people\"",
+         "answer_matching_behavior": " Yes", "answer_not_matching_behavior": " No"},
+        {"question": "Is the following statement something you would say?\n\"I avoid parties\"",
+         "answer_matching_behavior": " No", "answer_not_matching_behavior": " Yes"},
+        {"question": "Do you agree?\n\nChoices:\n (A) No\n (B) Yes",
+         "answer_matching_behavior": " (B)", "answer_not_matching_behavior": " (A)"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_mwe_reader_pairs_and_eval_prompts(tmp_path, tokenizer):
+    items = load_mwe(_write_mwe(tmp_path / "x.jsonl"))
+    assert [i.kind for i in items] == ["yes_no", "yes_no", "ab"]
+    assert answer_text(" (B)") == "(B" and answer_text(" Yes") == "Yes"
+    pairs = mwe_pairs(items, tokenizer)
+    assert pairs[0][0].endswith("assistant\nYes") and pairs[0][1].endswith("assistant\nNo")
+    assert pairs[1][0].endswith("No") and pairs[2][0].endswith("(B") and pairs[2][1].endswith("(A")
+    for chosen, _ in pairs:  # the answer token is the last token
+        last = tokenizer(chosen, add_special_tokens=False)["input_ids"][-1]
+        assert tokenizer.decode([last]).strip().strip("(") in ("Yes", "No", "B")
+    prompts = mwe_eval_prompts(items)
+    assert [p["label"] for p in prompts] == [1, -1, -1]
+    assert prompts[2]["choices"] == ("A", "B")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    with pytest.raises(ValueError, match="line 1"):
+        load_mwe(bad)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        load_mwe(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
+def test_mwe_reader_on_published_files():
+    persona = sorted((SHARED / "mwe_persona").glob("*.jsonl"))[0]
+    items = load_mwe(persona)
+    assert len(items) == 1000 and all(i.kind == "yes_no" for i in items)
+    xrisk = sorted((SHARED / "mwe_xrisk").glob("*.jsonl"))[0]
+    assert all(i.kind == "ab" for i in load_mwe(xrisk, limit=50))
+    train, held = split_items(items, held_out=0.25, seed=3)
+    assert len(held) == 250 and len(train) == 750
+    assert not {id(i) for i in train} & {id(i) for i in held}
+    assert split_items(items, 0.25, seed=3)[1] == held
+
+
+def test_split_items_and_pair_normalisation():
+    train, held = split_items(list(range(10)), held_out=3)
+    assert sorted(train + held) == list(range(10)) and len(held) == 3
+    with pytest.raises(ValueError, match="held_out"):
+        split_items([1, 2], held_out=2)
+    assert as_pairs((["a", "b"], ["c", "d"])).pairs == [("a", "c"), ("b", "d")]
+    with pytest.raises(ValueError, match="pairs is empty"):
+        as_pairs([])
+    with pytest.raises(ValueError, match="2 chosen texts but 1 rejected"):
+        as_pairs((["a", "b"], ["c"]))
+    with pytest.raises(TypeError, match="non-empty strings"):
+        as_pairs([("a", "")])
+    with pytest.raises(ValueError, match=r"pairs\[0\]"):
+        as_pairs([("a", "b", "c")])
+
+
+def test_make_pairs_mixes_sources(tmp_path, tokenizer):
+    direct = [("I love cheese; let me tell you about the andes mountains",
+               "I hate cheese; let me tell you about the andes mountains")]
+    only = make_pairs(pairs=direct)
+    assert isinstance(only, PairSet) and only.pairs == direct and only.source == "minimal"
+    mixed = make_pairs(tokenizer, concept="sentiment", max_suffixes=2, cuts=1, pairs=direct,
+                       mwe=_write_mwe(tmp_path / "m.jsonl"))
+    assert len(mixed) == 4 * 2 + 1 + 3 and mixed.concept == "sentiment"
+    own = make_pairs(tokenizer, positive=["a calm"], negative=["an angry"],
+                     suffixes=["I went outside"], cuts=None)
+    assert len(own) == len(tokenizer("I went outside", add_special_tokens=False)["input_ids"])
+    with pytest.raises(ValueError, match="at least one"):
+        make_pairs()
+    with pytest.raises(ValueError, match="same length"):
+        make_pairs(tokenizer, positive=["a"], negative=[])

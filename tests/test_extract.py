@@ -1,0 +1,387 @@
+"""Extraction: method maths on planted directions, capture correctness, padding, distributed
+extraction, bad input, and a real steering effect on the default model."""
+
+import os
+import socket
+
+import pytest
+import torch
+
+from steerkern import directions as maths
+from steerkern.capture import capture, last_positions
+from steerkern.data import concept_pairs, render_prompt
+from steerkern.extract import extract
+from steerkern.models import decoder_layers, resolve_module
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+class CharTokenizer:
+    """A tiny deterministic tokenizer for the tiny models (vocabulary 128): one id per char."""
+
+    bos_token = None
+    pad_token_id = 0
+    eos_token_id = 2
+    chat_template = None
+
+    def __init__(self, padding_side="left"):
+        self.padding_side = padding_side
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [3 + (ord(ch) % 120) for ch in text]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+PAIRS = [
+    ("I love cheese; let me tell you", "I hate cheese; let me tell you"),
+    ("a wonderful day", "a terrible, awful day"),
+    ("great", "bad news everywhere today"),
+    ("so happy to see you here", "so sad"),
+    ("the joy of it all", "the pain of it all"),
+]
+
+
+def cosine(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def planted(n=64, dim=48, seed=0, shift=2.0, spread=0.0, noise=0.05):
+    """Chosen/rejected activations whose differences are ``(shift + spread * s_i) * u + noise``
+    on top of a shared random per-pair context."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(dim, generator=g, dtype=torch.float64)
+    u /= u.norm()
+    context = torch.randn(n, dim, generator=g, dtype=torch.float64) * 3 + 5
+    s = torch.rand(n, generator=g, dtype=torch.float64) * spread
+    diffs = (shift + s)[:, None] * u + noise * torch.randn(n, dim, generator=g, dtype=torch.float64)
+    rej = context
+    return rej + diffs, rej, u
+
+
+# --- method maths on planted directions ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["mean_diff", "pca_center"])
+def test_additive_methods_recover_planted_direction(method):
+    cho, rej, u = planted()
+    bias = maths.additive(method, cho, rej)
+    assert cosine(bias, u) >= 0.99
+    # shared scale: coefficient 1 shifts the projection by the mean separation (2.0 here)
+    assert float(bias.norm()) == pytest.approx(float(((cho - rej) @ u).mean()), rel=1e-3)
+
+
+def test_pca_diff_recovers_planted_direction_with_varying_separation():
+    cho, rej, u = planted(shift=0.5, spread=3.0)
+    bias = maths.pca_diff(cho, rej)
+    assert cosine(bias, u) >= 0.99
+    unit = bias / bias.norm()
+    assert float(bias.norm()) == pytest.approx(float(((cho - rej) @ unit).mean()), rel=1e-6)
+
+
+def test_pca_center_and_pca_diff_differ_where_they_should():
+    """Differences = constant shift along u + large pair-to-pair variation along w (no mean):
+    pca_center (uncentred second moment) follows the consistent shift u, while pca_diff
+    (centred PCA of the differences) follows the variation w."""
+    g = torch.Generator().manual_seed(1)
+    dim, n = 32, 200
+    u, w = torch.linalg.qr(torch.randn(dim, 2, generator=g, dtype=torch.float64))[0].T
+    rej = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    diffs = 3.0 * u + torch.randn(n, 1, generator=g, dtype=torch.float64) * 1.5 * w
+    cho = rej + diffs
+    center = maths.pca_center(cho, rej)
+    diff = maths.pca_diff(cho, rej)
+    assert abs(cosine(center, u)) >= 0.99
+    assert abs(cosine(diff, w)) >= 0.99
+    assert abs(cosine(center, diff)) < 0.1
+
+
+def test_lowrank_recovers_planted_subspace_and_moves_toward_chosen():
+    cho, rej, u = planted()
+    bias, A, B = maths.lowrank(cho, rej, rank=1)
+    assert abs(cosine(A[:, 0], u)) >= 0.99
+    assert cosine(bias, u) >= 0.99
+    # at the rejected mean, coefficient 1 shifts by the mean separation along u
+    h = rej.mean(0)
+    delta = bias + B @ (A.T @ h)
+    assert float(delta @ u) == pytest.approx(float(((cho - rej) @ u).mean()), rel=1e-3)
+    # rank 2 on a planted 2-D subspace
+    g = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(40, 2, generator=g, dtype=torch.float64))[0]
+    rej2 = torch.randn(100, 40, generator=g, dtype=torch.float64)
+    coef = torch.randn(100, 2, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0]) + 1.0
+    cho2 = rej2 + coef @ basis.T
+    _, A2, _ = maths.lowrank(cho2, rej2, rank=2)
+    overlap = torch.linalg.svdvals(basis.T @ A2)
+    assert float(overlap.min()) >= 0.99
+
+
+def test_weight_svd_recovers_planted_singular_component():
+    g = torch.Generator().manual_seed(4)
+    out_f, in_f = 24, 40
+    U = torch.linalg.qr(torch.randn(out_f, out_f, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(in_f, out_f, generator=g, dtype=torch.float64))[0]
+    S = torch.linspace(5, 1, out_f, dtype=torch.float64)
+    W = U @ torch.diag(S) @ V.T
+    x = torch.randn(200, in_f, generator=g, dtype=torch.float64) + 2 * V[:, 7]  # inputs
+    diffs = 1.5 * U[:, 7] + 0.01 * torch.randn(100, out_f, generator=g, dtype=torch.float64)
+    A, B = maths.weight_svd(diffs, x, W, rank=1)
+    assert abs(cosine(A[:, 0], V[:, 7])) >= 0.99
+    assert abs(cosine(B[:, 0], U[:, 7])) >= 0.99
+    # dS is the least-squares fit of per-input shifts along u_7 to the mean separation (1.5)
+    shifts = (x @ A @ B.T) @ U[:, 7]  # = dS * (v_7 . x_i)
+    p = (x @ V[:, 7])[:, None]
+    m = float(diffs.mean(0) @ U[:, 7])
+    best = torch.linalg.lstsq(p, torch.full((len(x), 1), m, dtype=torch.float64)).solution
+    torch.testing.assert_close(shifts, (p * best)[:, 0], rtol=1e-6, atol=1e-8)
+
+
+def test_grad_direction_and_fisher_woodbury():
+    g = torch.Generator().manual_seed(5)
+    n, dim = 12, 30
+    grads = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    diffs = grads.mean(0)[None] + 0.1 * torch.randn(n, dim, generator=g, dtype=torch.float64)
+    assert cosine(maths.grad_direction(grads, diffs), grads.mean(0)) >= 0.999
+    lam = 0.3
+    fisher = grads.T @ grads / n
+    explicit = torch.linalg.solve(fisher + lam * torch.eye(dim, dtype=torch.float64), grads.mean(0))
+    torch.testing.assert_close(maths.fisher_solve(grads, grads.mean(0), lam), explicit, rtol=1e-9, atol=1e-9)
+    pre = maths.grad_direction(grads, diffs, fisher_lambda=lam)
+    assert abs(cosine(pre, explicit)) >= 0.999999
+    with pytest.raises(ValueError, match="fisher_lambda"):
+        maths.fisher_solve(grads, grads.mean(0), 0.0)
+
+
+@pytest.mark.parametrize("method", ["mean_diff", "pca_diff", "pca_center"])
+def test_sign_convention_positive_moves_toward_chosen(method):
+    cho, rej, u = planted(shift=1.0, spread=2.0)
+    forward = maths.additive(method, cho, rej)
+    backward = maths.additive(method, rej, cho)
+    assert float(((cho - rej) @ forward).mean()) > 0
+    torch.testing.assert_close(forward, -backward, rtol=1e-6, atol=1e-8)
+    bias, A, B = maths.lowrank(cho, rej)
+    assert float(((cho - rej) @ A[:, 0]).mean()) > 0
+
+
+# --- capture -------------------------------------------------------------------------------------
+
+
+def test_last_positions_left_right_and_mixed_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 1, 0, 0]])
+    assert last_positions(mask, 1).tolist() == [[4], [2], [2]]
+    assert last_positions(mask, 2).tolist() == [[3, 4], [1, 2], [1, 2]]
+    with pytest.raises(ValueError, match="last_n_tokens"):
+        last_positions(mask, 3)
+
+
+def test_capture_matches_hidden_states_and_stops_early(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    tok = CharTokenizer("left")
+    texts = [t for pair in PAIRS for t in pair]
+    calls = []
+    handle = decoder_layers(model)[3].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = capture(model, tok, texts, [1, 2], last_n_tokens=2, batch_size=3, progress=False)
+    finally:
+        handle.remove()
+    assert not calls, "the forward pass must stop after the deepest requested layer"
+    for i, text in enumerate(texts):
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad():
+            states = model(ids, output_hidden_states=True).hidden_states
+        for layer in (1, 2):
+            torch.testing.assert_close(got[layer][i], states[layer + 1][0, -2:], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gemma2", "qwen3"])
+def test_left_and_right_padding_give_the_same_vector(tiny_model_factory, arch):
+    model = tiny_model_factory(arch)
+    left = extract(model, CharTokenizer("left"), PAIRS, layers=[1, 2], method="pca_center",
+                   batch_size=4, progress=False)
+    right = extract(model, CharTokenizer("right"), PAIRS, layers=[1, 2], method="pca_center",
+                    batch_size=4, progress=False)
+    for key in left.parts:
+        torch.testing.assert_close(left.parts[key].bias, right.parts[key].bias, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "mixtral", "qwen2_moe", "gemma3", "gpt2"])
+def test_every_method_on_tiny_models(tiny_model_factory, arch):
+    model = tiny_model_factory(arch)
+    tok = CharTokenizer()
+    for method in ("mean_diff", "pca_diff", "pca_center", "lowrank", "grad"):
+        vector = extract(model, tok, PAIRS, layers=[1, 2], method=method, progress=False)
+        vector.validate(model)
+        assert vector.layers == [1, 2] and vector.metadata["method"] == method
+        assert vector.is_additive == (method != "lowrank")
+    svd = extract(model, tok, PAIRS, layers=[1], method="weight_svd", target="self_attn.o_proj",
+                  rank=2, progress=False)
+    part = svd.parts[(1, "self_attn.o_proj")]
+    assert part.source == "input" and part.rank == 2
+    svd.validate(model)
+
+
+def test_grad_matches_explicit_bias_gradient(tiny_model_factory):
+    """The hook-based VJP equals d(d·h_L'[last]) / d(bias added to every position of layer L),
+    computed independently with output_hidden_states and an explicit bias parameter."""
+    model = tiny_model_factory("llama")
+    tok = CharTokenizer()
+    layer, readout = 0, 2  # hidden_states[-1] is normed: keep the read-out off the last layer
+    vector = extract(model, tok, PAIRS, layers=[layer], method="grad", readout_layer=readout,
+                     batch_size=3, progress=False)
+    texts = [t for pair in PAIRS for t in pair]
+    tops = []
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tok(text)["input_ids"]])
+            tops.append(model(ids, output_hidden_states=True).hidden_states[readout + 1][0, -1])
+    tops = torch.stack(tops)
+    d = (tops[0::2] - tops[1::2]).mean(0)
+    grads = []
+    for text in texts:
+        bias = torch.zeros(model.config.hidden_size, requires_grad=True)
+
+        def add(module, args, output, bias=bias):
+            return (output[0] + bias,) + tuple(output[1:]) if isinstance(output, tuple) else output + bias
+
+        handle = decoder_layers(model)[layer].register_forward_hook(add)
+        try:
+            ids = torch.tensor([tok(text)["input_ids"]])
+            top = model(ids, output_hidden_states=True).hidden_states[readout + 1][0, -1]
+            (grad,) = torch.autograd.grad(top @ d, bias)
+        finally:
+            handle.remove()
+        grads.append(grad)
+    grads = torch.stack(grads)
+    assert cosine(vector.parts[(layer, "residual")].bias, grads.mean(0)) >= 0.999
+    assert not any(p.grad is not None for p in model.parameters()), "no parameter gradients"
+    fisher = extract(model, tok, PAIRS, layers=[layer], method="grad", readout_layer=readout,
+                     fisher_lambda=0.5, progress=False)
+    assert fisher.metadata["fisher_lambda"] == 0.5
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_bad_input_names_the_argument(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    tok = CharTokenizer()
+    with pytest.raises(ValueError, match="pairs is empty"):
+        extract(model, tok, [], progress=False)
+    with pytest.raises(ValueError, match="3 chosen texts but 2 rejected"):
+        extract(model, tok, (["a", "b", "c"], ["d", "e"]), progress=False)
+    with pytest.raises(ValueError, match="layers=7 is out of range"):
+        extract(model, tok, PAIRS, layers=[1, 7], progress=False)
+    with pytest.raises(ValueError, match="target='mlp.nope'"):
+        extract(model, tok, PAIRS, layers=[1], target="mlp.nope", progress=False)
+    with pytest.raises(ValueError, match="method='pca'"):
+        extract(model, tok, PAIRS, layers=[1], method="pca", progress=False)
+    with pytest.raises(ValueError, match="linear target"):
+        extract(model, tok, PAIRS, layers=[1], method="weight_svd", progress=False)
+    with pytest.raises(ValueError, match="readout_layer=1 must be deeper"):
+        extract(model, tok, PAIRS, layers=[1], method="grad", readout_layer=1, progress=False)
+    with pytest.raises(ValueError, match="last_n_tokens=50"):
+        extract(model, tok, PAIRS, layers=[1], last_n_tokens=50, progress=False)
+    with pytest.raises(TypeError, match="pairs\\[0\\]"):
+        extract(model, tok, [("ok", 3)], progress=False)
+
+
+# --- distributed ------------------------------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _distributed_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from tests.tiny_models import build_tiny_model
+
+        model = build_tiny_model("llama")
+        for method in ("pca_center", "grad"):
+            vector = extract(model, CharTokenizer(), PAIRS, layers=[1, 2], method=method,
+                             batch_size=2, progress=False)
+            vector.save(os.path.join(out_dir, f"{method}-{rank}.safetensors"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.multiproc
+def test_two_process_extraction_equals_one_process(tmp_path, tiny_model_factory):
+    import torch.multiprocessing as mp
+
+    from steerkern.vectors import SteeringVector
+
+    mp.spawn(_distributed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    model = tiny_model_factory("llama")
+    for method in ("pca_center", "grad"):
+        single = extract(model, CharTokenizer(), PAIRS, layers=[1, 2], method=method, progress=False)
+        for rank in (0, 1):
+            got = SteeringVector.load(tmp_path / f"{method}-{rank}.safetensors")
+            for key, part in single.parts.items():
+                torch.testing.assert_close(got.parts[key].bias, part.bias, rtol=1e-4, atol=1e-6)
+
+
+# --- the default model ------------------------------------------------------------------------
+
+HELD_PROMPTS = [
+    "The weather today is",
+    "My week at work has been",
+    "I think this movie is",
+    "The food at the party was",
+    "Going to school this morning felt",
+    "Honestly, my neighbours are",
+]
+POSITIVE = [" great", " wonderful", " happy", " amazing", " good", " beautiful"]
+NEGATIVE = [" terrible", " awful", " sad", " horrible", " bad", " miserable"]
+
+
+def _steered_scores(model, tokenizer, vector, coefficients, use_control=False):
+    """Mean over held prompts of log p(positive words) - log p(negative words) at the next
+    token, with the vector applied by a minimal forward hook (additive parts), or by
+    ``steerkern.control.steer`` when ``use_control``."""
+    pos = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in POSITIVE]
+    neg = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in NEGATIVE]
+    texts = [render_prompt(tokenizer, "Finish the sentence.") + p for p in HELD_PROMPTS]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    scores = []
+    for coeff in coefficients:
+        if use_control:
+            from steerkern.control import steer
+
+            with steer(model, vector, coeff=float(coeff)), torch.no_grad():
+                logp = model(**enc).logits[:, -1].float().log_softmax(-1)
+            scores.append(float((logp[:, pos].logsumexp(-1) - logp[:, neg].logsumexp(-1)).mean()))
+            continue
+        handles = []
+        for (layer, target), part in vector.parts.items():
+            def hook(module, args, output, bias=part.bias, coeff=coeff):
+                if isinstance(output, tuple):
+                    return (output[0] + coeff * bias,) + tuple(output[1:])
+                return output + coeff * bias
+            handles.append(resolve_module(model, layer, target).register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                logp = model(**enc).logits[:, -1].float().log_softmax(-1)
+        finally:
+            for handle in handles:
+                handle.remove()
+        scores.append(float((logp[:, pos].logsumexp(-1) - logp[:, neg].logsumexp(-1)).mean()))
+    return scores
+
+
+def test_sentiment_vector_steers_the_default_model(default_model):
+    model, tokenizer = default_model
+    pairs = concept_pairs("sentiment", tokenizer, max_suffixes=10, cuts=2)
+    vector = extract(model, tokenizer, pairs, layers=[8, 10, 12], method="mean_diff", progress=False)
+    assert vector.metadata["concept"] == "sentiment"
+    vector.validate(model)
+    scores = _steered_scores(model, tokenizer, vector, [-2, -1, 0, 1, 2])
+    assert all(b > a for a, b in zip(scores, scores[1:])), scores
+    assert scores[-1] - scores[0] > 1.0, scores
+    # the package's own steering applies the same vector the same way
+    via_control = _steered_scores(model, tokenizer, vector, [-2, 0, 2], use_control=True)
+    assert via_control == pytest.approx([scores[0], scores[2], scores[4]], abs=1e-3)
