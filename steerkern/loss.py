@@ -1,0 +1,359 @@
+"""Training losses for steering (SPEC sections 2 and 3).
+
+- ``coherence_penalty``: the per-token coherence penalty, the one place its maths lives.
+- ``sequence_penalty``: that penalty reduced per token / per sequence / per batch.
+- ``margin_loss``: the fused margin loss from hidden states, never holding ``[N, V]`` logits.
+- ``inner_contrastive_loss``: the representation-level contrastive loss with its coherence terms.
+
+Penalty, with ``d[n] = logp_ref[n] - logp_pi[n]`` (how much worse the steered policy predicts
+token n than the reference) and margin ``tau``::
+
+    log_barrier (default):  kappa * log(1 + relu(d - tau))
+    hinge:                  relu(d - tau)
+    squared_hinge:          relu(d - tau)^2
+
+It is per token on purpose: a sequence-level mean would let a policy pay for a few badly
+predicted tokens by making frequent ones very likely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from steerkern import ops
+
+PENALTY_KINDS = ("log_barrier", "hinge", "squared_hinge")
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def coherence_penalty(
+    d: torch.Tensor, kind: str = "log_barrier", tau: float = 0.5, kappa: float = 1.0
+) -> torch.Tensor:
+    """Elementwise coherence penalty of the log-prob drop ``d = logp_ref - logp_pi``.
+
+    ``log_barrier``: ``kappa * log(1 + relu(d - tau))``; ``hinge``: ``relu(d - tau)``;
+    ``squared_hinge``: ``relu(d - tau)^2``. Zero, with zero gradient, wherever ``d <= tau``.
+    Returns a tensor of ``d``'s shape and dtype.
+    """
+    _check_penalty_args(kind, tau, kappa)
+    excess = torch.relu(d - tau)
+    if kind == "log_barrier":
+        return kappa * torch.log1p(excess)
+    if kind == "hinge":
+        return excess
+    return excess * excess
+
+
+def _check_penalty_args(kind, tau, kappa):
+    if kind not in PENALTY_KINDS:
+        raise ValueError(f"kind must be one of {PENALTY_KINDS}, got {kind!r}")
+    for name, value in (("tau", tau), ("kappa", kappa)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if tau < 0:
+        raise ValueError(f"tau must be >= 0 (a margin in nats), got {tau}")
+    if kappa <= 0:
+        raise ValueError(f"kappa must be > 0, got {kappa}")
+
+
+def _as_mask(mask: torch.Tensor | None, like: torch.Tensor, name: str) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(like.shape, dtype=torch.bool, device=like.device)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of 0/1 or bool, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(like.shape):
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(like.shape)}")
+    if mask.dtype != torch.bool:
+        if mask.dtype.is_floating_point and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(
+                f"{name} must hold only 0 and 1 (it selects tokens, it does not weight them)"
+            )
+        mask = mask != 0
+    return mask.to(like.device)
+
+
+def sequence_penalty(
+    logp_pi: torch.Tensor,
+    logp_ref: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    tau: float = 0.5,
+    kind: str = "log_barrier",
+    kappa: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Coherence penalty of per-token log-probs, reduced.
+
+    Args:
+        logp_pi: policy log-probs ``[N]`` (one sequence) or ``[B, T]`` (a batch), differentiable.
+        logp_ref: reference log-probs, same shape (treated as given; detach it if it is fixed).
+        mask: tokens that count, same shape, bool or 0/1 (default: all).
+        reduction: ``"none"``: per-token penalty, 0 on masked-out tokens; ``"mean"``: ``[N]`` ->
+            mean over the masked tokens, ``[B, T]`` -> mean over each sequence's masked tokens
+            (0 for a sequence with none), then over the B sequences; ``"sum"``: sum over masked
+            tokens.
+
+    Masked-out tokens contribute nothing to the value or the gradient, whatever their
+    ``logp_ref`` holds (NaN included).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if tuple(logp_ref.shape) != tuple(logp_pi.shape):
+        raise ValueError(
+            f"logp_ref has shape {tuple(logp_ref.shape)} but logp_pi has {tuple(logp_pi.shape)}"
+        )
+    if logp_pi.dim() not in (1, 2):
+        raise ValueError(f"log-probs must be [N] or [B, T], got {tuple(logp_pi.shape)}")
+    mask = _as_mask(mask, logp_pi, "mask")
+    d = logp_ref.to(logp_pi.dtype) - logp_pi
+    zero = torch.zeros((), dtype=logp_pi.dtype, device=logp_pi.device)
+    per_token = torch.where(
+        mask, coherence_penalty(torch.where(mask, d, zero), kind, tau, kappa), zero
+    )
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    counts = mask.sum(dim=-1)
+    per_seq = per_token.sum(dim=-1) / counts.clamp(min=1)
+    return per_seq.mean() if per_seq.dim() else per_seq
+
+
+def margin_loss(
+    h_pi: torch.Tensor,
+    W: torch.Tensor,
+    labels: torch.Tensor,
+    logp_ref: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    tau: float = 0.5,
+    kind: str = "log_barrier",
+    kappa: float = 1.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Fused margin loss: the coherence penalty of the policy's per-token log-probs.
+
+    ``logp_pi = token_logprobs(h_pi, W, labels)`` (fused, never ``[N, V]``), then
+    ``sequence_penalty(logp_pi, logp_ref, mask)``. Masked-out tokens are sent to the kernel as
+    ``ignore_index`` and cost nothing; in the backward only tokens whose penalty is active
+    (``d > tau``) recompute logits, since every other token's upstream gradient is exactly 0.
+
+    Args:
+        h_pi: policy hidden states before the head, ``[N, D]`` (one sequence) or ``[B, T, D]``.
+        W: output head ``[V, D]`` (gets a gradient only if it requires one).
+        labels: next-token ids ``[N]`` / ``[B, T]``; ``ignore_index`` entries count as masked.
+        logp_ref: reference log-probs of the same tokens, ``[N]`` / ``[B, T]``.
+        mask: tokens that count (bool or 0/1), ``[N]`` / ``[B, T]``; default: labels != ignore_index.
+        tau, kind, kappa: see ``coherence_penalty``.
+        reduction: ``"none"`` (per token), ``"mean"`` (see ``sequence_penalty``) or ``"sum"``.
+
+    Returns:
+        Per-token ``[N]`` / ``[B, T]`` penalty, or a scalar; fp32 (float64 for float64 ``h_pi``).
+    """
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(h_pi.shape[:-1]):
+        raise ValueError(
+            f"labels must have h_pi's leading shape {tuple(h_pi.shape[:-1])}, got "
+            f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}"
+        )
+    if not isinstance(logp_ref, torch.Tensor) or tuple(logp_ref.shape) != tuple(labels.shape):
+        raise ValueError(
+            f"logp_ref must have labels' shape {tuple(labels.shape)}, got "
+            f"{tuple(logp_ref.shape) if isinstance(logp_ref, torch.Tensor) else type(logp_ref).__name__}"
+        )
+    _check_penalty_args(kind, tau, kappa)
+    mask = _as_mask(mask, labels, "mask") & (labels != ignore_index)
+    masked_labels = torch.where(mask, labels, torch.full_like(labels, ignore_index))
+    logp_pi = ops.token_logprobs(h_pi, W, masked_labels, ignore_index=ignore_index)
+    return sequence_penalty(
+        logp_pi, logp_ref, mask, tau=tau, kind=kind, kappa=kappa, reduction=reduction
+    )
+
+
+@dataclass
+class CoherenceInputs:
+    """Per-token log-probs of the sequences whose coherence a steering sign must keep.
+
+    logp_pi: policy (steered) log-probs ``[B, L]``, differentiable (e.g. from
+        ``steerkern.ops.token_logprobs``, which never builds ``[B, L, V]`` logits).
+    logp_ref: reference (unsteered) log-probs ``[B, L]``.
+    mask: tokens that count ``[B, L]`` (bool or 0/1); None = all.
+    """
+
+    logp_pi: torch.Tensor
+    logp_ref: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+class ContrastiveLoss(NamedTuple):
+    """``loss`` (scalar, to backpropagate) and its batch-mean terms (scalars, for logging)."""
+
+    loss: torch.Tensor
+    proj_pos: torch.Tensor  # mean_b L_proj(+1)
+    proj_neg: torch.Tensor  # mean_b L_proj(-1)
+    coh_pos: torch.Tensor  # mean_b L_coh(+1), on chosen sequences
+    coh_neg: torch.Tensor  # mean_b L_coh(-1), on rejected sequences
+    order: torch.Tensor  # mean_b ordering hinge (0 when order_weight == 0)
+
+
+def _last_tokens(h: torch.Tensor, n_last: int, name: str, attention_mask) -> torch.Tensor:
+    if not isinstance(h, torch.Tensor) or h.dim() != 3:
+        raise ValueError(
+            f"{name} must be [B, T, D] hidden states, got "
+            f"{tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}"
+        )
+    if h.shape[1] < n_last:
+        raise ValueError(f"{name} has {h.shape[1]} positions, fewer than n_last={n_last}")
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(h.shape[:2]):
+            raise ValueError(
+                f"attention mask for {name} must be {tuple(h.shape[:2])}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        if not bool((attention_mask[:, -n_last:] != 0).all()):
+            raise ValueError(
+                f"the last n_last={n_last} positions of {name} include padding: pad on the left "
+                "(tokenizer.padding_side = 'left') or lower n_last"
+            )
+    return h[:, -n_last:, :]
+
+
+def projection_scores(
+    h_cho: torch.Tensor,
+    h_rej: torch.Tensor,
+    u: torch.Tensor,
+    n_last: int = 1,
+    mask_cho: torch.Tensor | None = None,
+    mask_rej: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``s[b] = mean_t (h_cho[b, t] - h_rej[b, t]) . u`` over the last ``n_last`` positions.
+
+    h_cho, h_rej: ``[B, T_cho, D]``, ``[B, T_rej, D]`` aligned from the right (left padding);
+    u: ``[D]``; mask_cho / mask_rej: optional attention masks ``[B, T]`` used to check that the
+    read positions are real tokens. Returns ``[B]``.
+    """
+    a = _last_tokens(h_cho, n_last, "h_cho", mask_cho)
+    b = _last_tokens(h_rej, n_last, "h_rej", mask_rej)
+    if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
+        raise ValueError(
+            f"chosen {tuple(h_cho.shape)} and rejected {tuple(h_rej.shape)} states "
+            "must share batch size B and hidden size D"
+        )
+    if u.shape != (a.shape[2],):
+        raise ValueError(f"u must be [D] = [{a.shape[2]}], got {tuple(u.shape)}")
+    return ((a - b) @ u.to(a.dtype)).mean(dim=1)
+
+
+def projection_loss(
+    s_pi: torch.Tensor, s_ref: torch.Tensor, c: int, eps: float = 1e-6
+) -> torch.Tensor:
+    """``mean_b L_proj(c) = mean_b[-c * s_pi[b] / (|s_ref[b]| + eps)]`` for ``c`` in {+1, -1}.
+
+    The sign comes from ``c`` alone: nothing here looks at the sign of ``s_pi`` or ``s_ref``.
+    """
+    if c not in (1, -1):
+        raise ValueError(f"c must be +1 or -1, got {c!r}")
+    return (-c * s_pi / (s_ref.abs() + eps)).mean()
+
+
+def inner_contrastive_loss(
+    pi_pos: tuple[torch.Tensor, torch.Tensor],
+    pi_neg: tuple[torch.Tensor, torch.Tensor],
+    ref: tuple[torch.Tensor, torch.Tensor],
+    u: torch.Tensor,
+    *,
+    coherence_pos: CoherenceInputs | None = None,
+    coherence_neg: CoherenceInputs | None = None,
+    n_last: int = 1,
+    attention_mask: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eps: float = 1e-6,
+    tau: float = 0.5,
+    kind: str = "log_barrier",
+    kappa: float = 1.0,
+    order_weight: float = 0.0,
+    order_margin: float = 0.0,
+) -> ContrastiveLoss:
+    """Inner contrastive loss of SPEC section 3, for steering coefficients c = +1 and c = -1.
+
+    Args:
+        pi_pos: ``(h_cho, h_rej)`` policy hidden states at the loss layer under c = +1, each
+            ``[B, T, D]`` (T may differ between the two), aligned from the right (left padding).
+        pi_neg: the same under c = -1.
+        ref: the same for the reference (unsteered, frozen) model.
+        u: frozen unit preference direction ``[D]`` (from the reference; points to *chosen*).
+        coherence_pos: per-token log-probs of the chosen sequences under c = +1 (None: no term).
+        coherence_neg: per-token log-probs of the rejected sequences under c = -1.
+        n_last: number of last positions read.
+        attention_mask: optional ``(mask_cho, mask_rej)`` ``[B, T]`` to check no pad is read.
+        eps: added to ``|s_ref|``.
+        tau, kind, kappa: the coherence penalty (``coherence_penalty``).
+        order_weight, order_margin: optional monotonic ordering term (below).
+
+    Maths (per pair b; ``u`` fixed, ``c`` fixed — the sign is never flipped to the easier side)::
+
+        s_pi(c) = mean_t (h_pi(c)[cho, t] - h_pi(c)[rej, t]) . u      s_ref likewise from ref
+        L_proj(c) = -c * s_pi(c) / (|s_ref| + eps)
+        L_coh(+1) = mean over masked tokens of penalty(logp_ref - logp_pi) on chosen sequences,
+        L_coh(-1) the same on rejected sequences
+        L_order = relu(m - (s_pi(+1) - s_ref) / (|s_ref| + eps))
+                + relu(m - (s_ref - s_pi(-1)) / (|s_ref| + eps))       (requires s_pi(+1) > s_ref > s_pi(-1))
+        loss = mean_b[L_proj(+1) + L_coh(+1)] + mean_b[L_proj(-1) + L_coh(-1)]
+               + order_weight * mean_b[L_order]
+
+    Returns:
+        ``ContrastiveLoss(loss, proj_pos, proj_neg, coh_pos, coh_neg, order)``, all scalars.
+    """
+    if not isinstance(n_last, int) or isinstance(n_last, bool) or n_last < 1:
+        raise ValueError(f"n_last must be a positive int, got {n_last!r}")
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if order_weight < 0:
+        raise ValueError(f"order_weight must be >= 0, got {order_weight}")
+    for name, pair in (("pi_pos", pi_pos), ("pi_neg", pi_neg), ("ref", ref)):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"{name} must be a (h_cho, h_rej) pair of [B, T, D] tensors")
+    masks = attention_mask if attention_mask is not None else (None, None)
+    s_pos = projection_scores(pi_pos[0], pi_pos[1], u, n_last, *masks)
+    s_neg = projection_scores(pi_neg[0], pi_neg[1], u, n_last, *masks)
+    s_ref = projection_scores(ref[0], ref[1], u, n_last, *masks)
+    if not (s_pos.shape == s_neg.shape == s_ref.shape):
+        raise ValueError("pi_pos, pi_neg and ref must share the batch size B")
+    scale = s_ref.abs() + eps
+    proj_pos = projection_loss(s_pos, s_ref, +1, eps)
+    proj_neg = projection_loss(s_neg, s_ref, -1, eps)
+    zero = s_pos.new_zeros(())
+
+    def coherence(inputs: CoherenceInputs | None, name: str) -> torch.Tensor:
+        if inputs is None:
+            return zero
+        if inputs.logp_pi.dim() != 2 or inputs.logp_pi.shape[0] != s_pos.shape[0]:
+            raise ValueError(
+                f"{name}.logp_pi must be [B, L] with B = {s_pos.shape[0]}, got "
+                f"{tuple(inputs.logp_pi.shape)}"
+            )
+        return sequence_penalty(
+            inputs.logp_pi,
+            inputs.logp_ref,
+            inputs.mask,
+            tau=tau,
+            kind=kind,
+            kappa=kappa,
+            reduction="mean",
+        ).to(zero.dtype)
+
+    coh_pos = coherence(coherence_pos, "coherence_pos")
+    coh_neg = coherence(coherence_neg, "coherence_neg")
+    if order_weight > 0:
+        order = (
+            torch.relu(order_margin - (s_pos - s_ref) / scale)
+            + torch.relu(order_margin - (s_ref - s_neg) / scale)
+        ).mean()
+    else:
+        order = zero
+    loss = (proj_pos + coh_pos) + (proj_neg + coh_neg) + order_weight * order
+    return ContrastiveLoss(loss, proj_pos, proj_neg, coh_pos, coh_neg, order)

@@ -1,0 +1,239 @@
+"""token_logprobs: Triton kernels (interpreter, small shapes) and the chunked torch reference
+(realistic shapes) against an unchunked float64 reference."""
+
+import pytest
+import torch
+
+from csrc_triton import logprobs_ref as R
+from steerkern import ops
+from tests.conftest import INTERPRETING, poisoned
+
+# small shapes for the interpreter: V not a multiple of any BLOCK_V, D not a power of two
+N, D, V = 37, 48, 300
+BACKENDS = ["torch", "triton"]
+
+
+def _inputs(n=N, d=D, v=V, dtype=torch.float32, ignore=(3, 20), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(dtype)
+    W = (torch.randn(v, d, generator=g) * 0.3).to(dtype)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[[i for i in ignore if i < n]] = -100
+    return h, W, y
+
+
+def _reference(h, W, y, grad):
+    """float64 value and gradients of the unchunked formula, for h/W as given (rounded)."""
+    hr = h.detach().double().clone().requires_grad_()
+    Wr = W.detach().double().clone().requires_grad_()
+    lp = R.token_logprobs_naive(hr, Wr, y)
+    (lp * grad.double()).sum().backward()
+    return lp.detach(), hr.grad, Wr.grad
+
+
+def _run(backend, h, W, y, grad, need_W=True):
+    hh = h.clone().requires_grad_()
+    WW = W.clone().requires_grad_(need_W)
+    with ops.use_backend(backend):
+        lp = ops.token_logprobs(hh, WW, y)
+        (lp * grad.to(lp.dtype)).sum().backward()
+    return lp.detach(), hh.grad, WW.grad
+
+
+TOL = {  # (logp atol, relative gradient tolerance)
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (1e-4, 3e-2),  # bf16 dz scratch and bf16 gradients
+    torch.float16: (1e-4, 1e-2),
+}
+
+
+def _assert_grad_close(got, want, rel):
+    scale = want.abs().max().item()
+    err = (got.double() - want).abs().max().item()
+    assert err <= rel * scale, f"gradient error {err:.3g} > {rel} * {scale:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_float64_reference(backend, dtype):
+    h, W, y = _inputs(dtype=dtype)
+    grad = torch.randn(N, generator=torch.Generator().manual_seed(1))
+    lp, dh, dW = _run(backend, h, W, y, grad)
+    ref, dh_ref, dW_ref = _reference(h, W, y, grad)
+    atol, rel = TOL[dtype]
+    assert lp.dtype == torch.float32 and lp.shape == (N,)
+    torch.testing.assert_close(lp.double(), ref, atol=atol, rtol=1e-5)
+    assert dh.dtype == dtype and dW.dtype == dtype
+    _assert_grad_close(dh, dh_ref, rel)
+    _assert_grad_close(dW, dW_ref, rel)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_rows_are_zero_with_zero_gradient(backend):
+    h, W, y = _inputs(ignore=(0, 5, 36))
+    grad = torch.ones(N)
+    lp, dh, dW = _run(backend, h, W, y, grad)
+    assert torch.equal(lp[[0, 5, 36]], torch.zeros(3))
+    assert torch.equal(dh[[0, 5, 36]], torch.zeros(3, D))
+    # ignored rows also do not contribute to dW: compare with those rows removed
+    keep = y != -100
+    _, _, dW_kept = _run(backend, h[keep], W, y[keep], grad[keep])
+    torch.testing.assert_close(dW, dW_kept, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored(backend):
+    h, W, y = _inputs(n=5)
+    y[:] = -7
+    hh = h.clone().requires_grad_()
+    with ops.use_backend(backend):
+        lp = ops.token_logprobs(hh, W, y, ignore_index=-7)
+        lp.sum().backward()
+    assert torch.equal(lp, torch.zeros(5)) and torch.equal(hh.grad, torch.zeros(5, D))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_weight_gradient_unless_required(backend):
+    h, W, y = _inputs()
+    _, dh, dW = _run(backend, h, W, y, torch.ones(N), need_W=False)
+    assert dW is None and dh is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_upstream_gradient_rows_get_zero(backend):
+    """Rows with zero upstream gradient (inactive margin tokens) are skipped: exactly 0."""
+    h, W, y = _inputs(ignore=())
+    grad = torch.zeros(N)
+    grad[[2, 9, 30]] = torch.tensor([1.0, -2.0, 0.5])
+    lp, dh, dW = _run(backend, h, W, y, grad)
+    _, dh_ref, dW_ref = _reference(h, W, y, grad)
+    others = torch.ones(N, dtype=torch.bool)
+    others[[2, 9, 30]] = False
+    assert torch.equal(dh[others], torch.zeros(int(others.sum()), D))
+    _assert_grad_close(dh, dh_ref, 1e-4)
+    _assert_grad_close(dW, dW_ref, 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_shape_and_strided_rows(backend):
+    h, W, y = _inputs(n=24, ignore=(4,))
+    h3 = h.reshape(2, 12, D)
+    wide = torch.randn(2, 12, 2 * D)
+    wide[..., :D] = h3
+    strided = wide[..., :D]  # rows with stride 2D, unit column stride
+    with ops.use_backend(backend):
+        lp = ops.token_logprobs(strided, W, y.reshape(2, 12))
+    assert lp.shape == (2, 12)
+    torch.testing.assert_close(
+        lp.reshape(-1).double(),
+        R.token_logprobs_naive(h.double(), W.double(), y),
+        atol=1e-4,
+        rtol=1e-5,
+    )
+
+
+def test_triton_forward_vocabulary_splits_merge():
+    """The forward's [splits, N] partials merge into the same lse as one split."""
+    if not INTERPRETING:
+        pytest.skip("CPU interpreter check")
+    from csrc_triton import logprobs as K
+
+    h, W, y = _inputs(v=1100)  # three 512-column splits, the last one partial
+    one, lse1 = K.token_logprobs_fwd(h, W, y, splits=1)
+    three, lse3 = K.token_logprobs_fwd(h, W, y, splits=3)
+    torch.testing.assert_close(three, one, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(lse3, lse1, atol=1e-5, rtol=1e-6)
+    ref = R.token_logprobs_naive(h.double(), W.double(), y)
+    torch.testing.assert_close(three.double(), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_triton_backward_small_chunks_and_poisoned_scratch(monkeypatch):
+    """Several backward chunks, the last one partial; scratch starts as NaN."""
+    if not INTERPRETING:
+        pytest.skip("CPU interpreter check")
+    from csrc_triton import logprobs as K
+
+    real_empty = torch.empty
+    monkeypatch.setattr(
+        K.torch,
+        "empty",
+        lambda *s, **kw: (
+            poisoned(*s, **kw)
+            if kw.get("dtype") in (torch.float32, torch.bfloat16)
+            else real_empty(*s, **kw)
+        ),
+    )
+    h, W, y = _inputs()
+    grad = torch.randn(N, generator=torch.Generator().manual_seed(3))
+    _, lse = R.token_logprobs_fwd(h, W, y)
+    dh, dW = K.token_logprobs_bwd(h, W, y, lse, grad, need_h=True, need_W=True, chunk=128)
+    _, dh_ref, dW_ref = _reference(h, W, y, grad)
+    _assert_grad_close(dh, dh_ref, 1e-4)
+    _assert_grad_close(dW, dW_ref, 1e-4)
+
+
+def test_reference_chunked_equals_unchunked_in_float64():
+    h, W, y = _inputs(dtype=torch.float64)
+    lp, lse = R.token_logprobs_fwd(h, W, y, chunk=64)
+    torch.testing.assert_close(lp, R.token_logprobs_naive(h, W, y), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, torch.logsumexp(h @ W.T, dim=1), atol=1e-12, rtol=1e-12)
+
+
+def test_reference_realistic_shape():
+    """The CPU path at the default model's sizes (D=576, V=49152), against fp64."""
+    h, W, y = _inputs(n=128, d=576, v=49152, ignore=(7,), seed=5)
+    W = W * 0.2
+    grad = torch.randn(128, generator=torch.Generator().manual_seed(2))
+    lp, dh, _ = _run("torch", h, W, y, grad, need_W=False)
+    ref, dh_ref, _ = _reference(h, W, y, grad)
+    torch.testing.assert_close(lp.double(), ref, atol=2e-4, rtol=1e-5)
+    _assert_grad_close(dh, dh_ref, 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    n, d, v = (6, 5, 37) if backend == "triton" else (9, 7, 50)
+    h, W, y = _inputs(n=n, d=d, v=v, dtype=torch.float64, ignore=(2,))
+    h.requires_grad_()
+    W.requires_grad_()
+
+    def f(h, W):
+        with ops.use_backend(backend):
+            return ops.token_logprobs(h, W, y)
+
+    # fast_mode: checks random projections of the Jacobian (a few evaluations, not one per input)
+    assert torch.autograd.gradcheck(f, (h, W), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_bad_input_errors_name_the_argument():
+    h, W, y = _inputs(n=4)
+    with pytest.raises(ValueError, match="hidden size"):
+        ops.token_logprobs(h, W[:, :10], y)
+    with pytest.raises(TypeError, match="W has dtype"):
+        ops.token_logprobs(h, W.double(), y)
+    with pytest.raises(TypeError, match="labels"):
+        ops.token_logprobs(h, W, y.float())
+    with pytest.raises(ValueError, match="labels"):
+        ops.token_logprobs(h, W, y[:3])
+    bad = y.clone()
+    bad[1] = V
+    with pytest.raises(ValueError, match="outside"):
+        ops.token_logprobs(h, W, bad)
+
+
+def test_empty_input():
+    h, W, _ = _inputs(n=4)
+    out = ops.token_logprobs(h[:0], W, torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0,) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_row_active(backend):
+    """No ignored row and no zero gradient: the backward's no-gather path."""
+    h, W, y = _inputs(ignore=())
+    grad = torch.rand(N, generator=torch.Generator().manual_seed(4)) + 0.5
+    lp, dh, dW = _run(backend, h, W, y, grad)
+    ref, dh_ref, dW_ref = _reference(h, W, y, grad)
+    torch.testing.assert_close(lp.double(), ref, atol=1e-4, rtol=1e-5)
+    _assert_grad_close(dh, dh_ref, 1e-4)
+    _assert_grad_close(dW, dW_ref, 1e-4)

@@ -1,0 +1,358 @@
+"""coherence_penalty, margin_loss and inner_contrastive_loss against plain float64 references."""
+
+import math
+
+import pytest
+import torch
+
+from csrc_triton import logprobs_ref as R
+from steerkern import ops
+from steerkern.loss import (
+    CoherenceInputs,
+    coherence_penalty,
+    inner_contrastive_loss,
+    margin_loss,
+    sequence_penalty,
+)
+
+KINDS = ["log_barrier", "hinge", "squared_hinge"]
+TAU, KAPPA = 0.5, 1.7
+
+
+def _plain_penalty(d: float, kind: str) -> float:
+    x = max(d - TAU, 0.0)
+    return {"log_barrier": KAPPA * math.log1p(x), "hinge": x, "squared_hinge": x * x}[kind]
+
+
+def _plain_slope(d: float, kind: str) -> float:
+    if d <= TAU:
+        return 0.0
+    x = d - TAU
+    return {"log_barrier": KAPPA / (1 + x), "hinge": 1.0, "squared_hinge": 2 * x}[kind]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_penalty_at_and_around_the_margin(kind):
+    ds = [TAU - 1e-3, TAU, TAU + 1e-3, TAU + 2.0, -3.0]
+    d = torch.tensor(ds, dtype=torch.float64, requires_grad=True)
+    p = coherence_penalty(d, kind, TAU, KAPPA)
+    p.sum().backward()
+    for i, x in enumerate(ds):
+        assert p[i].item() == pytest.approx(_plain_penalty(x, kind), rel=1e-12, abs=1e-15)
+        assert d.grad[i].item() == pytest.approx(_plain_slope(x, kind), rel=1e-9, abs=1e-15)
+    # at d = tau exactly: zero value and zero gradient (inactive)
+    assert p[1].item() == 0.0 and d.grad[1].item() == 0.0
+
+
+def test_penalty_rejects_bad_arguments():
+    d = torch.zeros(3)
+    with pytest.raises(ValueError, match="kind"):
+        coherence_penalty(d, "abs")
+    with pytest.raises(ValueError, match="tau"):
+        coherence_penalty(d, tau=-1.0)
+    with pytest.raises(ValueError, match="kappa"):
+        coherence_penalty(d, kappa=0.0)
+
+
+def _data(B=3, T=7, D=12, V=40, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, D, generator=g, dtype=dtype)
+    W = torch.randn(V, D, generator=g, dtype=dtype) * 0.5
+    y = torch.randint(0, V, (B, T), generator=g)
+    with torch.no_grad():
+        base = R.token_logprobs_naive(h.reshape(-1, D), W, y.reshape(-1)).reshape(B, T)
+    # reference log-probs around the policy's: about half the tokens beyond the margin
+    shift = torch.rand(B, T, generator=g, dtype=torch.float64) * 2.0
+    logp_ref = (base + shift).to(dtype)
+    mask = torch.rand(B, T, generator=g) > 0.25
+    mask[:, 0] = True
+    return h, W, y, logp_ref, mask
+
+
+def _plain_margin(h, W, y, logp_ref, mask, kind, reduction):
+    """Obvious float64 reference: full logits, loops over sequences."""
+    B, T, D = h.shape
+    logp = torch.log_softmax(h.double() @ W.double().T, -1).gather(-1, y[..., None])[..., 0]
+    d = logp_ref.double() - logp
+    x = torch.relu(d - TAU)
+    pen = {"log_barrier": KAPPA * torch.log1p(x), "hinge": x, "squared_hinge": x * x}[kind]
+    pen = pen * mask
+    if reduction == "none":
+        return pen
+    return torch.stack([pen[b].sum() / mask[b].sum() for b in range(B)]).mean()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_margin_loss_value_and_gradients(kind, reduction):
+    h, W, y, logp_ref, mask = _data()
+    hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+    got = margin_loss(
+        hh, WW, y, logp_ref, mask, tau=TAU, kind=kind, kappa=KAPPA, reduction=reduction
+    )
+    hr, Wr = h.clone().requires_grad_(), W.clone().requires_grad_()
+    want = _plain_margin(hr, Wr, y, logp_ref, mask, kind, reduction)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    w = (
+        torch.randn(want.shape, dtype=torch.float64)
+        if reduction == "none"
+        else torch.tensor(1.0, dtype=torch.float64)
+    )
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    torch.testing.assert_close(hh.grad, hr.grad, atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(WW.grad, Wr.grad, atol=1e-12, rtol=1e-9)
+
+
+def test_margin_loss_flat_is_one_sequence():
+    h, W, y, logp_ref, mask = _data(B=1)
+    flat = margin_loss(h[0], W, y[0], logp_ref[0], mask[0], tau=TAU, kappa=KAPPA)
+    batched = margin_loss(h, W, y, logp_ref, mask, tau=TAU, kappa=KAPPA)
+    want = _plain_margin(h, W, y, logp_ref, mask, "log_barrier", "mean")
+    torch.testing.assert_close(flat, want, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(batched, want, atol=1e-12, rtol=1e-10)
+
+
+def test_batched_mean_is_mean_of_sequence_means():
+    lp = torch.zeros(2, 4, dtype=torch.float64)
+    ref = torch.tensor([[2.5, 0.0, 0.0, 0.0], [1.5, 1.5, 1.5, 1.5]], dtype=torch.float64)
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]])
+    got = sequence_penalty(lp, ref, mask, tau=0.5, kind="hinge")
+    # sequence 0: mean over its 1 token = 2.0; sequence 1: 1.0 -> batch mean 1.5
+    assert got.item() == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masked_token_changes_nothing(backend):
+    h, W, y, logp_ref, mask = _data(dtype=torch.float32)
+    b, t = 1, 3
+    mask[b, t] = False
+
+    def run(h_in, ref_in):
+        hh = h_in.clone().requires_grad_()
+        with ops.use_backend(backend):
+            loss = margin_loss(hh, W, y, ref_in, mask, tau=TAU, kappa=KAPPA)
+            loss.backward()
+        return loss.detach(), hh.grad
+
+    loss0, g0 = run(h, logp_ref)
+    h2, ref2 = h.clone(), logp_ref.clone()
+    h2[b, t] += 100.0  # wildly different state at the masked token
+    ref2[b, t] = float("nan")  # and a poisoned reference
+    loss1, g1 = run(h2, ref2)
+    assert torch.equal(loss0, loss1)
+    assert torch.equal(g0, g1)
+    assert torch.equal(g0[b, t], torch.zeros_like(g0[b, t]))
+
+
+def test_inactive_tokens_get_exactly_zero_gradient():
+    h, W, y, logp_ref, mask = _data()
+    with torch.no_grad():
+        logp = R.token_logprobs_naive(h.reshape(-1, h.shape[-1]), W, y.reshape(-1)).reshape(y.shape)
+    logp_ref = logp + 0.1  # d = 0.1 < tau: nothing active
+    logp_ref[0, 2] = logp[0, 2] + 2.0  # except one token
+    hh = h.clone().requires_grad_()
+    margin_loss(hh, W, y, logp_ref, None, tau=TAU, kind="hinge").backward()
+    nonzero = (hh.grad.abs().sum(-1) != 0).nonzero().tolist()
+    assert nonzero == [[0, 2]]
+
+
+def test_gradcheck_margin_loss():
+    h, W, y, logp_ref, mask = _data(B=2, T=4, D=5, V=17)
+    h.requires_grad_()
+    W.requires_grad_()
+    for kind in KINDS:
+        f = lambda h, W, kind=kind: margin_loss(
+            h, W, y, logp_ref, mask, tau=TAU, kind=kind, kappa=KAPPA
+        )
+        assert torch.autograd.gradcheck(f, (h, W), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_margin_loss_rejects_bad_shapes():
+    h, W, y, logp_ref, mask = _data()
+    with pytest.raises(ValueError, match="labels"):
+        margin_loss(h, W, y[:, :-1], logp_ref, mask)
+    with pytest.raises(ValueError, match="logp_ref"):
+        margin_loss(h, W, y, logp_ref[:, :-1], mask)
+    with pytest.raises(ValueError, match="mask"):
+        margin_loss(h, W, y, logp_ref, mask[:, :-1])
+    with pytest.raises(ValueError, match="reduction"):
+        margin_loss(h, W, y, logp_ref, mask, reduction="avg")
+
+
+# --- inner contrastive loss -------------------------------------------------------------------
+
+B, T_CHO, T_REJ, D, N_LAST, L = 4, 6, 5, 8, 3, 5
+EPS = 1e-6
+
+
+def _contrastive_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    states = {k: (r(B, T_CHO, D), r(B, T_REJ, D)) for k in ("pos", "neg", "ref")}
+    u = r(D)
+    u = u / u.norm()
+    coh = {
+        k: (
+            r(B, L) - 1.0,
+            r(B, L) - 1.0 + torch.rand(B, L, generator=g, dtype=torch.float64) * 2,
+            torch.rand(B, L, generator=g) > 0.2,
+        )
+        for k in ("pos", "neg")
+    }
+    for k in coh:
+        coh[k][2][:, 0] = True
+    return states, u, coh
+
+
+def _plain_contrastive(states, u, coh, kind, order_weight, order_margin):
+    """SPEC section 3 written out with loops over the batch, float64."""
+
+    def s(pair, b):
+        cho, rej = pair
+        total = 0.0
+        for k in range(1, N_LAST + 1):
+            total = total + (cho[b, -k] - rej[b, -k]) @ u
+        return total / N_LAST
+
+    def coh_term(triple, b):
+        lp_pi, lp_ref, mask = triple
+        vals = [
+            coherence_penalty(lp_ref[b, t] - lp_pi[b, t], kind, TAU, KAPPA)
+            for t in range(L)
+            if mask[b, t]
+        ]
+        return sum(vals) / len(vals)
+
+    total = 0.0
+    for c, key in ((+1, "pos"), (-1, "neg")):
+        terms = []
+        for b in range(B):
+            s_ref = s(states["ref"], b)
+            terms.append(-c * s(states[key], b) / (abs(s_ref) + EPS) + coh_term(coh[key], b))
+        total = total + sum(terms) / B
+    order = 0.0
+    for b in range(B):
+        s_ref, scale = s(states["ref"], b), abs(s(states["ref"], b)) + EPS
+        order = (
+            order
+            + torch.relu(order_margin - (s(states["pos"], b) - s_ref) / scale)
+            + torch.relu(order_margin - (s_ref - s(states["neg"], b)) / scale)
+        )
+    return total + order_weight * order / B
+
+
+def _leaves(states, u, coh):
+    st = {k: tuple(x.clone().requires_grad_() for x in v) for k, v in states.items()}
+    ch = {
+        k: (v[0].clone().requires_grad_(), v[1].clone().requires_grad_(), v[2])
+        for k, v in coh.items()
+    }
+    return st, u.clone().requires_grad_(), ch
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("order_weight", [0.0, 0.7])
+def test_inner_contrastive_every_gradient_matches_plain_reference(kind, order_weight):
+    states, u, coh = _contrastive_inputs()
+    margin = 0.3
+    st1, u1, ch1 = _leaves(states, u, coh)
+    out = inner_contrastive_loss(
+        st1["pos"],
+        st1["neg"],
+        st1["ref"],
+        u1,
+        coherence_pos=CoherenceInputs(*ch1["pos"]),
+        coherence_neg=CoherenceInputs(*ch1["neg"]),
+        n_last=N_LAST,
+        eps=EPS,
+        tau=TAU,
+        kind=kind,
+        kappa=KAPPA,
+        order_weight=order_weight,
+        order_margin=margin,
+    )
+    st2, u2, ch2 = _leaves(states, u, coh)
+    want = _plain_contrastive(st2, u2, ch2, kind, order_weight, margin)
+    torch.testing.assert_close(out.loss, want, atol=1e-12, rtol=1e-10)
+    out.loss.backward()
+    want.backward()
+    for k in st1:
+        for a, b in zip(st1[k], st2[k]):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(u1.grad, u2.grad, atol=1e-12, rtol=1e-9)
+    for k in ch1:
+        torch.testing.assert_close(ch1[k][0].grad, ch2[k][0].grad, atol=1e-12, rtol=1e-9)
+        torch.testing.assert_close(ch1[k][1].grad, ch2[k][1].grad, atol=1e-12, rtol=1e-9)
+    if order_weight == 0:
+        assert out.order.item() == 0.0
+
+
+def test_inner_contrastive_terms_are_reported():
+    states, u, coh = _contrastive_inputs(1)
+    out = inner_contrastive_loss(
+        states["pos"],
+        states["neg"],
+        states["ref"],
+        u,
+        coherence_pos=CoherenceInputs(*coh["pos"]),
+        coherence_neg=CoherenceInputs(*coh["neg"]),
+        n_last=N_LAST,
+        order_weight=0.5,
+        order_margin=0.2,
+    )
+    total = out.proj_pos + out.coh_pos + out.proj_neg + out.coh_neg + 0.5 * out.order
+    torch.testing.assert_close(out.loss, total)
+    assert out.coh_pos.item() > 0 and out.coh_neg.item() > 0
+
+
+def test_sign_is_fixed_by_c_swap_flips_projection_terms():
+    """Swapping chosen and rejected flips the sign of L_proj: no abs, no flip to the easier side."""
+    states, u, _ = _contrastive_inputs(2)
+    out = inner_contrastive_loss(states["pos"], states["neg"], states["ref"], u, n_last=N_LAST)
+    swap = {k: (v[1], v[0]) for k, v in states.items()}
+    flipped = inner_contrastive_loss(swap["pos"], swap["neg"], swap["ref"], u, n_last=N_LAST)
+    assert out.proj_pos.item() != 0
+    torch.testing.assert_close(flipped.proj_pos, -out.proj_pos, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(flipped.proj_neg, -out.proj_neg, atol=1e-12, rtol=1e-12)
+
+
+def test_c_plus_one_rewards_moving_toward_chosen_whatever_s_ref_sign():
+    """Adding +u to the chosen policy state under c=+1 lowers the loss, also when the reference
+    separation is negative (a flipping loss would then push the other way)."""
+    states, u, _ = _contrastive_inputs(3)
+    for ref_sign in (+1, -1):
+        ref = states["ref"] if ref_sign > 0 else (states["ref"][1], states["ref"][0])
+        base = inner_contrastive_loss(states["pos"], states["neg"], ref, u, n_last=N_LAST)
+        moved_pos = (states["pos"][0] + u, states["pos"][1])
+        moved_neg = (states["neg"][0] + u, states["neg"][1])
+        up = inner_contrastive_loss(moved_pos, states["neg"], ref, u, n_last=N_LAST)
+        down = inner_contrastive_loss(states["pos"], moved_neg, ref, u, n_last=N_LAST)
+        assert up.proj_pos.item() < base.proj_pos.item()  # c=+1 wants s_pi up
+        assert down.proj_neg.item() > base.proj_neg.item()  # c=-1 wants s_pi down
+
+
+def test_inner_contrastive_reads_only_the_last_n_tokens_and_checks_padding():
+    states, u, _ = _contrastive_inputs(4)
+    base = inner_contrastive_loss(states["pos"], states["neg"], states["ref"], u, n_last=N_LAST)
+    cho, rej = states["pos"]
+    cho2 = cho.clone()
+    cho2[:, : T_CHO - N_LAST] = 1e6  # left positions (padding) are never read
+    again = inner_contrastive_loss((cho2, rej), states["neg"], states["ref"], u, n_last=N_LAST)
+    torch.testing.assert_close(again.loss, base.loss)
+    am_cho = torch.ones(B, T_CHO, dtype=torch.long)
+    am_rej = torch.ones(B, T_REJ, dtype=torch.long)
+    am_rej[0, -1] = 0  # right padding
+    with pytest.raises(ValueError, match="padding"):
+        inner_contrastive_loss(
+            states["pos"],
+            states["neg"],
+            states["ref"],
+            u,
+            n_last=N_LAST,
+            attention_mask=(am_cho, am_rej),
+        )
+    with pytest.raises(ValueError, match="u must be"):
+        inner_contrastive_loss(states["pos"], states["neg"], states["ref"], u[:-1])
+    with pytest.raises(ValueError, match="n_last"):
+        inner_contrastive_loss(states["pos"], states["neg"], states["ref"], u, n_last=0)
