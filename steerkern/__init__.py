@@ -12,12 +12,32 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    # models
     "load_model": "steerkern.models",
     "decoder_layers": "steerkern.models",
     "resolve_module": "steerkern.models",
-    "steer": "steerkern.control",
+    # vectors and data
     "SteeringVector": "steerkern.vectors",
     "SteeringPart": "steerkern.vectors",
+    "make_pairs": "steerkern.data",
+    "PairSet": "steerkern.data",
+    "concept_pairs": "steerkern.data",
+    "concept_eval_prompts": "steerkern.data",
+    "list_concepts": "steerkern.data",
+    "load_mwe": "steerkern.data",
+    "mwe_pairs": "steerkern.data",
+    "mwe_eval_prompts": "steerkern.data",
+    "split_items": "steerkern.data",
+    # extraction
+    "extract": "steerkern.extract",
+    "capture": "steerkern.capture",
+    # losses
+    "margin_loss": "steerkern.loss",
+    "coherence_penalty": "steerkern.loss",
+    "inner_contrastive_loss": "steerkern.loss",
+    "CoherenceInputs": "steerkern.loss",
+    # control
+    "steer": "steerkern.control",
     "SteeringBank": "steerkern.control",
 }
 

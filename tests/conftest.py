@@ -11,8 +11,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset
 
 import random  # noqa: E402
+
+import tests.kernel_compile  # noqa: E402,F401  (snapshots triton.language before any kernel runs)
 
 import pytest  # noqa: E402
 

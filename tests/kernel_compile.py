@@ -22,6 +22,7 @@ its Python source as a real ``JITFunction`` for the duration of the compilation.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import subprocess
 import sys
@@ -110,6 +111,46 @@ def _real_jit_globals(pyfn):
             _set(scope, name, value)
 
 
+def _language_objects():
+    objects = [module for name, module in list(sys.modules.items())
+               if module is not None and (name == "triton.language" or name.startswith("triton.language."))]
+    return objects + [tl.core.tensor, tl.core.tensor_descriptor_base]
+
+
+def _is_interpreter_patch(value) -> bool:
+    code = getattr(value, "__code__", None)
+    if code is None and isinstance(value, property):
+        code = getattr(value.fget, "__code__", None)
+    return code is not None and code.co_filename.endswith(os.path.join("runtime", "interpreter.py"))
+
+
+# Triton's interpreter patches triton.language while it runs a kernel, and a call to a
+# @triton.jit helper from inside a kernel patches without restoring (triton 3.9). The real
+# compiler then meets interpreter lambdas. Keep the pristine attributes, taken at import, i.e.
+# at test collection, before any kernel ran.
+_PRISTINE = {id(obj): dict(vars(obj)) for obj in _language_objects()}
+
+
+@contextlib.contextmanager
+def _without_interpreter_patches():
+    """Put back Triton's own attributes for a real compilation; re-apply the patches after."""
+    undone = []
+    for obj in _language_objects():
+        pristine = _PRISTINE.get(id(obj), {})
+        for name, value in list(vars(obj).items()):
+            if _is_interpreter_patch(value):
+                undone.append((obj, name, value))
+                if name in pristine and not _is_interpreter_patch(pristine[name]):
+                    setattr(obj, name, pristine[name])
+                else:
+                    delattr(obj, name)
+    try:
+        yield
+    finally:
+        for obj, name, value in undone:
+            setattr(obj, name, value)
+
+
 def _set(scope, name, value):
     if isinstance(scope, dict):
         scope[name] = value
@@ -166,7 +207,7 @@ def compile_for_gpu(
     if arch not in (80, 90):
         raise ValueError(f"arch must be 80 or 90, got {arch!r}")
     pyfn = _as_python_function(fn)
-    with _real_jit_globals(pyfn):
+    with _without_interpreter_patches(), _real_jit_globals(pyfn):
         jit = JITFunction(pyfn)
         full_sig = {}
         for name in jit.arg_names:
