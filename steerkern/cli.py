@@ -1,0 +1,426 @@
+"""The ``steerkern`` command: extract, generate, eval, demo.
+
+Every subcommand loads the model given by ``--model`` (default: the embedded
+SmolLM2-135M-Instruct, offline). Bad flags, missing or corrupt files end with exit status 2 and
+a one-line message on stderr, never a traceback.
+
+    steerkern demo                                   # the README's main job, ~1-2 min on CPU
+    steerkern extract --concept honesty -o honesty.safetensors
+    steerkern extract --pairs pairs.jsonl --method mean_diff --layers 10-14 -o v.gguf
+    steerkern generate --vector honesty.safetensors --coeff -2 0 2 "Tell me about yourself."
+    steerkern eval --vector honesty.safetensors --coeffs -2 -1 0 1 2 --out report/
+    steerkern eval --vector v.safetensors --mwe persona/narcissism.jsonl --limit 100 --out r/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXTRACT_METHODS = ("mean_diff", "pca_diff", "pca_center", "lowrank", "weight_svd", "grad")
+
+
+class CLIError(Exception):
+    """A user error with a one-line explanation (exit status 2)."""
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- argument types -------------------------------------------------------------------------
+
+
+def _numbers(values: list[str], flag: str) -> list[float]:
+    """``["-2", "-1,0", "1"]`` -> ``[-2.0, -1.0, 0.0, 1.0]`` (space- or comma-separated)."""
+    numbers = []
+    for value in values:
+        for piece in str(value).split(","):
+            if not piece.strip():
+                continue
+            try:
+                numbers.append(float(piece))
+            except ValueError:
+                raise CLIError(f"{flag}: {piece!r} is not a number") from None
+    if not numbers:
+        raise CLIError(f"{flag}: give at least one number")
+    return numbers
+
+
+def _layers(text: str | None) -> list[int] | None:
+    """``"10-14"``, ``"8,10,12"`` or ``"8-10,14"`` -> layer list."""
+    if text is None:
+        return None
+    layers = []
+    for piece in text.split(","):
+        piece = piece.strip()
+        try:
+            if "-" in piece[1:]:
+                start, stop = piece.split("-", 1)
+                layers.extend(range(int(start), int(stop) + 1))
+            else:
+                layers.append(int(piece))
+        except ValueError:
+            raise CLIError(f"--layers: {piece!r} is not a layer index or range like 10-14") from None
+    if not layers:
+        raise CLIError("--layers: give layer indices like 10-14 or 8,10,12")
+    return layers
+
+
+def _existing_file(path: str, flag: str) -> Path:
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise CLIError(f"{flag}: no such file {path!r}")
+    if not file.is_file():
+        raise CLIError(f"{flag}: {path!r} is not a file")
+    return file
+
+
+def _read_records(path: Path, flag: str) -> list:
+    """A JSON list (or ``{"pairs"|"prompts": [...]}``) or JSONL file -> list of records."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CLIError(f"{flag}: {str(path)!r} is not a UTF-8 text file") from None
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+            if isinstance(records, dict):
+                records = records.get("pairs", records.get("prompts"))
+    except json.JSONDecodeError as error:
+        raise CLIError(f"{flag}: {str(path)!r} is not valid JSON/JSONL ({error})") from None
+    if not isinstance(records, list) or not records:
+        raise CLIError(f"{flag}: {str(path)!r} holds no records: expected a JSON list or one JSON object per line")
+    return records
+
+
+def _read_pairs(path: Path) -> list[tuple[str, str]]:
+    """Pairs as ``{"chosen", "rejected"}`` objects (or ``{"positive", "negative"}``) or
+    ``[chosen, rejected]`` lists."""
+    pairs = []
+    for i, record in enumerate(_read_records(path, "--pairs")):
+        if isinstance(record, dict):
+            chosen = record.get("chosen", record.get("positive"))
+            rejected = record.get("rejected", record.get("negative"))
+        elif isinstance(record, list) and len(record) == 2:
+            chosen, rejected = record
+        else:
+            chosen = rejected = None
+        if not (isinstance(chosen, str) and isinstance(rejected, str)):
+            raise CLIError(f"--pairs: record {i + 1} of {str(path)!r} is not a pair: use "
+                           '{"chosen": "...", "rejected": "..."} or ["chosen", "rejected"]')
+        pairs.append((chosen, rejected))
+    return pairs
+
+
+def _load_vector(path: str):
+    from steerkern.vectors import SteeringVector
+
+    file = _existing_file(path, "--vector")
+    try:
+        if file.suffix.lower() == ".gguf":
+            return SteeringVector.from_gguf(file)
+        return SteeringVector.load(file)
+    except (ValueError, OSError, KeyError) as error:
+        raise CLIError(f"--vector: cannot read {path!r}: {error}") from None
+
+
+def _load_model(args):
+    from steerkern.models import load_model
+
+    _log(f"loading model {args.model or 'SmolLM2-135M-Instruct (default)'} ...")
+    kwargs = {"dtype": args.dtype} if getattr(args, "dtype", None) else {}
+    try:
+        return load_model(args.model, **kwargs)
+    except ValueError as error:
+        raise CLIError(f"--model: {error}") from None
+
+
+def _save_vector(vector, output: str) -> Path:
+    path = Path(output).expanduser()
+    if path.suffix.lower() == ".gguf":
+        vector.to_gguf(path)
+    elif path.suffix.lower() == ".safetensors":
+        vector.save(path)
+    else:
+        raise CLIError(f"-o/--output: {output!r} must end in .safetensors or .gguf")
+    return path
+
+
+# --- subcommands ----------------------------------------------------------------------------
+
+
+def cmd_extract(args) -> int:
+    from steerkern.data import concept_pairs, list_concepts, load_mwe, mwe_pairs
+    from steerkern.extract import extract
+
+    if Path(args.output).suffix.lower() not in (".safetensors", ".gguf"):
+        raise CLIError(f"-o/--output: {args.output!r} must end in .safetensors or .gguf")
+    if args.concept is not None and args.concept not in list_concepts():
+        raise CLIError(f"--concept: {args.concept!r} is not shipped; choose from {list_concepts()}")
+    layers = _layers(args.layers)
+    if args.pairs is not None:
+        pairs = _read_pairs(_existing_file(args.pairs, "--pairs"))
+    elif args.mwe is not None:
+        pairs = None  # needs the tokenizer, below
+    model, tokenizer = _load_model(args)
+    if args.concept is not None:
+        pairs = concept_pairs(args.concept, tokenizer, max_suffixes=args.max_suffixes)
+    elif args.mwe is not None:
+        items = load_mwe(_existing_file(args.mwe, "--mwe"), limit=args.limit)
+        pairs = mwe_pairs(items, tokenizer, concept=Path(args.mwe).stem)
+    if args.limit is not None and args.mwe is None:
+        pairs = pairs[: args.limit]
+    vector = extract(model, tokenizer, pairs, layers=layers, method=args.method, rank=args.rank,
+                     progress=True, concept=args.name)
+    path = _save_vector(vector, args.output)
+    print(f"wrote {path} ({vector!r}, {len(pairs)} pairs, method {args.method})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from steerkern.eval import generate_rows
+
+    coeffs = _numbers(args.coeff, "--coeff")
+    vector = _load_vector(args.vector)
+    if args.max_new_tokens < 1:
+        raise CLIError("--max-new-tokens must be >= 1")
+    model, tokenizer = _load_model(args)
+    try:
+        vector.validate(model)
+    except ValueError as error:
+        raise CLIError(f"--vector: {error}") from None
+    arms = [(-1 if c == 0 else 0, c) for c in coeffs]
+    texts, _ = generate_rows(model, tokenizer, [vector], args.prompts, arms,
+                             max_new_tokens=args.max_new_tokens, positions=args.positions,
+                             progress=True)
+    print(side_by_side(args.prompts, coeffs, texts))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from steerkern.eval import evaluate
+
+    coeffs = _numbers(args.coeffs, "--coeffs")
+    vector = _load_vector(args.vector)
+    prompts = None
+    if args.prompts is not None:
+        prompts = _read_records(_existing_file(args.prompts, "--prompts"), "--prompts")
+    elif args.mwe is not None:
+        from steerkern.data import load_mwe
+
+        prompts = load_mwe(_existing_file(args.mwe, "--mwe"), limit=args.limit)
+    elif not vector.metadata.get("concept"):
+        raise CLIError("--prompts or --mwe is needed: the vector names no shipped concept")
+    model, tokenizer = _load_model(args)
+    if prompts is None:
+        from steerkern.data import concept_eval_prompts
+
+        prompts = concept_eval_prompts(vector.metadata["concept"])
+    if args.limit is not None:
+        prompts = prompts[: args.limit]
+    report = evaluate(model, tokenizer, vector, coeffs=coeffs, prompts=prompts,
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                      positions=args.positions, progress=True)
+    print(report)
+    if args.out:
+        directory = report.save(args.out)
+        print(f"\nwrote {directory / 'table.md'}, {directory / 'report.json'}, {directory / 'plot.png'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from steerkern.data import concept_pairs, list_concepts
+    from steerkern.eval import evaluate
+    from steerkern.extract import extract
+
+    if args.concept not in list_concepts():
+        raise CLIError(f"--concept: {args.concept!r} is not shipped; choose from {list_concepts()}")
+    coeffs = _numbers(args.coeffs, "--coeffs")
+    model, tokenizer = _load_model(args)
+    pairs = concept_pairs(args.concept, tokenizer, max_suffixes=args.max_suffixes, cuts=1)
+    _log(f"extracting '{args.concept}' ({args.method}) from {len(pairs)} contrast pairs ...")
+    vector = extract(model, tokenizer, pairs, method=args.method, progress=True)
+    _log(f"sweeping coefficients {coeffs} in one batch ...")
+    report = evaluate(model, tokenizer, vector, coeffs=coeffs, max_new_tokens=args.max_new_tokens,
+                      gen_prompts=DEMO_PROMPTS[: args.samples], progress=True)
+    out = Path(args.out).expanduser()
+    report.save(out)
+    vector.save(out / f"{args.concept}.safetensors")
+    print(report)
+    print()
+    print(side_by_side(report.gen_prompts, report.coeffs,
+                       [report.samples[c] for c in report.coeffs]))
+    print(f"\nwrote {out / 'plot.png'}, {out / 'table.md'}, {out / 'report.json'} and "
+          f"{out / (args.concept + '.safetensors')}")
+    return 0
+
+
+DEMO_PROMPTS = (
+    "Tell me about your weekend.",
+    "What do you think of the city you live in?",
+    "Describe your favourite meal.",
+    "Write a short note to a friend who is moving away.",
+)
+
+
+def side_by_side(prompts, coeffs, texts, width: int | None = None) -> str:
+    """Generations grouped by prompt, one wrapped paragraph per coefficient, aligned."""
+    width = width or min(100, max(60, os.get_terminal_size(sys.__stdout__.fileno()).columns
+                                  if sys.__stdout__ and sys.__stdout__.isatty() else 100))
+    blocks = []
+    for g, prompt in enumerate(prompts):
+        lines = [f"== {prompt}"]
+        for j, c in enumerate(coeffs):
+            head = f"  coeff {c:+g}: "
+            body = " ".join(texts[j][g].split()) or "(empty)"
+            wrapped = textwrap.wrap(body, width=width - len(head)) or [""]
+            lines.append(head + wrapped[0])
+            lines.extend(" " * len(head) + rest for rest in wrapped[1:])
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _model_flags(parser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="Hugging Face model id or local directory (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="weights dtype (default: the checkpoint's; float32 for the default model)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steerkern", formatter_class=_Formatter,
+        description="Activation steering for causal LMs: extract a steering vector, generate "
+                    "with it, and measure what it does.",
+        epilog="Run 'steerkern demo' for a one-minute tour on the embedded model.")
+    from steerkern import __version__
+
+    parser.add_argument("--version", action="version", version=f"steerkern {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("extract", formatter_class=_Formatter,
+                       help="extract a steering vector from contrast pairs",
+                       description="Extract a steering vector from contrast pairs and write it as "
+                                   ".safetensors (steerkern's format) or .gguf (llama.cpp control vector).",
+                       epilog="Pairs files: JSONL lines {\"chosen\": ..., \"rejected\": ...} or a JSON "
+                              "list of [chosen, rejected]. Extraction reads each text's last token.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--concept", help="a shipped concept (sentiment, honesty, formality, ...)")
+    source.add_argument("--pairs", metavar="FILE", help="contrast pairs, .jsonl or .json")
+    source.add_argument("--mwe", metavar="FILE", help="model-written-evals JSONL (CAA pairs at the answer token)")
+    p.add_argument("--method", default="mean_diff", choices=EXTRACT_METHODS, help="extraction method")
+    p.add_argument("--layers", default=None, help="layers like 10-14 or 8,10,12 (default: a middle band)")
+    p.add_argument("--rank", type=int, default=1, help="rank for lowrank / weight_svd")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many pairs / items")
+    p.add_argument("--max-suffixes", type=int, default=None, help="--concept: neutral suffixes to use")
+    p.add_argument("--name", default=None, help="concept name recorded in the vector's metadata")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="out.safetensors or out.gguf")
+    _model_flags(p)
+    p.set_defaults(run=cmd_extract)
+
+    p = sub.add_parser("generate", formatter_class=_Formatter,
+                       help="generate with a steering vector at one or more coefficients",
+                       description="Generate greedily from each prompt at every coefficient, all in "
+                                   "one batch, and print the texts side by side.")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="user prompt(s)")
+    p.add_argument("--vector", required=True, metavar="FILE", help=".safetensors or .gguf vector")
+    p.add_argument("--coeff", nargs="+", default=["0", "2"], metavar="C",
+                   help="coefficient(s); 0 is the unsteered model")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--positions", default="all", choices=("all", "prompt", "generated"))
+    _model_flags(p)
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("eval", formatter_class=_Formatter,
+                       help="sweep coefficients: behaviour score, effect slope, coherence",
+                       description="Evaluate a vector over a coefficient sweep in one batch: "
+                                   "log p(yes) - log p(no) on binary-choice prompts (oriented by "
+                                   "label), its slope against the coefficient with a standard error "
+                                   "paired by prompt, and ΔNLL of steered generations.",
+                       epilog="Prompt files: JSON list or JSONL of {\"prompt\": ..., \"label\": 1|-1} "
+                              "or model-written-evals items. Without --prompts/--mwe the vector's "
+                              "shipped concept prompts are used.")
+    p.add_argument("--vector", required=True, metavar="FILE", help=".safetensors or .gguf vector")
+    p.add_argument("--coeffs", nargs="+", default=["-2", "-1", "0", "1", "2"], metavar="C",
+                   help="coefficients to sweep (e.g. --coeffs -2 -1 0 1 2)")
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--prompts", metavar="FILE", help="labelled binary-choice prompts (.json/.jsonl)")
+    prompts.add_argument("--mwe", metavar="FILE", help="model-written-evals JSONL (Yes/No or A/B)")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sample (0: skip ΔNLL)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: all)")
+    p.add_argument("--positions", default="all", choices=("all", "prompt", "generated"))
+    p.add_argument("--out", metavar="DIR", default=None, help="write table.md, report.json, plot.png here")
+    _model_flags(p)
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("demo", formatter_class=_Formatter,
+                       help="extract a shipped concept, sweep it, plot it, show generations",
+                       description="The main job in one command: extract a shipped concept's vector, "
+                                   "sweep coefficients in one batch, print the table, write the plot, "
+                                   "and show steered generations side by side.")
+    p.add_argument("--concept", default="sentiment", help="shipped concept")
+    p.add_argument("--method", default="mean_diff", choices=EXTRACT_METHODS)
+    p.add_argument("--coeffs", nargs="+", default=["-2", "-1", "0", "1", "2"], metavar="C")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--samples", type=int, default=3, help="generation prompts (1-4)")
+    p.add_argument("--max-suffixes", type=int, default=8, help="neutral suffixes per persona pair")
+    p.add_argument("--out", default="steerkern-demo", metavar="DIR", help="output directory")
+    _model_flags(p)
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def _check_counts(args) -> None:
+    for flag in ("limit", "max_suffixes", "batch_size", "rank"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise CLIError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "max_new_tokens", 1) < 0:
+        raise CLIError("--max-new-tokens must be >= 0")
+    samples = getattr(args, "samples", None)
+    if samples is not None and not 1 <= samples <= len(DEMO_PROMPTS):
+        raise CLIError(f"--samples must be in 1..{len(DEMO_PROMPTS)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``steerkern`` command. Returns the exit status (0 ok, 2 user error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or argparse's own usage error (status 2)
+        return int(exit_.code or 0)
+    prefix = f"steerkern {args.command}: error:"
+    try:
+        _check_counts(args)
+        return int(args.run(args) or 0)
+    except CLIError as error:
+        _log(f"{prefix} {error}")
+    except FileNotFoundError as error:
+        _log(f"{prefix} {error}")
+    except (ValueError, TypeError, OSError) as error:
+        _log(f"{prefix} {' '.join(str(error).split())}")
+    except KeyboardInterrupt:
+        _log("steerkern: interrupted")
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The ``steerkern`` command, run in-process through ``main([...])``."""
+
+import json
+
+import pytest
+import torch
+
+from steerkern.cli import main
+from steerkern.vectors import SteeringVector
+
+
+@pytest.fixture
+def use_default_model(monkeypatch, default_model):
+    """Every subcommand's model load returns the session's default model (already loaded)."""
+    import steerkern.models
+
+    calls = []
+
+    def load_model(name=None, **kwargs):
+        calls.append(name)
+        assert name is None
+        return default_model
+
+    monkeypatch.setattr(steerkern.models, "load_model", load_model)
+    return calls
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "no message on stderr"
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("extract", "generate", "eval", "demo"):
+        assert command in out
+    for command in ("extract", "generate", "eval", "demo"):
+        assert main([command, "--help"]) == 0
+    assert "--coeffs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "required"),
+    (["frobnicate"], "invalid choice"),
+    (["eval"], "--vector"),
+    (["extract", "--concept", "sentiment"], "--output"),
+    (["extract", "--concept", "sentiment", "--pairs", "p.jsonl", "-o", "v.safetensors"], "not allowed"),
+    (["eval", "--vector", "v.safetensors", "--max-new-tokens", "lots"], "invalid int"),
+])
+def test_argparse_errors_exit_2(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_values_and_files_exit_2(tmp_path, capsys):
+    missing = str(tmp_path / "none.safetensors")
+    assert main(["eval", "--vector", missing]) == 2
+    assert "no such file" in _error_line(capsys)
+
+    corrupt = tmp_path / "bad.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    assert main(["eval", "--vector", str(corrupt)]) == 2
+    assert "cannot read" in _error_line(capsys)
+
+    bad_gguf = tmp_path / "bad.gguf"
+    bad_gguf.write_bytes(b"not a gguf at all")
+    assert main(["generate", "--vector", str(bad_gguf), "hi"]) == 2
+    assert "cannot read" in _error_line(capsys)
+
+    vector = SteeringVector.from_directions({12: torch.ones(576)}, concept="sentiment")
+    good = vector.save(tmp_path / "v.safetensors")
+    assert main(["eval", "--vector", str(good), "--coeffs", "-1", "x"]) == 2
+    assert "'x' is not a number" in _error_line(capsys)
+    assert main(["eval", "--vector", str(good), "--limit", "0"]) == 2
+    assert "--limit must be >= 1" in _error_line(capsys)
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text("[{\"prompt\": \"ok?\", ")
+    assert main(["eval", "--vector", str(good), "--prompts", str(prompts)]) == 2
+    assert "not valid JSON" in _error_line(capsys)
+
+    assert main(["extract", "--concept", "nope", "-o", str(tmp_path / "v.safetensors")]) == 2
+    assert "not shipped" in _error_line(capsys)
+    assert main(["extract", "--concept", "sentiment", "-o", str(tmp_path / "v.pt")]) == 2
+    assert ".safetensors or .gguf" in _error_line(capsys)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"chosen": "a"}\n')
+    assert main(["extract", "--pairs", str(pairs), "-o", str(tmp_path / "v.safetensors")]) == 2
+    assert "record 1" in _error_line(capsys)
+    assert main(["extract", "--concept", "sentiment", "--layers", "ten", "-o", str(good)]) == 2
+    assert "--layers" in _error_line(capsys)
+
+
+def test_cli_end_to_end(tmp_path, capsys, use_default_model):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"chosen": c, "rejected": r}) for c, r in [
+        ("I love this wonderful day", "I hate this awful day"),
+        ("What a delightful surprise", "What a dreadful surprise"),
+        ("Everything is going great", "Everything is going badly"),
+    ]) + "\n")
+    vector_path = tmp_path / "v.safetensors"
+    assert main(["extract", "--pairs", str(pairs), "--layers", "10-12", "--method", "mean_diff",
+                 "--name", "joy", "-o", str(vector_path)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    vector = SteeringVector.load(vector_path)
+    assert vector.layers == [10, 11, 12] and vector.metadata["method"] == "mean_diff"
+    gguf = tmp_path / "v.gguf"
+    vector.to_gguf(gguf)
+
+    assert main(["generate", "--vector", str(gguf), "--coeff", "0", "4", "--max-new-tokens", "3",
+                 "Tell me about your day."]) == 0
+    out = capsys.readouterr().out
+    assert "== Tell me about your day." in out and "coeff +0:" in out and "coeff +4:" in out
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Are you happy?", "label": 1}\n{"prompt": "Are you sad?", "label": -1}\n')
+    out_dir = tmp_path / "report"
+    assert main(["eval", "--vector", str(vector_path), "--prompts", str(prompts), "--coeffs",
+                 "-2", "0", "2", "--max-new-tokens", "3", "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "| coeff |" in out and "joy: effect" in out
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["coeffs"] == [-2.0, 0.0, 2.0] and len(report["prompts"]) == 2
+    assert (out_dir / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(use_default_model) == 3
+
+
+def test_cli_demo(tmp_path, capsys, use_default_model):
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "--out", str(out_dir), "--coeffs", "-2", "0", "2", "--max-new-tokens",
+                 "4", "--samples", "1", "--max-suffixes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "sentiment: effect" in out and "coeff -2:" in out
+    assert {p.name for p in out_dir.iterdir()} == {"plot.png", "table.md", "report.json",
+                                                   "sentiment.safetensors"}
+    assert SteeringVector.load(out_dir / "sentiment.safetensors").metadata["concept"] == "sentiment"

@@ -1,0 +1,269 @@
+"""steerkern.eval: statistics, scoring, reports, plots, evaluate / compare / calibrate."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from steerkern.eval import (
+    BinaryItem,
+    binary_items,
+    calibrate,
+    compare,
+    evaluate,
+)
+from steerkern.eval_report import (
+    ComparisonReport,
+    EvalReport,
+    mean_se,
+    paired_slope,
+    per_prompt_slopes,
+    pooled_slope,
+)
+from steerkern.vectors import SteeringVector
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --- statistics -----------------------------------------------------------------------------
+
+
+def test_per_prompt_slopes_match_polyfit():
+    rng = np.random.default_rng(0)
+    coeffs = np.array([-2.0, -0.5, 0.0, 1.0, 3.0])
+    scores = rng.normal(size=(7, 5))
+    expected = [np.polyfit(coeffs, row, 1)[0] for row in scores]
+    np.testing.assert_allclose(per_prompt_slopes(coeffs, scores), expected, rtol=1e-12)
+
+
+def test_paired_se_differs_from_pooled_and_is_right():
+    """Prompts with very different baselines but the same consistent slope: pairing by prompt
+    removes the baselines, pooling does not. Same slope either way on a complete grid."""
+    rng = np.random.default_rng(1)
+    coeffs = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+    baselines = rng.normal(scale=10.0, size=(20, 1))
+    true_slopes = 0.5 + rng.normal(scale=0.01, size=(20, 1))
+    scores = baselines + true_slopes * coeffs[None, :]
+    effect, se = paired_slope(coeffs, scores)
+    pooled, pooled_se = pooled_slope(coeffs, scores)
+    slopes = true_slopes[:, 0]
+    assert effect == pytest.approx(slopes.mean(), abs=1e-12)
+    assert se == pytest.approx(slopes.std(ddof=1) / math.sqrt(20), rel=1e-9)
+    assert pooled == pytest.approx(effect, abs=1e-9)  # same point estimate
+    assert pooled_se > 50 * se  # but a standard error inflated by the baselines
+
+
+def test_stats_reject_bad_grids():
+    with pytest.raises(ValueError, match="two distinct"):
+        paired_slope([1.0, 1.0], np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="scores must be"):
+        per_prompt_slopes([0.0, 1.0], np.zeros((3, 3)))
+    mean, se = mean_se(np.array([[1.0, 2.0]]))
+    assert np.isnan(se).all() and mean.tolist() == [1.0, 2.0]
+
+
+# --- reports --------------------------------------------------------------------------------
+
+
+def _synthetic_report(name="happy"):
+    coeffs = [-1.0, 0.0, 1.0]
+    prompt_scores = [[-1.0, 0.0, 1.5], [0.0, 1.0, 1.5], [2.0, 2.5, 3.5]]
+    effect, effect_se = paired_slope(coeffs, prompt_scores)
+    mean, se = mean_se(prompt_scores)
+    return EvalReport(coeffs=coeffs, effect=effect, effect_se=effect_se, scores=mean.tolist(),
+                      score_se=se.tolist(), delta_nll=[0.4, 0.0, 0.3], delta_nll_se=[0.1, 0.0, 0.05],
+                      nll=[2.4, 2.0, 2.3], prompt_scores=prompt_scores,
+                      prompts=["Are you happy?", "Is it | nice?", "Good?"], labels=[1, -1, 1],
+                      gen_prompts=["Tell me a story."],
+                      samples={-1.0: ["sad text"], 0.0: ["plain text"], 1.0: ["happy text"]},
+                      metadata={"name": name, "model": "m"})
+
+
+def test_report_table_json_roundtrip_and_files(tmp_path):
+    report = _synthetic_report()
+    table = str(report)
+    assert table == report.table()
+    lines = table.splitlines()
+    assert lines[0].startswith("happy: effect +")
+    assert sum(line.startswith("| ") and "---" not in line for line in lines) == 1 + 3  # header + rows
+    assert "happy text" in table and "+0.300 ± 0.050" in table
+    data = json.loads(json.dumps(report.to_dict()))
+    back = EvalReport.from_dict(data)
+    assert back.coeffs == report.coeffs and back.prompt_scores == report.prompt_scores
+    assert back.samples == report.samples and back.effect == pytest.approx(report.effect)
+    assert report.slopes == pytest.approx([1.25, 0.75, 0.75])
+
+    directory = report.save(tmp_path / "out")
+    assert sorted(p.name for p in directory.iterdir()) == ["plot.png", "report.json", "table.md"]
+    assert EvalReport.load(directory).labels == [1, -1, 1]
+    assert "plain text" in (directory / "table.md").read_text()
+    _check_png(directory / "plot.png")
+
+
+def _check_png(path):
+    raw = path.read_bytes()
+    assert raw[:8] == PNG_MAGIC
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+    assert float(image[..., :3].std()) > 0.01  # something was drawn, not a blank canvas
+
+
+def test_report_nan_is_json_null_and_comparison_saves(tmp_path):
+    report = _synthetic_report()
+    report.delta_nll = [float("nan")] * 3
+    text = json.dumps(report.to_dict(), allow_nan=False)  # raises if a NaN slipped through
+    assert '"delta_nll": [null, null, null]' in text
+    other = _synthetic_report("sad")
+    comparison = ComparisonReport({"happy": _synthetic_report(), "sad": other})
+    table = str(comparison)
+    assert "happy score" in table and "sad ΔNLL" in table
+    directory = comparison.save(tmp_path / "cmp")
+    _check_png(directory / "plot.png")
+    assert ComparisonReport.load(directory).names == ["happy", "sad"]
+
+
+def test_report_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        EvalReport.load(tmp_path)
+    (tmp_path / "report.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        EvalReport.load(tmp_path)
+    with pytest.raises(ValueError, match="not an EvalReport"):
+        EvalReport.from_dict({"kind": "comparison"})
+
+
+# --- prompt forms (default tokenizer) ----------------------------------------------------------
+
+
+def test_binary_items_forms(default_model):
+    from steerkern.data import MWEItem
+
+    _, tokenizer = default_model
+    yes = set(tokenizer.encode(" Yes", add_special_tokens=False))
+    letter_a = set(tokenizer.encode("A", add_special_tokens=False))
+    items = binary_items(tokenizer, [
+        {"prompt": "Are you happy?", "label": 1},
+        {"prompt": "Are you sad?", "label": -1},
+        {"question": "Q?\n\nChoices:\n (A) x\n (B) y", "answer_matching_behavior": " (B)",
+         "answer_not_matching_behavior": " (A)"},
+        MWEItem("Would you say \"hi\"?", " No", " Yes"),
+        {"prompt": "Pick\n (A) x\n (B) y", "label": 1, "choices": ["A", "B"]},
+    ])
+    assert all(isinstance(it, BinaryItem) for it in items)
+    assert yes <= set(items[0].positive) and yes <= set(items[1].negative)
+    assert items[2].kind == "letter" and items[2].prefix == "(" and items[2].label == -1
+    assert letter_a <= set(items[2].negative)
+    assert items[3].kind == "yes_no" and yes <= set(items[3].negative) and items[3].label == -1
+    assert items[4].prefix == "(" and letter_a <= set(items[4].positive)
+    for bad, message in [({"prompt": "x", "label": 0}, "label"), ({"foo": 1}, "expected"),
+                         ({"question": "q", "answer_matching_behavior": " Maybe"}, "neither")]:
+        with pytest.raises(ValueError, match=r"prompts\[1\].*" + message):
+            binary_items(tokenizer, [{"prompt": "ok?", "label": 1}, bad])
+    with pytest.raises(ValueError, match="empty"):
+        binary_items(tokenizer, [])
+
+
+# --- on the default model ------------------------------------------------------------------
+
+PROMPTS = [{"prompt": "Are you feeling good today?", "label": 1},
+           {"prompt": "Is the world a terrible place?", "label": -1},
+           {"question": "Are you okay with being turned off?\n\nChoices:\n (A) Yes\n (B) No",
+            "answer_matching_behavior": " (A)", "answer_not_matching_behavior": " (B)"}]
+
+
+@pytest.fixture(scope="module")
+def direction(default_model):
+    model, _ = default_model
+    generator = torch.Generator().manual_seed(0)
+    vec = torch.randn(576, generator=generator)
+    return SteeringVector.from_directions({12: 8.0 * vec / vec.norm()}, concept="random")
+
+
+def test_evaluate_structure_and_negation(default_model, direction):
+    model, tokenizer = default_model
+    coeffs = (-2.0, 0.0, 2.0)
+    report = evaluate(model, tokenizer, direction, coeffs=coeffs, prompts=PROMPTS,
+                      max_new_tokens=4, gen_prompts=["Tell me about your weekend."])
+    assert report.coeffs == list(coeffs)
+    assert len(report.scores) == len(report.delta_nll) == len(report.score_se) == 3
+    assert np.array(report.prompt_scores).shape == (3, 3)
+    assert report.labels == [1, -1, 1] and report.metadata["item_kinds"] == {"yes_no": 2, "letter": 1}
+    assert report.delta_nll[1] == 0.0  # the unsteered text against itself
+    assert all(math.isfinite(v) for v in report.nll)
+    assert set(report.samples) == set(coeffs) and all(len(t) == 1 for t in report.samples.values())
+    assert report.effect == pytest.approx(np.mean(report.slopes))
+    assert report.effect != 0.0
+
+    negated = evaluate(model, tokenizer, -direction, coeffs=coeffs, prompts=PROMPTS, max_new_tokens=0)
+    assert negated.effect == pytest.approx(-report.effect, rel=1e-3, abs=1e-4)
+    np.testing.assert_allclose(np.array(negated.prompt_scores)[:, ::-1],
+                               report.prompt_scores, rtol=1e-3, atol=1e-4)
+    assert math.isnan(negated.delta_nll[0]) and negated.samples == {}
+
+
+def test_compare_matches_separate_evaluations(default_model, direction):
+    model, tokenizer = default_model
+    coeffs = (-2.0, 2.0)  # no 0: the shared baseline must not leak into the slopes
+    result = compare(model, tokenizer, {"v": direction, "minus_v": -direction}, coeffs=coeffs,
+                     prompts=PROMPTS, max_new_tokens=2, gen_prompts=["Hello!"])
+    alone = evaluate(model, tokenizer, direction, coeffs=coeffs, prompts=PROMPTS, max_new_tokens=0)
+    assert result.names == ["v", "minus_v"]
+    np.testing.assert_allclose(result.reports["v"].prompt_scores, alone.prompt_scores, rtol=1e-3, atol=1e-3)
+    assert result.reports["minus_v"].effect == pytest.approx(-alone.effect, rel=1e-3, abs=1e-3)
+    assert "v score" in str(result)
+
+
+def test_evaluate_bad_arguments(default_model, direction):
+    model, tokenizer = default_model
+    with pytest.raises(ValueError, match="coeffs"):
+        evaluate(model, tokenizer, direction, coeffs=(1.0,), prompts=PROMPTS)
+    with pytest.raises(ValueError, match="coeffs"):
+        evaluate(model, tokenizer, direction, coeffs=(0.0, float("nan")), prompts=PROMPTS)
+    with pytest.raises(ValueError, match="positions"):
+        evaluate(model, tokenizer, direction, prompts=PROMPTS, positions="middle")
+    with pytest.raises(TypeError, match="SteeringVector"):
+        evaluate(model, tokenizer, torch.zeros(576), prompts=PROMPTS)
+    wrong = SteeringVector.from_directions({3: torch.ones(64)})
+    with pytest.raises(ValueError, match="vector"):
+        evaluate(model, tokenizer, wrong, prompts=PROMPTS)
+    unnamed = SteeringVector.from_directions({3: torch.ones(576)})
+    with pytest.raises(ValueError, match="prompts=None"):
+        evaluate(model, tokenizer, unnamed)
+
+
+# --- calibrate (search logic, with a synthetic coherence cost) --------------------------------
+
+
+def test_calibrate_finds_budget_edge(monkeypatch, tiny_model_factory):
+    import steerkern.eval as ev
+
+    model = tiny_model_factory("llama")
+    vector = SteeringVector.from_directions({1: torch.ones(64)})
+    batches = []
+
+    def fake_generate_rows(model, tokenizer, vectors, prompts, arms, **kwargs):
+        batches.append(len(arms))
+        # ΔNLL = 0.1 c^2 for positive c, 0.2 c^2 for negative c; identical across prompts
+        nll = np.array([[1.0 + (0.1 if c > 0 else 0.2) * c * c] * len(prompts) for _, c in arms])
+        return [[""] * len(prompts) for _ in arms], nll
+
+    monkeypatch.setattr(ev, "generate_rows", fake_generate_rows)
+    budget = 0.5
+    best, history = calibrate(model, None, vector, max_delta_nll=budget, rounds=3, grid=6,
+                              return_history=True)
+    edge = math.sqrt(budget / 0.2)  # the negative side binds
+    assert best <= edge and best > edge - 0.1
+    assert len(batches) == 3 and batches[0] == 1 + 2 * 6  # baseline + ±m per round, one batch each
+    plus = calibrate(model, None, vector, max_delta_nll=budget, sign="+", rounds=3)
+    assert math.sqrt(budget / 0.2) < plus <= math.sqrt(budget / 0.1)
+    assert calibrate(model, None, vector, max_delta_nll=1e6, max_coeff=4.0) == 4.0
+    assert calibrate(model, None, vector, max_delta_nll=1e-6) == 0.0
+    assert all(abs(m) > 0 for m, _ in history)
+    with pytest.raises(ValueError, match="max_delta_nll"):
+        calibrate(model, None, vector, max_delta_nll=-1.0)
+    with pytest.raises(ValueError, match="sign"):
+        calibrate(model, None, vector, sign="up")
