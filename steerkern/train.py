@@ -1,0 +1,476 @@
+"""Training a low-rank steering adapter with the inner contrastive loss (SPEC section 3).
+
+The adapter has, per steered layer ``l``, an fp32 bias ``b_l [D]`` and a low-rank map
+``A_l [D, R]``, ``B_l [D, R]``, applied through the differentiable steering operator
+(:func:`steerkern.ops.steer`, via :class:`steerkern.control.SteeringBank`) to the module's output
+``h`` at every token::
+
+    h <- h + c * (b_l + B_l @ (A_l^T @ h))            c = +1 (toward chosen) or -1
+
+One training step on a batch of ``B`` (chosen, rejected) pairs:
+
+1. **Policy pass**, one forward of ``4B`` rows ``[cho | rej | cho | rej]`` with per-row
+   coefficients ``[+1, +1, -1, -1]`` (``SteeringBank.set_batch``), left padded. Hooks read the
+   loss layer's output at the last ``n_last`` positions and the final hidden state (the input of
+   the output head; the forward stops there, so no ``[rows, T, V]`` logits are ever built).
+2. **Coherence**: per-token log-probs of the chosen sequences at ``c = +1`` and of the rejected
+   ones at ``c = -1``, ``steerkern.ops.token_logprobs(h_final, W_head, next_tokens)`` (fused,
+   never ``[N, V]``), against the reference log-probs of the same tokens.
+3. **Loss**: :func:`steerkern.loss.inner_contrastive_loss` with the reference (unsteered, frozen)
+   loss-layer states and the frozen unit direction ``u``.
+
+The reference quantities do not change during training (the model is frozen), so they are
+computed once before the first step, without grad and with steering off: the loss-layer states
+at the last ``n_last`` positions and the per-token log-probs of every text. ``u`` is their
+``mean_diff`` at the loss layer, normalised: ``u = mean_{pairs, t}(h_cho - h_rej) / ||.||``, so
+``s_ref > 0`` on average and ``u`` points toward *chosen*.
+
+Model state: every parameter's ``requires_grad`` is set to False for the run and restored
+afterwards, as is ``model.training``; every hook is removed, exceptions included. Nothing about
+the model changes before the arguments, the pairs and their tokenisation have been checked.
+
+Distributed (``accelerate``): every process draws the same global batch of
+``batch_size * num_processes`` pairs (same seed) and trains on its own slice; gradients are
+averaged across processes with ``accelerator.reduce`` before the (prepared) optimizer steps, so
+every process holds the same adapter. The reference pass runs on every process over all pairs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from steerkern.control import SteeringBank
+from steerkern.data import as_pairs
+from steerkern.loss import PENALTY_KINDS, CoherenceInputs, inner_contrastive_loss
+from steerkern.models import (
+    RESIDUAL,
+    check_layer,
+    decoder_layers,
+    default_layers,
+    hidden_size,
+    model_id,
+    module_weight,
+    num_layers,
+    resolve_module,
+)
+from steerkern.vectors import SteeringVector
+
+IGNORE = -100
+
+
+class _StopAtHead(Exception):
+    """Raised by the output-head pre-hook once the final hidden state is captured."""
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _real(value, name: str, *, positive: bool = False, non_negative: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if non_negative and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_layers(model, layers, loss_layer) -> tuple[list[int], int]:
+    if layers is None:
+        layer_list = default_layers(model)
+    else:
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = [layers]
+        if not isinstance(layers, (list, tuple, range)) or len(layers) == 0:
+            raise ValueError(f"layers must be an int or a non-empty list of ints, got {layers!r}")
+        layer_list = sorted({check_layer(model, layer, "layers") for layer in layers})
+    if loss_layer is None:
+        n = num_layers(model)
+        loss = min(n - 1, max(layer_list) + max(1, n // 6))
+    else:
+        loss = check_layer(model, loss_layer, "loss_layer")
+    if loss < max(layer_list):
+        raise ValueError(
+            f"loss_layer={loss} comes before the steered layer {max(layer_list)}: the loss is read "
+            f"at or after every steered layer; use loss_layer >= {max(layer_list)} or steer shallower layers"
+        )
+    return layer_list, loss
+
+
+def _output_width(model, module, target: str) -> int:
+    if target == RESIDUAL:
+        return hidden_size(model)
+    try:
+        return module_weight(module).shape[0]
+    except ValueError:
+        return hidden_size(model)
+
+
+def _output_head(model):
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(
+            f"{type(model).__name__} has no output head (get_output_embeddings()): train_adapter "
+            "needs a causal LM for the per-token coherence term"
+        )
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("the output head has a bias, which the fused token log-probs do not model")
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    if getattr(config, "final_logit_softcapping", None):
+        raise ValueError(
+            "the model soft-caps its logits (config.final_logit_softcapping), which the fused "
+            "token log-probs do not model; the coherence term would be wrong for it"
+        )
+    return head
+
+
+# --- tokens -------------------------------------------------------------------------------------
+
+
+def _encode(tokenizer, texts: list[str], n_last: int) -> list[list[int]]:
+    """Token ids per text (special tokens added unless the text starts with the BOS string, as a
+    rendered chat template does); every text needs at least ``max(n_last, 2)`` tokens."""
+    bos = getattr(tokenizer, "bos_token", None)
+    out = []
+    for i, text in enumerate(texts):
+        ids = list(tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"])
+        if len(ids) < max(n_last, 2):
+            raise ValueError(
+                f"pairs: text {i // 2} ({'chosen' if i % 2 == 0 else 'rejected'}) {text!r:.60} has "
+                f"{len(ids)} tokens, fewer than n_last={n_last} (or 2): lower n_last or give longer texts"
+            )
+        out.append(ids)
+    return out
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device):
+    """``(ids [R, W], mask [R, W], positions [R, W], labels [R, W-1])``, padded on the left;
+    ``labels[r, t]`` is the token after position ``t`` (``IGNORE`` where either is padding)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    valid = (mask[:, :-1] * mask[:, 1:]).bool()
+    labels = torch.where(valid, ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE))
+    return ids.to(device), mask.to(device), positions.to(device), labels.to(device)
+
+
+def _right_align(rows: list[torch.Tensor], width: int, fill: float) -> torch.Tensor:
+    """Stack 1-D tensors right-aligned into ``[R, width]`` (left filled with ``fill``)."""
+    out = torch.full((len(rows), width), fill, dtype=torch.float32)
+    for r, values in enumerate(rows):
+        out[r, width - values.shape[0]:] = values
+    return out
+
+
+# --- forward passes -----------------------------------------------------------------------------
+
+
+class _Reader:
+    """Hooks reading the loss layer's output (last ``n_last`` positions) and the output head's
+    input (the final, normed hidden state); the head itself never runs."""
+
+    def __init__(self, model, loss_layer: int, n_last: int):
+        self.model, self.n_last = model, n_last
+        self.loss_module = decoder_layers(model)[loss_layer]
+        self.head = _output_head(model)
+        self.handles: list = []
+        self.h_loss = self.h_final = None
+
+    def attach(self):
+        def read_loss(module, args, kwargs, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            self.h_loss = hidden[:, -self.n_last:, :]
+
+        def read_final(module, args):
+            self.h_final = args[0]
+            raise _StopAtHead
+
+        self.handles.append(self.loss_module.register_forward_hook(read_loss, with_kwargs=True))
+        self.handles.append(self.head.register_forward_pre_hook(read_final))
+
+    def detach(self):
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.h_loss = self.h_final = None
+
+    def __call__(self, ids, mask, positions):
+        """Returns ``(h_loss [R, n_last, D], h_final [R, W, D])`` (model dtype)."""
+        self.h_loss = self.h_final = None
+        try:
+            self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        except _StopAtHead:
+            pass
+        if self.h_loss is None or self.h_final is None:
+            raise RuntimeError("the forward pass did not reach the loss layer and the output head")
+        if self.h_final.shape[1] != ids.shape[1]:
+            raise RuntimeError(f"the output head saw {tuple(self.h_final.shape)} hidden states, not "
+                               f"every position of the {tuple(ids.shape)} batch")
+        return self.h_loss, self.h_final
+
+
+def _logprobs(h_final: torch.Tensor, W: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probs ``[R, W-1]`` (fp32) of ``labels`` from ``h_final [R, W, D]``."""
+    from steerkern import ops
+
+    rows, width, dim = h_final.shape
+    flat = h_final[:, :-1, :].reshape(-1, dim)
+    return ops.token_logprobs(flat, W.to(flat.dtype), labels.reshape(-1),
+                              ignore_index=IGNORE).view(rows, width - 1)
+
+
+@torch.no_grad()
+def _reference(reader, ids_list, pad_id, device, batch_size, progress):
+    """Per text: loss-layer states ``[n_last, D]`` and per-token log-probs ``[len - 1]`` (CPU, fp32)."""
+    from tqdm.auto import tqdm
+
+    h_ref, logp_ref = [None] * len(ids_list), [None] * len(ids_list)
+    order = sorted(range(len(ids_list)), key=lambda i: len(ids_list[i]))
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for chunk in tqdm(chunks, desc="train: reference", disable=not progress, leave=False):
+        ids, mask, positions, labels = _left_pad([ids_list[i] for i in chunk], pad_id, device)
+        h_loss, h_final = reader(ids, mask, positions)
+        logp = _logprobs(h_final, reader.head.weight, labels).float().cpu()
+        for row, index in enumerate(chunk):
+            h_ref[index] = h_loss[row].float().cpu()
+            logp_ref[index] = logp[row, -(len(ids_list[index]) - 1):]
+    return h_ref, logp_ref
+
+
+# --- the adapter --------------------------------------------------------------------------------
+
+
+class _Adapter:
+    """fp32 leaf parameters per layer, cast into the bank's site tensors before every pass."""
+
+    def __init__(self, model, layer_list, target, rank, generator):
+        self.params: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for layer in layer_list:
+            module = resolve_module(model, layer, target)
+            width = _output_width(model, module, target)
+            device = next(module.parameters()).device
+            bias = torch.zeros(width, dtype=torch.float32)
+            A = torch.randn(width, rank, generator=generator, dtype=torch.float32) / math.sqrt(width)
+            B = torch.zeros(width, rank, dtype=torch.float32)
+            self.params[layer] = tuple(t.to(device).requires_grad_(True) for t in (bias, A, B))
+        vector = SteeringVector.from_lowrank(
+            {layer: tuple(t.detach().cpu() for t in p) for layer, p in self.params.items()},
+            target=target)
+        self.bank = SteeringBank(model, vector)
+        by_module = {id(resolve_module(model, layer, target)): layer for layer in layer_list}
+        self.site_layers = [by_module[id(site.module)] for site in self.bank.sites]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for p in self.params.values() for t in p]
+
+    def load_into_bank(self) -> None:
+        """``site.bias/A/B = params.to(site dtype)[None]``: differentiable casts, K = 1 entry."""
+        for site, layer in zip(self.bank.sites, self.site_layers):
+            bias, A, B = self.params[layer]
+            dtype = site.B.dtype
+            site.bias, site.A, site.B = bias.to(dtype)[None], A.to(dtype)[None], B.to(dtype)[None]
+
+    def entries(self) -> dict:
+        return {layer: tuple(t.detach().float().cpu().clone() for t in p)
+                for layer, p in self.params.items()}
+
+
+# --- public -------------------------------------------------------------------------------------
+
+
+def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank: int = 4,
+                  target: str = RESIDUAL, steps: int = 100, lr: float = 3e-3, batch_size: int = 4,
+                  n_last: int = 4, tau: float = 0.5, kind: str = "log_barrier", kappa: float = 1.0,
+                  order_weight: float = 0.0, weight_decay: float = 0.0, accelerator=None,
+                  progress: bool = True, seed: int = 0) -> SteeringVector:
+    """Train a low-rank steering adapter on contrast pairs with the inner contrastive loss.
+
+    Args:
+        model, tokenizer: a causal LM and its tokenizer (``steerkern.load_model``). The model is
+            frozen for the run and left exactly as it was (weights, ``requires_grad``,
+            ``training`` of every sub-module, no hooks), errors included.
+        pairs: ``[(chosen, rejected), ...]``, ``(chosen_list, rejected_list)`` or a ``PairSet``;
+            each text needs at least ``n_last`` tokens.
+        layers: steered layer(s) (default: ``steerkern.models.default_layers``, a middle band).
+        loss_layer: layer whose output the loss reads, ``>= max(layers)`` (default
+            ``min(n_layers - 1, max(layers) + max(1, n_layers // 6))``).
+        rank: rank ``R >= 1`` of each layer's ``B A^T`` (up to 64, the operator's limit).
+        target: steered module, ``"residual"`` (decoder layer output) or a sub-module name
+            whose output is steered (``"mlp.down_proj"``, ...; source = its output).
+        steps, lr, batch_size: optimisation (AdamW; ``batch_size`` pairs per process per step).
+        n_last: last positions of each text read by the projection term.
+        tau, kind, kappa: the per-token coherence penalty (``steerkern.loss.coherence_penalty``).
+        order_weight: weight of the optional monotonic ordering term (0: off).
+        weight_decay: AdamW weight decay on the adapter.
+        accelerator: an ``accelerate.Accelerator`` (default: a new one); the optimizer is
+            prepared with it and gradients are averaged across its processes.
+        progress: tqdm progress bars (main process only).
+        seed: initialisation of ``A`` and the order of the pairs.
+
+    Returns:
+        ``SteeringVector`` with a ``(bias [D], A [D, R], B [D, R])`` part per layer at ``target``;
+        coefficient +1 moves toward *chosen*. Metadata: ``method="trained_adapter"``,
+        ``loss_layer``, ``steps``, ``final_loss`` (mean of the last ``min(10, steps)`` steps),
+        ``loss_history`` (per step), ``rank``, ``tau``, ``kind``, ``kappa``, ``n_last``, ``lr``,
+        ``batch_size``, ``concept``.
+
+    Example:
+        >>> vector = train_adapter(model, tokenizer, concept_pairs("sentiment", tokenizer),
+        ...                        layers=[10, 12], steps=50)                  # doctest: +SKIP
+        >>> with steer(model, vector, coeff=1.0): ...                         # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    # 1. every check, before anything about the model changes
+    rank = _positive_int(rank, "rank")
+    if rank > 64:
+        raise ValueError(f"rank must be at most 64 (the steering operator's limit), got {rank}")
+    steps = _positive_int(steps, "steps")
+    batch_size = _positive_int(batch_size, "batch_size")
+    n_last = _positive_int(n_last, "n_last")
+    lr = _real(lr, "lr", positive=True)
+    tau = _real(tau, "tau", non_negative=True)
+    kappa = _real(kappa, "kappa", positive=True)
+    order_weight = _real(order_weight, "order_weight", non_negative=True)
+    weight_decay = _real(weight_decay, "weight_decay", non_negative=True)
+    if kind not in PENALTY_KINDS:
+        raise ValueError(f"kind must be one of {PENALTY_KINDS}, got {kind!r}")
+    pair_set = as_pairs(pairs, "pairs")
+    layer_list, loss_at = _check_layers(model, layers, loss_layer)
+    for layer in layer_list:
+        resolve_module(model, layer, target)  # raises naming target
+    head = _output_head(model)
+    texts = [text for pair in pair_set.pairs for text in pair]
+    ids_list = _encode(tokenizer, texts, n_last)
+    pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else (
+        getattr(tokenizer, "eos_token_id", None) or 0)
+    if accelerator is None:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+    world, rank_index = int(accelerator.num_processes), int(accelerator.process_index)
+    show = bool(progress) and rank_index == 0
+    device = model.get_input_embeddings().weight.device
+    n_pairs = len(pair_set)
+
+    # 2. freeze (restored in finally), reference pass, train
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved_modes = [(m, m.training) for m in model.modules()]
+    reader = _Reader(model, loss_at, n_last)
+    adapter = None
+    try:
+        for p, _ in saved_flags:
+            p.requires_grad_(False)
+        model.eval()
+        reader.attach()
+        h_ref, logp_ref = _reference(reader, ids_list, pad_id, device, 4 * batch_size, show)
+        reader.detach()
+        diffs = torch.stack([h_ref[2 * i] - h_ref[2 * i + 1] for i in range(n_pairs)])
+        mean_diff = diffs.reshape(-1, diffs.shape[-1]).mean(0)
+        norm = float(mean_diff.norm())
+        if not norm > 0:
+            raise ValueError("pairs: chosen and rejected texts give the same loss-layer states on "
+                             "average, so there is no direction to train toward")
+        u = (mean_diff / norm).to(device)
+
+        generator = torch.Generator().manual_seed(seed)
+        adapter = _Adapter(model, layer_list, target, rank, generator)
+        optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=weight_decay)
+        optimizer = accelerator.prepare(optimizer)
+
+        history: list[float] = []
+        queue: list[int] = []
+        global_batch = batch_size * world
+        with adapter.bank.attached():
+            reader.attach()
+            bar = tqdm(range(steps), desc="train_adapter", disable=not show)
+            for _ in bar:
+                picked = []
+                while len(picked) < global_batch:
+                    if not queue:
+                        queue = torch.randperm(n_pairs, generator=generator).tolist()
+                    picked.append(queue.pop())
+                mine = picked[rank_index::world]
+                adapter.load_into_bank()
+                loss_terms = _step(reader, adapter.bank, head, ids_list, h_ref, logp_ref, mine,
+                                   pad_id, device, u, n_last=n_last, tau=tau, kind=kind,
+                                   kappa=kappa, order_weight=order_weight)
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss_terms.loss)
+                if world > 1:
+                    for t in adapter.parameters():
+                        if t.grad is None:
+                            t.grad = torch.zeros_like(t)
+                        t.grad = accelerator.reduce(t.grad, reduction="mean")
+                optimizer.step()
+                value = float(loss_terms.loss.detach())
+                if world > 1:
+                    value = float(accelerator.reduce(loss_terms.loss.detach().reshape(1),
+                                                     reduction="mean"))
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"train_adapter: the loss became {value} at step {len(history)}: lower lr")
+                history.append(value)
+                if show:
+                    terms = loss_terms._replace(loss=loss_terms.loss.detach())
+                    bar.set_postfix(loss=f"{value:.3f}", proj=f"{float(terms.proj_pos.detach()):.2f}",
+                                    coh=f"{float((terms.coh_pos + terms.coh_neg).detach()):.3f}")
+    finally:
+        reader.detach()
+        if adapter is not None:
+            adapter.bank.detach()
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+        for module, mode in saved_modes:
+            module.training = mode
+
+    config = getattr(model, "config", None)
+    tail = history[-min(10, len(history)):]
+    return SteeringVector.from_lowrank(
+        adapter.entries(), target=target, source="output",
+        model=model_id(model),
+        model_type=getattr(getattr(config, "text_config", None) or config, "model_type", None),
+        hidden_size=hidden_size(model), method="trained_adapter", concept=pair_set.concept,
+        loss_layer=loss_at, steps=steps, final_loss=sum(tail) / len(tail),
+        loss_history=[round(v, 6) for v in history], rank=rank, tau=tau, kind=kind, kappa=kappa,
+        n_last=n_last, lr=lr, batch_size=batch_size, n_pairs=n_pairs,
+    )
+
+
+def _step(reader, bank, head, ids_list, h_ref, logp_ref, batch, pad_id, device, u, **loss_args):
+    """Policy pass on rows ``[cho | rej | cho | rej]`` with coefficients ``[+1, +1, -1, -1]``;
+    returns the :class:`~steerkern.loss.ContrastiveLoss` of the batch."""
+    n = len(batch)
+    cho = [ids_list[2 * i] for i in batch]
+    rej = [ids_list[2 * i + 1] for i in batch]
+    ids, mask, positions, labels = _left_pad(cho + rej + cho + rej, pad_id, device)
+    bank.set_batch(coeff=[1.0] * (2 * n) + [-1.0] * (2 * n))
+    h_loss, h_final = reader(ids, mask, positions)
+    h_loss = h_loss.float()
+    width = labels.shape[1]
+    # coherence: chosen rows at c = +1 (rows 0..n-1), rejected rows at c = -1 (rows 3n..4n-1)
+    logp_pos = _logprobs(h_final[:n], head.weight, labels[:n])
+    logp_neg = _logprobs(h_final[3 * n:], head.weight, labels[3 * n:])
+    ref_pos = _right_align([logp_ref[2 * i] for i in batch], width, 0.0).to(device)
+    ref_neg = _right_align([logp_ref[2 * i + 1] for i in batch], width, 0.0).to(device)
+    ref_states = (torch.stack([h_ref[2 * i] for i in batch]).to(device),
+                  torch.stack([h_ref[2 * i + 1] for i in batch]).to(device))
+    return inner_contrastive_loss(
+        (h_loss[:n], h_loss[n:2 * n]), (h_loss[2 * n:3 * n], h_loss[3 * n:]), ref_states, u,
+        coherence_pos=CoherenceInputs(logp_pos, ref_pos, labels[:n] != IGNORE),
+        coherence_neg=CoherenceInputs(logp_neg, ref_neg, labels[3 * n:] != IGNORE),
+        **loss_args,
+    )

@@ -1,0 +1,204 @@
+"""train_adapter: the loss goes down, the result steers, the model is left exactly as it was."""
+
+import pytest
+import torch
+
+from steerkern import train as train_mod
+from steerkern.control import steer
+from steerkern.models import decoder_layers
+from steerkern.train import train_adapter
+
+
+class ToyTokenizer:
+    """Characters -> ids 3..122 with a BOS (1); pad 0. Enough for the tiny models (vocab 128)."""
+
+    bos_token = None
+    pad_token_id = 0
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [3 + (ord(ch) % 120) for ch in text]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+WORDS = ["good", "glad", "kind", "warm", "nice", "fine"]
+BADS = ["vile", "grim", "cold", "mean", "sour", "dull"]
+PAIRS = [(f"it was {g} and the sky", f"it was {b} and the sky") for g, b in zip(WORDS, BADS)] + [
+    (f"a {g} day for us", f"a {b} day for us") for g, b in zip(WORDS, BADS)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes: one intra-op thread is ~10x faster than two on a shared, busy CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def snapshot(model):
+    return ({name: p.detach().clone() for name, p in model.named_parameters()},
+            {name: p.requires_grad for name, p in model.named_parameters()},
+            [m.training for m in model.modules()])
+
+
+def hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def assert_unchanged(model, before):
+    weights, flags, training = before
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), weights[name]), name
+        assert p.requires_grad == flags[name], name
+    assert [m.training for m in model.modules()] == training
+    assert hook_count(model) == 0
+
+
+def separation(model, tokenizer, vector, coeff, loss_layer, u, n_last=4):
+    """Mean over pairs of (h_cho - h_rej) . u at the loss layer's last n_last positions."""
+    seen = {}
+    handle = decoder_layers(model)[loss_layer].register_forward_hook(
+        lambda m, a, out: seen.__setitem__("h", (out[0] if isinstance(out, tuple) else out)))
+    scores = []
+    try:
+        for cho, rej in PAIRS:
+            states = []
+            for text in (cho, rej):
+                ids = torch.tensor([tokenizer(text)["input_ids"]])
+                with torch.no_grad(), steer(model, vector, coeff=coeff):
+                    model(input_ids=ids)
+                states.append(seen["h"][0, -n_last:].float())
+            scores.append(((states[0] - states[1]) @ u).mean())
+    finally:
+        handle.remove()
+    return float(torch.stack(scores).mean())
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    before = snapshot(model)
+    vector = train_adapter(model, ToyTokenizer(), PAIRS, layers=[1], loss_layer=2, rank=2,
+                           steps=40, lr=3e-2, batch_size=4, progress=False, seed=0)
+    return model, vector, before
+
+
+def test_loss_decreases(trained):
+    _, vector, _ = trained
+    history = vector.metadata["loss_history"]
+    assert len(history) == 40
+    first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    assert vector.metadata["method"] == "trained_adapter"
+    assert vector.metadata["loss_layer"] == 2 and vector.layers == [1]
+    assert vector.metadata["final_loss"] == pytest.approx(sum(history[-10:]) / 10)
+
+
+def test_model_left_unchanged(trained):
+    model, _, before = trained
+    assert_unchanged(model, before)
+
+
+def test_vector_steers_toward_chosen(trained):
+    model, vector, _ = trained
+    part = vector.parts[(1, "residual")]
+    assert part.A.shape == (64, 2) and part.B.shape == (64, 2) and part.bias.shape == (64,)
+    assert part.B.abs().max() > 0  # the low-rank map was trained away from its zero init
+    # u as train_adapter defines it: the normalised mean chosen - rejected difference, unsteered
+    diffs, seen = [], {}
+    handle = decoder_layers(model)[2].register_forward_hook(
+        lambda m, a, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    try:
+        for cho, rej in PAIRS:
+            hs = []
+            for text in (cho, rej):
+                with torch.no_grad():
+                    model(input_ids=torch.tensor([ToyTokenizer()(text)["input_ids"]]))
+                hs.append(seen["h"][0, -4:].float())
+            diffs.append(hs[0] - hs[1])
+    finally:
+        handle.remove()
+    u = torch.cat(diffs).mean(0)
+    u = u / u.norm()
+    tok = ToyTokenizer()
+    s_plus = separation(model, tok, vector, 1.0, 2, u)
+    s_zero = separation(model, tok, vector, 0.0, 2, u)
+    s_minus = separation(model, tok, vector, -1.0, 2, u)
+    assert s_plus > s_zero + 0.1 * abs(s_zero), (s_minus, s_zero, s_plus)
+    assert s_minus < s_zero - 0.1 * abs(s_zero), (s_minus, s_zero, s_plus)
+    assert hook_count(model) == 0
+
+
+def test_error_mid_training_restores_model(tiny_model_factory, monkeypatch):
+    model = tiny_model_factory("qwen2")
+    model.model.embed_tokens.weight.requires_grad_(False)  # a mixed set of flags to restore
+    model.train()
+    model.model.layers[0].eval()  # mixed train/eval modes must come back as they were
+    before = snapshot(model)
+    calls = {"n": 0}
+    real = train_mod.inner_contrastive_loss
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "inner_contrastive_loss", failing)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            train_adapter(model, ToyTokenizer(), PAIRS, layers=[1], loss_layer=2, steps=5,
+                          progress=False)
+        assert calls["n"] == 3
+        assert_unchanged(model, before)
+    finally:
+        model.model.embed_tokens.weight.requires_grad_(True)
+        model.eval()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(rank=0), ValueError, "rank"),
+        (dict(rank=65), ValueError, "rank"),
+        (dict(pairs=[]), ValueError, "pairs is empty"),
+        (dict(pairs=[("ok text here", "")]), TypeError, "pairs"),
+        (dict(pairs=[("ab", "cd")], n_last=8), ValueError, "n_last"),
+        (dict(layers=[2], loss_layer=1), ValueError, "loss_layer"),
+        (dict(layers=[9]), ValueError, "layers"),
+        (dict(steps=0), ValueError, "steps"),
+        (dict(lr=float("nan")), ValueError, "lr"),
+        (dict(kind="cubic"), ValueError, "kind"),
+        (dict(target="mlp.nonexistent"), ValueError, "target"),
+    ],
+)
+def test_bad_arguments(tiny_model_factory, kwargs, error, match):
+    model = tiny_model_factory("llama")
+    before = snapshot(model)
+    args = dict(pairs=PAIRS, layers=[1], loss_layer=2, steps=1, progress=False)
+    args.update(kwargs)
+    pairs = args.pop("pairs")
+    with pytest.raises(error, match=match):
+        train_adapter(model, ToyTokenizer(), pairs, **args)
+    assert_unchanged(model, before)
+
+
+def test_gpt2_and_default_padding(tiny_model_factory):
+    """Another architecture (GPT-2: Conv1D, transformer.h) trains a couple of steps."""
+    model = tiny_model_factory("gpt2")
+    before = snapshot(model)
+    vector = train_adapter(model, ToyTokenizer(), PAIRS[:4], layers=[0, 1], loss_layer=3,
+                           rank=1, steps=2, batch_size=2, progress=False)
+    assert vector.layers == [0, 1] and len(vector.metadata["loss_history"]) == 2
+    assert_unchanged(model, before)
+
+
+def test_first_step_matches_reference(tiny_model_factory):
+    """At the zero-initialised adapter the policy pass (4B rows, one padded batch) reproduces the
+    cached reference: the projection terms cancel (s_pi = s_ref at c = +1 and -1) and, with
+    tau = 0 and the hinge, any misaligned reference log-prob would show as a positive penalty."""
+    model = tiny_model_factory("llama")
+    vector = train_adapter(model, ToyTokenizer(), PAIRS, layers=[1], loss_layer=3, steps=1,
+                           batch_size=5, tau=0.0, kind="hinge", progress=False)
+    assert abs(vector.metadata["loss_history"][0]) < 1e-4
