@@ -37,7 +37,7 @@ def setup():
     model, tokenizer = load_model(dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     model.to(device)
     gen = torch.Generator().manual_seed(0)
-    vectors = [SteeringVector.from_directions({l: 4 * torch.randn(576, generator=gen) for l in (10, 14)})
+    vectors = [SteeringVector.from_directions({layer: 4 * torch.randn(576, generator=gen) for layer in (10, 14)})
                for _ in range(64)]
     return model, tokenizer, vectors, device
 

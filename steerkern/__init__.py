@@ -36,6 +36,13 @@ _EXPORTS = {
     "coherence_penalty": "steerkern.loss",
     "inner_contrastive_loss": "steerkern.loss",
     "CoherenceInputs": "steerkern.loss",
+    "train_adapter": "steerkern.train",
+    # evaluation
+    "evaluate": "steerkern.eval",
+    "compare": "steerkern.eval",
+    "calibrate": "steerkern.eval",
+    "EvalReport": "steerkern.eval_report",
+    "ComparisonReport": "steerkern.eval_report",
     # control
     "steer": "steerkern.control",
     "SteeringBank": "steerkern.control",

@@ -15,9 +15,9 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when 
 
 import random  # noqa: E402
 
-import tests.kernel_compile  # noqa: E402,F401  (snapshots triton.language before any kernel runs)
-
 import pytest  # noqa: E402
+
+import tests.kernel_compile  # noqa: E402,F401  (snapshots triton.language before any kernel runs)
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"

@@ -61,7 +61,7 @@ def test_per_row_vectors_match_rows_run_alone(arch, tiny_model_factory):
 def test_default_model_per_row_batch_equals_single_rows(default_model):
     model, tokenizer = default_model
     gen = torch.Generator().manual_seed(0)
-    vectors = [SteeringVector.from_directions({l: 2 * torch.randn(576, generator=gen) for l in (8, 12)})
+    vectors = [SteeringVector.from_directions({layer: 2 * torch.randn(576, generator=gen) for layer in (8, 12)})
                for _ in range(3)]
     prompts = ["I think that", "The weather today is quite", "Tell me a story about", "Hi"]
     slots, coeffs = [0, 1, 2, -1], [1.0, -1.0, 2.0, 1.0]
