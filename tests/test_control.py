@@ -8,13 +8,12 @@ import torch
 from steerkern.control import SteeringBank, steer
 from steerkern.models import decoder_layers, resolve_module
 from steerkern.vectors import SteeringVector
+from tests.hooks import steerkern_hook_count
 from tests.tiny_models import ARCHITECTURES
 
 MOE = ("mixtral", "qwen2_moe")
 
 
-def hook_count(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def random_vector(model, layers, seed, scale=1.0, target="residual"):
@@ -55,7 +54,7 @@ def test_per_row_vectors_match_rows_run_alone(arch, tiny_model_factory):
                 alone = model(ids[row:row + 1]).logits[0]
             torch.testing.assert_close(batched[row], alone, atol=1e-5, rtol=1e-5)
             assert (alone - base[row]).abs().max() > 1e-3  # the vector did something
-    assert hook_count(model) == 0
+    assert steerkern_hook_count(model) == 0
 
 
 def test_default_model_per_row_batch_equals_single_rows(default_model):
@@ -264,7 +263,7 @@ def test_nested_contexts_add_up(tiny_model_factory):
 def test_no_hook_survives_random_enter_exit_raise_cycles(tiny_model_factory):
     model = tiny_model_factory("llama")
     vectors = [random_vector(model, [0, 2], s) for s in range(3)]
-    baseline = hook_count(model)
+    baseline = steerkern_hook_count(model)
     rng = random.Random(0)
 
     class Boom(Exception):
@@ -283,13 +282,13 @@ def test_no_hook_survives_random_enter_exit_raise_cycles(tiny_model_factory):
             run(0)
         except Boom:
             pass
-    assert hook_count(model) == baseline
+    assert steerkern_hook_count(model) == baseline
 
 
 def test_bad_input_leaves_the_model_as_it_was(tiny_model_factory):
     model = tiny_model_factory("llama")
     good = random_vector(model, [1], 0)
-    before = hook_count(model)
+    before = steerkern_hook_count(model)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     wrong_width = SteeringVector.from_directions({1: torch.randn(65)})
     cases = [
@@ -308,12 +307,12 @@ def test_bad_input_leaves_the_model_as_it_was(tiny_model_factory):
         with pytest.raises((ValueError, TypeError), match=message):
             with steer(model, vectors, **kwargs):
                 pass
-        assert hook_count(model) == before
+        assert steerkern_hook_count(model) == before
     # Per-row lengths that do not match the batch fail at the forward pass; hooks still go away.
     with pytest.raises(ValueError, match="the batch has 3 rows"):
         with steer(model, [good], slots=[0, 0], coeff=1.0):
             model(torch.randint(3, 100, (3, 4)))
-    assert hook_count(model) == before
+    assert steerkern_hook_count(model) == before
     for name, value in model.state_dict().items():
         assert torch.equal(value, weights[name])
 
@@ -332,7 +331,7 @@ def test_bank_set_batch_reuses_device_buffers(tiny_model_factory):
         bank.set_batch(slots=[0, 1, 2], coeff=[1.0, 2.0, 3.0])
         second = model(ids).logits
     assert not torch.equal(first, second)
-    assert hook_count(model) == 0
+    assert steerkern_hook_count(model) == 0
 
 
 def test_gradients_flow_through_steering(tiny_model_factory):

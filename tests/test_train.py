@@ -7,6 +7,7 @@ from steerkern import train as train_mod
 from steerkern.control import steer
 from steerkern.models import decoder_layers
 from steerkern.train import train_adapter
+from tests.hooks import steerkern_hook_count
 
 
 class ToyTokenizer:
@@ -42,17 +43,13 @@ def snapshot(model):
             [m.training for m in model.modules()])
 
 
-def hook_count(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 def assert_unchanged(model, before):
     weights, flags, training = before
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), weights[name]), name
         assert p.requires_grad == flags[name], name
     assert [m.training for m in model.modules()] == training
-    assert hook_count(model) == 0
+    assert steerkern_hook_count(model) == 0
 
 
 def separation(model, tokenizer, vector, coeff, loss_layer, u, n_last=4):
@@ -127,7 +124,7 @@ def test_vector_steers_toward_chosen(trained):
     s_minus = separation(model, tok, vector, -1.0, 2, u)
     assert s_plus > s_zero + 0.1 * abs(s_zero), (s_minus, s_zero, s_plus)
     assert s_minus < s_zero - 0.1 * abs(s_zero), (s_minus, s_zero, s_plus)
-    assert hook_count(model) == 0
+    assert steerkern_hook_count(model) == 0
 
 
 def test_error_mid_training_restores_model(tiny_model_factory, monkeypatch):
