@@ -242,16 +242,35 @@ def steer_triton_(out, slot, coeff, bias=None, A=None, B=None, src=None, preserv
     a_t = A if has_lowrank else out
     b_t = B if has_lowrank else out
     kernel = steer_lowrank_kernel if has_lowrank else steer_additive_kernel
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-    kernel[grid](
+    args = (
         out, source, slot, coeff, bias_t, a_t, b_t,
         N, D, d_src, rank, num_entries,
         out.stride(0), source.stride(0), slot.stride(0), coeff.stride(0),
         bias.stride(0) if has_bias else 0,
         A.stride(0) if has_lowrank else 0, A.stride(1) if has_lowrank else 0,
         B.stride(0) if has_lowrank else 0, B.stride(1) if has_lowrank else 0,
+    )
+    constexprs = dict(
         HAS_BIAS=has_bias, HAS_LOWRANK=has_lowrank, PRESERVE_NORM=bool(preserve_norm),
         R_PAD=rank_pad(rank), EVEN_R=rank == rank_pad(rank), DOT_NATIVE=dot_native,
         DOT_UPCAST=_INTERPRETING, Z_PRECISION=z_precision(out.dtype),
     )
+    # The autotuner's own key: _KEY's values and every tensor argument's dtype.
+    key = (has_lowrank, D, d_src, rank, has_bias, bool(preserve_norm), dot_native,
+           *(t.dtype for t in args[:7]))
+    config = _TUNED.get(key)
+    if config is None or _INTERPRETING:
+        kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **constexprs)
+        tuned = getattr(kernel, "best_config", None)
+        if tuned is not None and not _INTERPRETING:
+            _TUNED[key] = tuned
+    else:
+        # Decode steps launch this kernel once per steered layer: skipping the autotuner's
+        # per-call bookkeeping roughly halves the host time of a launch (research_notes.md).
+        kernel.fn.run(*args, grid=(triton.cdiv(N, config.kwargs["BLOCK_N"]),), warmup=False,
+                      **constexprs, **config.all_kwargs())
     return out
+
+
+# autotuner key -> the config it chose, filled by the first launch of each key
+_TUNED: dict[tuple, triton.Config] = {}

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from steerkern import ops
-from steerkern.models import resolve_module
+from steerkern.models import execution_device, resolve_module
 from steerkern.vectors import SteeringVector
 
 POSITIONS = ("all", "prompt", "generated")
@@ -54,9 +54,13 @@ class _Site:
     B: torch.Tensor | None  # [K_site, D, R]
     slot_map: torch.Tensor  # [K + 1] int32: vector index -> site entry; entry K (for -1) is -1
     device: torch.device = field(init=False)
+    identity: bool = field(init=False)  # every vector has an entry here, in order: no gather
 
     def __post_init__(self):
         self.device = self.slot_map.device
+        count = self.slot_map.numel() - 1
+        self.identity = bool(torch.equal(self.slot_map[:count].cpu(),
+                                         torch.arange(count, dtype=torch.int32)))
 
 
 class SteeringBank:
@@ -95,7 +99,10 @@ class SteeringBank:
         self.normalize = bool(normalize)
         self.positions, self._position_mask = _check_positions(positions)
         self.sites = self._build_sites()
-        self.input_device = _first_param(model).device
+        try:
+            self.input_device = execution_device(model, model)
+        except ValueError:  # offloaded root without a hook of its own: rows move per call
+            self.input_device = torch.device("cpu")
         self._row_slot = torch.zeros(1, dtype=torch.int64, device=self.input_device)
         self._row_coeff = torch.ones(1, dtype=torch.float32, device=self.input_device)
         self._rows: int | None = None  # None: one slot and coefficient broadcast to every row
@@ -115,7 +122,7 @@ class SteeringBank:
         for (layer, target, source), entries in sorted(keys.items()):
             module = resolve_module(self.model, layer, target)
             reference = _first_param(module)
-            device = reference.device
+            device = execution_device(self.model, module)
             dtype = reference.dtype if reference.is_floating_point() else torch.float32
             sites.append(self._build_site(module, source, entries, device, dtype))
         return sites
@@ -236,10 +243,15 @@ class SteeringBank:
         batch, length = tokens.shape[0], tokens.shape[1]
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        past = _past_length(kwargs, mask, length)
-        if past == 0:
-            self._prompt_len = length
-        steer_here = self._positions_steered(batch, past, length, tokens.device)
+        steer_here = None
+        if self.positions != "all":
+            past = _past_length(kwargs, mask, length)
+            capturing = tokens.is_cuda and torch.cuda.is_current_stream_capturing()
+            if isinstance(past, torch.Tensor) and not capturing:
+                past = int(past)
+            if isinstance(past, int) and past == 0:
+                self._prompt_len = length
+            steer_here = self._positions_steered(batch, past, length, tokens.device)
         if mask is not None:
             valid = mask[:, -length:].to(torch.bool)
             steer_here = valid if steer_here is None else steer_here & valid
@@ -276,6 +288,11 @@ class SteeringBank:
         if self.positions == "all":
             return None
         if self.positions == "mask":
+            if isinstance(past, torch.Tensor):
+                raise RuntimeError(
+                    "steer: a positions mask needs the cache length on the host, which a CUDA "
+                    "graph capture cannot read; use positions='all', 'prompt' or 'generated' there"
+                )
             mask = self._position_mask.to(device)
             rows = mask.shape[0]
             if batch != rows:
@@ -285,7 +302,9 @@ class SteeringBank:
             if stop > past:
                 window[:, : stop - past] = mask[:, past:stop]
             return window
-        absolute = torch.arange(past, past + length, device=device)
+        if isinstance(past, torch.Tensor):
+            past = past.to(device)
+        absolute = torch.arange(length, device=device) + past
         prompt = absolute < self._prompt_len
         chosen = prompt if self.positions == "prompt" else ~prompt
         return chosen[None, :].expand(batch, length)
@@ -301,7 +320,7 @@ class SteeringBank:
                 )
             token_slot, token_coeff = self._token_state[site.device]
             # token_slot is -1 for unsteered tokens; index K of slot_map holds -1.
-            slot = site.slot_map[token_slot]
+            slot = token_slot if site.identity else site.slot_map[token_slot]
             src = None
             if site.source == "input":
                 source = args[0] if args else next(iter(kwargs.values()))
@@ -324,13 +343,16 @@ class SteeringBank:
         return hook
 
 
-def _past_length(kwargs, mask, length) -> int:
-    """Tokens already in the KV cache, from shapes only (no host sync)."""
+def _past_length(kwargs, mask, length) -> int | torch.Tensor:
+    """Tokens already in the KV cache: from the attention mask's shape when there is one (no
+    host sync), else from the cache, where a static cache answers with a 0-dim device tensor
+    (left as a tensor so that a CUDA graph capture never waits on the host)."""
     if mask is not None:
         return mask.shape[1] - length
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None and hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
+        past = cache.get_seq_length()
+        return past if isinstance(past, torch.Tensor) else int(past)
     return 0
 
 

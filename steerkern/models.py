@@ -357,3 +357,44 @@ def module_weight(module: nn.Module) -> torch.Tensor:
     if type(module).__name__ == "Conv1D":
         return weight.t()
     return weight
+
+
+def execution_device(model: nn.Module, module: nn.Module) -> torch.device:
+    """The device ``module`` computes on.
+
+    Its parameters' device, except under accelerate's offloading (``device_map`` entries
+    "cpu"/"disk" next to a GPU, ``cpu_offload``): the parameters then sit on ``meta`` between
+    calls and a dispatch hook (``_hf_hook``) names the execution device: the one on the module,
+    else on the sub-modules that hold its weights, else on its nearest ancestor.
+    """
+    tensors = [t for t in module.parameters()] or [t for t in module.buffers()]
+    if not tensors:
+        raise ValueError(f"{type(module).__name__} has no parameters to take a device from")
+    if tensors[0].device.type != "meta":
+        return tensors[0].device
+    for inner in module.modules():  # the module, then the sub-modules whose weights compute it
+        device = _hook_execution_device(inner)
+        if device is not None:
+            return device
+    names = {id(m): name for name, m in model.named_modules()}
+    if id(module) not in names:
+        raise ValueError(f"{type(module).__name__} is not a sub-module of the model")
+    modules = dict(model.named_modules())
+    parts = names[id(module)].split(".") if names[id(module)] else []
+    for depth in range(len(parts) - 1, -1, -1):  # then the ancestors
+        device = _hook_execution_device(modules[".".join(parts[:depth])])
+        if device is not None:
+            return device
+    raise ValueError(
+        f"{type(module).__name__} has its weights on 'meta' and no dispatch hook names where it "
+        "runs: load the model with device_map=... (accelerate) or move it to a device"
+    )
+
+
+def _hook_execution_device(module: nn.Module) -> torch.device | None:
+    hook = getattr(module, "_hf_hook", None)
+    for candidate in getattr(hook, "hooks", None) or [hook]:
+        device = getattr(candidate, "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return None

@@ -197,12 +197,39 @@ def steer_(
         return out
     bias, A, B, src = (_unit_last_stride(t) for t in (bias, A, B, src))
     if _use_triton(out) and torch.float64 not in (out.dtype, _dtype(bias), _dtype(A), _dtype(src)):
+        if out.is_cuda and torch.compiler.is_compiling():
+            # Opaque to dynamo and inductor: no graph break, CUDA-graph safe.
+            torch.ops.steerkern.steer_cuda_(out, slot, coeff, bias, A, B, src, bool(preserve_norm))
+            return out
         from csrc_triton.steer import steer_triton_
 
         return steer_triton_(out, slot, coeff, bias, A, B, src, preserve_norm)
     from csrc_triton.steer_ref import steer_ref_
 
     return steer_ref_(out, slot, coeff, bias, A, B, src, preserve_norm)
+
+
+@torch.library.custom_op("steerkern::steer_cuda_", mutates_args=("out",), device_types="cuda")
+def _steer_cuda_op(
+    out: torch.Tensor,
+    slot: torch.Tensor,
+    coeff: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor | None,
+    B: torch.Tensor | None,
+    src: torch.Tensor | None,
+    preserve_norm: bool,
+) -> None:
+    """The fused kernel as a torch custom op, for ``torch.compile``: dynamo does not trace the
+    Triton launcher (autotuning with pruning and ``restore_value``); it sees one mutating op."""
+    from csrc_triton.steer import steer_triton_
+
+    steer_triton_(out, slot, coeff, bias, A, B, src, preserve_norm)
+
+
+@_steer_cuda_op.register_fake
+def _(out, slot, coeff, bias, A, B, src, preserve_norm) -> None:
+    return None
 
 
 class _Steer(torch.autograd.Function):

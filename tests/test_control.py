@@ -377,3 +377,28 @@ def test_torch_compile_no_graph_break_and_no_recompile_on_new_coefficients(tiny_
     torch.testing.assert_close(second, eager)
     assert not torch.equal(first, second)
     dynamo.reset()
+
+
+def test_offloaded_model_steers_on_the_execution_device(tiny_model_factory):
+    """accelerate's offloading keeps weights on 'meta' between calls; the bank takes the
+    execution device from the dispatch hooks and steers exactly as on the plain model."""
+    from accelerate import cpu_offload
+
+    from tests.tiny_models import build_tiny_model
+
+    plain = tiny_model_factory("llama")
+    offloaded = cpu_offload(build_tiny_model("llama"), execution_device=torch.device("cpu"))
+    assert next(offloaded.model.layers[1].parameters()).device.type == "meta"
+    vectors = [random_vector(plain, [1, 2], 0), lowrank_vector(plain, 2, 1)]
+    ids = torch.randint(3, 100, (2, 6))
+    results = []
+    for model in (plain, offloaded):
+        bank = SteeringBank(model, vectors)
+        assert {site.device.type for site in bank.sites} == {"cpu"}
+        bank.set_batch(slots=[0, 1], coeff=[2.0, -1.5])
+        with torch.no_grad(), bank.attached():
+            results.append(model(ids).logits)
+        assert steerkern_hook_count(model) == 0
+    torch.testing.assert_close(results[1], results[0])
+    with torch.no_grad():
+        assert not torch.allclose(offloaded(ids).logits, results[1])

@@ -165,6 +165,7 @@ def test_preserve_norm_keeps_row_norms(backend):
     assert not torch.allclose(got, case["out"])
 
 
+@pytest.mark.interpreter
 @settings(max_examples=6, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     N=st.integers(1, 20),
@@ -249,6 +250,7 @@ def test_steer_gradcheck_float64(backend, form):
         assert torch.autograd.gradcheck(f, inputs)
 
 
+@pytest.mark.interpreter
 def test_steer_fp32_kernel_forward_and_backward_match_reference_autograd():
     case = make_case(12, 40, 3, 3, torch.float32, seed=9)
     names = ("out", "coeff", "bias", "A", "B")
@@ -266,6 +268,7 @@ def test_steer_fp32_kernel_forward_and_backward_match_reference_autograd():
     assert torch.equal(a[0].detach(), case["out"])  # steer() is out of place
 
 
+@pytest.mark.interpreter
 def test_steer_accepts_any_layout_of_out():
     case = make_case(8, 24, 2, 2, torch.float32, seed=11)
     col_major = case["out"].T.contiguous().T
