@@ -3,7 +3,9 @@
 - ``coherence_penalty``: the per-token coherence penalty, the one place its maths lives.
 - ``sequence_penalty``: that penalty reduced per token / per sequence / per batch.
 - ``margin_loss``: the fused margin loss from hidden states, never holding ``[N, V]`` logits.
-- ``inner_contrastive_loss``: the representation-level contrastive loss with its coherence terms.
+- ``inner_contrastive_loss``: the representation-level contrastive loss with its coherence terms;
+  the SPEC form by default, and a bounded form (``projection="tanh"``, a shared ``scale``, an
+  optional ``shift_weight`` term) that ``train_adapter`` uses (``projection_loss`` has the maths).
 
 Penalty, with ``d[n] = logp_ref[n] - logp_pi[n]`` (how much worse the steered policy predicts
 token n than the reference) and margin ``tau``::
@@ -18,6 +20,7 @@ predicted tokens by making frequent ones very likely.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -199,6 +202,7 @@ class ContrastiveLoss(NamedTuple):
     coh_pos: torch.Tensor  # mean_b L_coh(+1), on chosen sequences
     coh_neg: torch.Tensor  # mean_b L_coh(-1), on rejected sequences
     order: torch.Tensor  # mean_b ordering hinge (0 when order_weight == 0)
+    shift: torch.Tensor | None = None  # mean_b [L_shift(+1) + L_shift(-1)] (0 when shift_weight == 0)
 
 
 def _last_tokens(h: torch.Tensor, n_last: int, name: str, attention_mask) -> torch.Tensor:
@@ -249,16 +253,73 @@ def projection_scores(
     return ((a - b) @ u.to(a.dtype)).mean(dim=1)
 
 
+PROJECTIONS = ("linear", "tanh")
+
+
+def _pair_scale(s_ref: torch.Tensor, scale, eps: float) -> torch.Tensor:
+    """The divisor ``S`` of the projection terms, ``[B]`` (broadcast from a scalar where shared).
+
+    ``"pair"``: ``|s_ref[b]| + eps`` (SPEC section 3); ``"batch"``: ``mean_b |s_ref[b]| + eps``,
+    the same for every pair of the batch; a positive float: that constant (a data-level scale,
+    e.g. the mean ``|s_ref|`` over the whole training set). Autograd differentiates ``S``
+    through ``s_ref`` in the pair and batch forms (in training ``s_ref`` is a constant anyway).
+    """
+    if isinstance(scale, str):
+        if scale == "pair":
+            return s_ref.abs() + eps
+        if scale == "batch":
+            return (s_ref.abs().mean() + eps).expand_as(s_ref)
+        raise ValueError(f"scale must be 'pair', 'batch' or a positive number, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+            or scale <= 0:
+        raise ValueError(f"scale must be 'pair', 'batch' or a positive number, got {scale!r}")
+    return torch.full_like(s_ref, float(scale))
+
+
 def projection_loss(
-    s_pi: torch.Tensor, s_ref: torch.Tensor, c: int, eps: float = 1e-6
+    s_pi: torch.Tensor,
+    s_ref: torch.Tensor,
+    c: int,
+    eps: float = 1e-6,
+    *,
+    projection: str = "linear",
+    scale="pair",
+    saturation: float = 2.0,
 ) -> torch.Tensor:
-    """``mean_b L_proj(c) = mean_b[-c * s_pi[b] / (|s_ref[b]| + eps)]`` for ``c`` in {+1, -1}.
+    """``mean_b L_proj(c)`` for ``c`` in {+1, -1}; ``s_pi``, ``s_ref``: ``[B]``; returns a scalar.
+
+    With ``S[b]`` from ``scale`` (``"pair"``: ``|s_ref[b]| + eps``; ``"batch"``:
+    ``mean_b |s_ref| + eps``; a float: that constant) and the normalised shift toward the side
+    ``c`` asks for, ``z[b] = c * (s_pi[b] - s_ref[b]) / S[b]``::
+
+        linear (SPEC section 3):  L_proj(c) = -c * s_pi / S          (= -z - c * s_ref / S)
+        tanh:                     L_proj(c) = -m * tanh(z / m)       m = saturation > 0
+
+    ``linear`` is unbounded below: it falls linearly in the adapter's gain while the per-token
+    coherence penalty grows only logarithmically (log_barrier) or quadratically in the per-token
+    log-prob drop, which itself saturates once the text is garbage, so its minimum sits at
+    infinite gain (measured: loss -311 after 60 steps, token salad). ``tanh`` has the same
+    value and slope as ``linear`` at the reference (``dL/dz = -1`` at ``z = 0``; the constant
+    ``c * s_ref / S`` is dropped, so ``L_proj = 0`` there), but ``-m < L_proj < 0`` for
+    ``z > 0`` and ``dL/dz = -sech^2(z/m)`` decays like ``4 exp(-2z/m)``: the reward is worth at
+    most ``m`` (a shift of about ``m`` reference separations), so any coherence cost above
+    that stops the optimiser at a finite gain. Gradient:
+    ``dL/ds_pi[b] = -(c / S[b]) * sech^2(z[b] / m) / B``.
 
     The sign comes from ``c`` alone: nothing here looks at the sign of ``s_pi`` or ``s_ref``.
     """
     if c not in (1, -1):
         raise ValueError(f"c must be +1 or -1, got {c!r}")
-    return (-c * s_pi / (s_ref.abs() + eps)).mean()
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    if isinstance(saturation, bool) or not isinstance(saturation, (int, float)) \
+            or not math.isfinite(saturation) or saturation <= 0:
+        raise ValueError(f"saturation must be a positive number, got {saturation!r}")
+    S = _pair_scale(s_ref, scale, eps)
+    if projection == "linear":
+        return (-c * s_pi / S).mean()
+    z = c * (s_pi - s_ref) / S
+    return (-saturation * torch.tanh(z / saturation)).mean()
 
 
 def inner_contrastive_loss(
@@ -277,8 +338,16 @@ def inner_contrastive_loss(
     kappa: float = 1.0,
     order_weight: float = 0.0,
     order_margin: float = 0.0,
+    projection: str = "linear",
+    scale="pair",
+    saturation: float = 2.0,
+    shift_weight: float = 0.0,
 ) -> ContrastiveLoss:
     """Inner contrastive loss of SPEC section 3, for steering coefficients c = +1 and c = -1.
+
+    The defaults (``projection="linear"``, ``scale="pair"``) are the SPEC formula exactly;
+    ``projection="tanh"`` with a ``"batch"`` or data-level ``scale`` is the bounded variant that
+    ``steerkern.train_adapter`` uses by default (see ``projection_loss`` for why).
 
     Args:
         pi_pos: ``(h_cho, h_rej)`` policy hidden states at the loss layer under c = +1, each
@@ -290,23 +359,47 @@ def inner_contrastive_loss(
         coherence_neg: per-token log-probs of the rejected sequences under c = -1.
         n_last: number of last positions read.
         attention_mask: optional ``(mask_cho, mask_rej)`` ``[B, T]`` to check no pad is read.
-        eps: added to ``|s_ref|``.
+        eps: added to ``|s_ref|`` (pair and batch scales).
         tau, kind, kappa: the coherence penalty (``coherence_penalty``).
         order_weight, order_margin: optional monotonic ordering term (below).
+        projection: ``"linear"`` (SPEC, unbounded below) or ``"tanh"`` (bounded by
+            ``saturation``).
+        scale: the divisor ``S`` of the projection and ordering terms: ``"pair"`` (SPEC,
+            ``|s_ref[b]| + eps``), ``"batch"`` (``mean_b |s_ref[b]| + eps``) or a positive float
+            (a data-level constant, e.g. the mean ``|s_ref|`` over the training set).
+        saturation: ``m`` of the tanh projection, in units of ``S`` (ignored for linear).
+        shift_weight: weight of the optional shift term (below; 0: off, the SPEC loss).
+
+    Why not per pair: ``1 / (|s_ref[b]| + eps)`` weights a pair whose reference separation is
+    near 0 by up to ``1 / eps = 1e6``, and it flips the meaning of "a unit shift" from pair to
+    pair. With a shared ``S`` every pair's shift is measured in the same unit, the weight of a
+    pair is bounded, and with a data-level constant (not recomputed per batch) the minibatch loss
+    is an unbiased estimate of the full-data loss (a batch mean in the denominator is not).
 
     Maths (per pair b; ``u`` fixed, ``c`` fixed — the sign is never flipped to the easier side)::
 
         s_pi(c) = mean_t (h_pi(c)[cho, t] - h_pi(c)[rej, t]) . u      s_ref likewise from ref
-        L_proj(c) = -c * s_pi(c) / (|s_ref| + eps)
+        z(c) = c * (s_pi(c) - s_ref) / S
+        L_proj(c) = -c * s_pi(c) / S           (linear)    or    -m * tanh(z(c) / m)   (tanh)
         L_coh(+1) = mean over masked tokens of penalty(logp_ref - logp_pi) on chosen sequences,
         L_coh(-1) the same on rejected sequences
-        L_order = relu(m - (s_pi(+1) - s_ref) / (|s_ref| + eps))
-                + relu(m - (s_ref - s_pi(-1)) / (|s_ref| + eps))       (requires s_pi(+1) > s_ref > s_pi(-1))
+        L_order = relu(m_o - (s_pi(+1) - s_ref) / S)
+                + relu(m_o - (s_ref - s_pi(-1)) / S)       (requires s_pi(+1) > s_ref > s_pi(-1))
+        e(c) = (mean_t (h_pi(c)[cho, t] - h_ref[cho, t]) . u
+                + mean_t (h_pi(c)[rej, t] - h_ref[rej, t]) . u) / 2
+        L_shift(c) = -c * e(c) / S             (linear)    or    -m * tanh(c * e(c) / (m S))
         loss = mean_b[L_proj(+1) + L_coh(+1)] + mean_b[L_proj(-1) + L_coh(-1)]
-               + order_weight * mean_b[L_order]
+               + order_weight * mean_b[L_order] + shift_weight * mean_b[L_shift(+1) + L_shift(-1)]
+
+    The shift term: ``L_proj`` reads only the chosen-minus-rejected *difference*, which a steering
+    bias added to both texts leaves unchanged (exactly so at the steered layer), so ``L_proj``
+    trains the low-rank map to amplify (c = +1) or reverse (c = -1) the difference a text already
+    has, and gives the bias no gradient of its own. ``L_shift`` rewards moving *both* texts along
+    ``c * u`` relative to the reference, what an extracted additive vector does; with ``tanh`` it
+    is bounded by ``m`` like ``L_proj``.
 
     Returns:
-        ``ContrastiveLoss(loss, proj_pos, proj_neg, coh_pos, coh_neg, order)``, all scalars.
+        ``ContrastiveLoss(loss, proj_pos, proj_neg, coh_pos, coh_neg, order, shift)``, all scalars.
     """
     if not isinstance(n_last, int) or isinstance(n_last, bool) or n_last < 1:
         raise ValueError(f"n_last must be a positive int, got {n_last!r}")
@@ -314,6 +407,10 @@ def inner_contrastive_loss(
         raise ValueError(f"eps must be > 0, got {eps}")
     if order_weight < 0:
         raise ValueError(f"order_weight must be >= 0, got {order_weight}")
+    if shift_weight < 0:
+        raise ValueError(f"shift_weight must be >= 0, got {shift_weight}")
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
     for name, pair in (("pi_pos", pi_pos), ("pi_neg", pi_neg), ("ref", ref)):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise TypeError(f"{name} must be a (h_cho, h_rej) pair of [B, T, D] tensors")
@@ -323,9 +420,10 @@ def inner_contrastive_loss(
     s_ref = projection_scores(ref[0], ref[1], u, n_last, *masks)
     if not (s_pos.shape == s_neg.shape == s_ref.shape):
         raise ValueError("pi_pos, pi_neg and ref must share the batch size B")
-    scale = s_ref.abs() + eps
-    proj_pos = projection_loss(s_pos, s_ref, +1, eps)
-    proj_neg = projection_loss(s_neg, s_ref, -1, eps)
+    scale_b = _pair_scale(s_ref, scale, eps)
+    proj = dict(projection=projection, scale=scale, saturation=saturation)
+    proj_pos = projection_loss(s_pos, s_ref, +1, eps, **proj)
+    proj_neg = projection_loss(s_neg, s_ref, -1, eps, **proj)
     zero = s_pos.new_zeros(())
 
     def coherence(inputs: CoherenceInputs | None, name: str) -> torch.Tensor:
@@ -350,10 +448,23 @@ def inner_contrastive_loss(
     coh_neg = coherence(coherence_neg, "coherence_neg")
     if order_weight > 0:
         order = (
-            torch.relu(order_margin - (s_pos - s_ref) / scale)
-            + torch.relu(order_margin - (s_ref - s_neg) / scale)
+            torch.relu(order_margin - (s_pos - s_ref) / scale_b)
+            + torch.relu(order_margin - (s_ref - s_neg) / scale_b)
         ).mean()
     else:
         order = zero
+    if shift_weight > 0:
+        shift = zero
+        for c, pair in ((+1, pi_pos), (-1, pi_neg)):
+            e = 0.5 * (projection_scores(pair[0], ref[0], u, n_last)
+                       + projection_scores(pair[1], ref[1], u, n_last))
+            if projection == "linear":
+                shift = shift + (-c * e / scale_b).mean()
+            else:
+                shift = shift + (-saturation * torch.tanh(c * e / (saturation * scale_b))).mean()
+    else:
+        shift = zero
     loss = (proj_pos + coh_pos) + (proj_neg + coh_neg) + order_weight * order
-    return ContrastiveLoss(loss, proj_pos, proj_neg, coh_pos, coh_neg, order)
+    if shift_weight > 0:
+        loss = loss + shift_weight * shift
+    return ContrastiveLoss(loss, proj_pos, proj_neg, coh_pos, coh_neg, order, shift)

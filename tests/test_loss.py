@@ -205,8 +205,9 @@ def _contrastive_inputs(seed=0):
     return states, u, coh
 
 
-def _plain_contrastive(states, u, coh, kind, order_weight, order_margin):
-    """SPEC section 3 written out with loops over the batch, float64."""
+def _plain_contrastive(states, u, coh, kind, order_weight, order_margin, projection="linear",
+                       scale="pair", saturation=2.0, shift_weight=0.0):
+    """SPEC section 3 (and its bounded variant) written out with loops over the batch, float64."""
 
     def s(pair, b):
         cho, rej = pair
@@ -224,22 +225,46 @@ def _plain_contrastive(states, u, coh, kind, order_weight, order_margin):
         ]
         return sum(vals) / len(vals)
 
+    def S(b):
+        if scale == "pair":
+            return abs(s(states["ref"], b)) + EPS
+        if scale == "batch":
+            return sum(abs(s(states["ref"], k)) for k in range(B)) / B + EPS
+        return scale
+
+    def proj(c, key, b):
+        if projection == "linear":
+            return -c * s(states[key], b) / S(b)
+        z = c * (s(states[key], b) - s(states["ref"], b)) / S(b)
+        return -saturation * torch.tanh(z / saturation)
+
     total = 0.0
     for c, key in ((+1, "pos"), (-1, "neg")):
         terms = []
         for b in range(B):
-            s_ref = s(states["ref"], b)
-            terms.append(-c * s(states[key], b) / (abs(s_ref) + EPS) + coh_term(coh[key], b))
+            terms.append(proj(c, key, b) + coh_term(coh[key], b))
         total = total + sum(terms) / B
     order = 0.0
     for b in range(B):
-        s_ref, scale = s(states["ref"], b), abs(s(states["ref"], b)) + EPS
+        s_ref = s(states["ref"], b)
         order = (
             order
-            + torch.relu(order_margin - (s(states["pos"], b) - s_ref) / scale)
-            + torch.relu(order_margin - (s_ref - s(states["neg"], b)) / scale)
+            + torch.relu(order_margin - (s(states["pos"], b) - s_ref) / S(b))
+            + torch.relu(order_margin - (s_ref - s(states["neg"], b)) / S(b))
         )
-    return total + order_weight * order / B
+    shift = 0.0
+    for c, key in ((+1, "pos"), (-1, "neg")):
+        for b in range(B):
+            e = 0.0
+            for side in (0, 1):
+                for k in range(1, N_LAST + 1):
+                    e = e + (states[key][side][b, -k] - states["ref"][side][b, -k]) @ u
+            e = e / (2 * N_LAST)
+            if projection == "linear":
+                shift = shift - c * e / S(b)
+            else:
+                shift = shift - saturation * torch.tanh(c * e / (saturation * S(b)))
+    return total + order_weight * order / B + shift_weight * shift / B
 
 
 def _leaves(states, u, coh):
@@ -253,9 +278,18 @@ def _leaves(states, u, coh):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("order_weight", [0.0, 0.7])
-def test_inner_contrastive_every_gradient_matches_plain_reference(kind, order_weight):
+@pytest.mark.parametrize(
+    "projection, scale, shift_weight",
+    [("linear", "pair", 0.0), ("tanh", "pair", 0.0), ("linear", "batch", 0.0),
+     ("tanh", "batch", 0.0), ("tanh", 0.37, 0.0), ("tanh", 0.37, 0.9), ("linear", "pair", 0.9)],
+)
+def test_inner_contrastive_every_gradient_matches_plain_reference(kind, order_weight, projection,
+                                                                  scale, shift_weight):
+    """Every term (SPEC linear/pair and the bounded tanh with batch / data scales) against autograd
+    of the loop reference, float64, for every input's gradient."""
     states, u, coh = _contrastive_inputs()
     margin = 0.3
+    saturation = 0.8  # small enough that the inputs' z reach the curved part of tanh
     st1, u1, ch1 = _leaves(states, u, coh)
     out = inner_contrastive_loss(
         st1["pos"],
@@ -271,9 +305,14 @@ def test_inner_contrastive_every_gradient_matches_plain_reference(kind, order_we
         kappa=KAPPA,
         order_weight=order_weight,
         order_margin=margin,
+        projection=projection,
+        scale=scale,
+        saturation=saturation,
+        shift_weight=shift_weight,
     )
     st2, u2, ch2 = _leaves(states, u, coh)
-    want = _plain_contrastive(st2, u2, ch2, kind, order_weight, margin)
+    want = _plain_contrastive(st2, u2, ch2, kind, order_weight, margin, projection, scale,
+                              saturation, shift_weight)
     torch.testing.assert_close(out.loss, want, atol=1e-12, rtol=1e-10)
     out.loss.backward()
     want.backward()
@@ -286,6 +325,10 @@ def test_inner_contrastive_every_gradient_matches_plain_reference(kind, order_we
         torch.testing.assert_close(ch1[k][1].grad, ch2[k][1].grad, atol=1e-12, rtol=1e-9)
     if order_weight == 0:
         assert out.order.item() == 0.0
+    if shift_weight == 0:
+        assert out.shift.item() == 0.0
+    else:
+        assert out.shift.item() != 0.0
 
 
 def test_inner_contrastive_terms_are_reported():
@@ -356,3 +399,138 @@ def test_inner_contrastive_reads_only_the_last_n_tokens_and_checks_padding():
         inner_contrastive_loss(states["pos"], states["neg"], states["ref"], u[:-1])
     with pytest.raises(ValueError, match="n_last"):
         inner_contrastive_loss(states["pos"], states["neg"], states["ref"], u, n_last=0)
+
+
+# --- the bounded projection -----------------------------------------------------------------
+
+
+def _scores(B_=5, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    s_ref = torch.randn(B_, generator=g, dtype=torch.float64)
+    s_pi = s_ref + torch.randn(B_, generator=g, dtype=torch.float64)
+    return s_pi, s_ref
+
+
+@pytest.mark.parametrize("c", [1, -1])
+@pytest.mark.parametrize("scale", ["pair", "batch", 0.6])
+def test_tanh_projection_value_and_gradient_formula(c, scale):
+    """L = -m tanh(z/m), z = c (s_pi - s_ref)/S; dL/ds_pi[b] = -(c/S[b]) sech^2(z[b]/m) / B."""
+    from steerkern.loss import projection_loss
+
+    s_pi, s_ref = _scores()
+    m = 1.3
+    if scale == "pair":
+        S = s_ref.abs() + EPS
+    elif scale == "batch":
+        S = torch.full_like(s_ref, float(s_ref.abs().mean()) + EPS)
+    else:
+        S = torch.full_like(s_ref, scale)
+    x = s_pi.clone().requires_grad_()
+    out = projection_loss(x, s_ref, c, EPS, projection="tanh", scale=scale, saturation=m)
+    out.backward()
+    z = c * (s_pi - s_ref) / S
+    want = [(-m * math.tanh(float(zb) / m)) for zb in z]
+    assert out.item() == pytest.approx(sum(want) / len(want), rel=1e-12)
+    slope = [-(c / float(S[b])) / math.cosh(float(z[b]) / m) ** 2 / len(z) for b in range(len(z))]
+    torch.testing.assert_close(x.grad, torch.tensor(slope, dtype=torch.float64), rtol=1e-10,
+                               atol=1e-14)
+
+
+def test_tanh_projection_is_bounded_and_matches_linear_slope_at_reference():
+    """However far s_pi moves toward the asked side, L_proj(tanh) stays above -saturation, while
+    the SPEC linear form falls without bound; at s_pi = s_ref both have the same gradient."""
+    from steerkern.loss import projection_loss
+
+    _, s_ref = _scores()
+    m = 2.0
+    for c in (1, -1):
+        for gain in (1.0, 10.0, 1e3, 1e6):
+            s_pi = s_ref + c * gain * s_ref.abs()
+            bounded = projection_loss(s_pi, s_ref, c, projection="tanh", scale="batch",
+                                      saturation=m)
+            linear = projection_loss(s_pi, s_ref, c, projection="linear", scale="batch")
+            assert -m <= bounded.item() < 0
+            if gain >= 1e3:
+                assert linear.item() < -100 * m
+        grads = []
+        for projection in ("linear", "tanh"):
+            x = s_ref.clone().requires_grad_()
+            projection_loss(x, s_ref, c, projection=projection, scale="batch").backward()
+            grads.append(x.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=0)
+        assert float(grads[1][0]) * c < 0  # c = +1 rewards raising s_pi, c = -1 lowering it
+
+
+def test_shared_scale_bounds_the_weight_of_a_pair_with_zero_reference_separation():
+    """Per pair, a pair with s_ref ~ 0 gets weight 1/eps; with the batch scale every pair's
+    gradient is 1/(B mean|s_ref|)."""
+    from steerkern.loss import projection_loss
+
+    s_ref = torch.tensor([1.0, -2.0, 0.0, 3.0], dtype=torch.float64)
+    grads = {}
+    for scale in ("pair", "batch"):
+        x = s_ref.clone().requires_grad_()
+        projection_loss(x, s_ref, 1, EPS, scale=scale).backward()
+        grads[scale] = x.grad
+    assert abs(float(grads["pair"][2])) == pytest.approx(1 / (4 * EPS))
+    want = -1 / (4 * (float(s_ref.abs().mean()) + EPS))
+    torch.testing.assert_close(grads["batch"], torch.full_like(s_ref, want), rtol=1e-12, atol=0)
+
+
+def test_data_scale_equals_batch_scale_when_given_its_value():
+    states, u, coh = _contrastive_inputs(5)
+    batch = inner_contrastive_loss(states["pos"], states["neg"], states["ref"], u, n_last=N_LAST,
+                                   projection="tanh", scale="batch", order_weight=0.4,
+                                   order_margin=0.5)
+    from steerkern.loss import projection_scores
+
+    s_ref = projection_scores(*states["ref"], u, N_LAST)
+    data = inner_contrastive_loss(states["pos"], states["neg"], states["ref"], u, n_last=N_LAST,
+                                  projection="tanh", scale=float(s_ref.abs().mean()) + EPS,
+                                  order_weight=0.4, order_margin=0.5)
+    torch.testing.assert_close(data.loss, batch.loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(data.order, batch.order, rtol=1e-12, atol=1e-14)
+    assert data.order.item() > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(projection="cubic"), "projection"),
+        (dict(scale="mean"), "scale"),
+        (dict(scale=0.0), "scale"),
+        (dict(scale=float("inf")), "scale"),
+        (dict(scale=True), "scale"),
+        (dict(projection="tanh", saturation=0.0), "saturation"),
+        (dict(projection="tanh", saturation=float("nan")), "saturation"),
+        (dict(shift_weight=-1.0), "shift_weight"),
+    ],
+)
+def test_bounded_projection_rejects_bad_arguments(kwargs, match):
+    states, u, _ = _contrastive_inputs(6)
+    with pytest.raises(ValueError, match=match):
+        inner_contrastive_loss(states["pos"], states["neg"], states["ref"], u, n_last=N_LAST,
+                               **kwargs)
+
+
+def test_shift_term_rewards_moving_both_texts_along_c_u_and_ignores_the_difference_term():
+    """Adding the same +u to chosen and rejected under c=+1 leaves L_proj unchanged (a shared
+    shift cancels in the difference) but lowers L_shift; under c=-1 it raises L_shift. Bounded:
+    however far both move, the shift term stays above -2m (two signs)."""
+    states, u, _ = _contrastive_inputs(8)
+    kw = dict(n_last=N_LAST, projection="tanh", scale=0.5, saturation=1.5, shift_weight=1.0)
+    base = inner_contrastive_loss(states["pos"], states["neg"], states["ref"], u, **kw)
+    for c, key in ((1, "pos"), (-1, "neg")):
+        moved = dict(states)
+        moved[key] = (states[key][0] + u, states[key][1] + u)
+        out = inner_contrastive_loss(moved["pos"], moved["neg"], moved["ref"], u, **kw)
+        torch.testing.assert_close(out.proj_pos, base.proj_pos, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out.proj_neg, base.proj_neg, rtol=1e-12, atol=1e-12)
+        if c == 1:
+            assert out.shift.item() < base.shift.item()
+        else:
+            assert out.shift.item() > base.shift.item()
+    far = {k: (v[0] + 1e6 * u, v[1] + 1e6 * u) if k == "pos" else
+           ((v[0] - 1e6 * u, v[1] - 1e6 * u) if k == "neg" else v) for k, v in states.items()}
+    out = inner_contrastive_loss(far["pos"], far["neg"], far["ref"], u, **kw)
+    assert -2 * 1.5 <= out.shift.item() < -2 * 1.5 + 1e-6

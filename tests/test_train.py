@@ -97,14 +97,10 @@ def test_model_left_unchanged(trained):
     assert_unchanged(model, before)
 
 
-def test_vector_steers_toward_chosen(trained):
-    model, vector, _ = trained
-    part = vector.parts[(1, "residual")]
-    assert part.A.shape == (64, 2) and part.B.shape == (64, 2) and part.bias.shape == (64,)
-    assert part.B.abs().max() > 0  # the low-rank map was trained away from its zero init
-    # u as train_adapter defines it: the normalised mean chosen - rejected difference, unsteered
+def reference_diffs(model, loss_layer=2, n_last=4):
+    """Unsteered ``h_cho - h_rej`` at the loss layer's last n_last positions, ``[pairs, n_last, D]``."""
     diffs, seen = [], {}
-    handle = decoder_layers(model)[2].register_forward_hook(
+    handle = decoder_layers(model)[loss_layer].register_forward_hook(
         lambda m, a, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out))
     try:
         for cho, rej in PAIRS:
@@ -112,11 +108,20 @@ def test_vector_steers_toward_chosen(trained):
             for text in (cho, rej):
                 with torch.no_grad():
                     model(input_ids=torch.tensor([ToyTokenizer()(text)["input_ids"]]))
-                hs.append(seen["h"][0, -4:].float())
+                hs.append(seen["h"][0, -n_last:].float())
             diffs.append(hs[0] - hs[1])
     finally:
         handle.remove()
-    u = torch.cat(diffs).mean(0)
+    return torch.stack(diffs)
+
+
+def test_vector_steers_toward_chosen(trained):
+    model, vector, _ = trained
+    part = vector.parts[(1, "residual")]
+    assert part.A.shape == (64, 2) and part.B.shape == (64, 2) and part.bias.shape == (64,)
+    assert part.B.abs().max() > 0  # the low-rank map was trained away from its zero init
+    # u as train_adapter defines it: the normalised mean chosen - rejected difference, unsteered
+    u = reference_diffs(model).reshape(-1, 64).mean(0)
     u = u / u.norm()
     tok = ToyTokenizer()
     s_plus = separation(model, tok, vector, 1.0, 2, u)
@@ -125,6 +130,79 @@ def test_vector_steers_toward_chosen(trained):
     assert s_plus > s_zero + 0.1 * abs(s_zero), (s_minus, s_zero, s_plus)
     assert s_minus < s_zero - 0.1 * abs(s_zero), (s_minus, s_zero, s_plus)
     assert steerkern_hook_count(model) == 0
+
+
+def test_default_loss_is_bounded_with_data_scale(trained):
+    """Defaults: tanh projection and shift terms (each of the two signs > -saturation, coherence
+    >= 0, so every step's loss > -2 m (1 + shift_weight)) divided by the data-level scale
+    mean_b |s_ref[b]|."""
+    model, vector, _ = trained
+    meta = vector.metadata
+    assert meta["projection"] == "tanh" and meta["saturation"] == 2.0
+    assert min(meta["loss_history"]) > -2 * meta["saturation"] * (1 + meta["shift_weight"])
+    diffs = reference_diffs(model)
+    u = diffs.reshape(-1, 64).mean(0)
+    s_ref = (diffs @ (u / u.norm())).mean(1)
+    assert meta["scale"] == pytest.approx(float(s_ref.abs().mean()), rel=1e-4)
+
+
+def test_terms_history_sums_to_the_loss(trained):
+    """Per-step terms are recorded and add up to the logged loss (the order term is off)."""
+    _, vector, _ = trained
+    meta = vector.metadata
+    terms = meta["terms_history"]
+    assert all(v == 0.0 for v in terms["order"])
+    for step, value in enumerate(meta["loss_history"]):
+        total = sum(terms[k][step] for k in ("proj_pos", "proj_neg", "coh_pos", "coh_neg"))
+        total += meta["shift_weight"] * terms["shift"][step]
+        assert total == pytest.approx(value, abs=1e-4)
+    assert terms["proj_pos"][-1] < 0 and terms["proj_neg"][-1] < 0
+
+
+def test_shift_term_moves_both_texts(tiny_model_factory):
+    """With shift_weight > 0 the adapter also moves the chosen *and* the rejected text along
+    c * u: at coefficient +1 the mean projection of every text on u goes up, at -1 down."""
+    model = tiny_model_factory("llama")
+    vector = train_adapter(model, ToyTokenizer(), PAIRS, layers=[1], loss_layer=2, rank=2,
+                           steps=20, lr=3e-2, batch_size=4, progress=False, seed=0,
+                           shift_weight=1.0)
+    terms = vector.metadata["terms_history"]
+    assert terms["shift"][0] == pytest.approx(0.0, abs=1e-5) and terms["shift"][-1] < -1.0
+    diffs = reference_diffs(model)
+    u = diffs.reshape(-1, 64).mean(0)
+    u = u / u.norm()
+    seen = {}
+    handle = decoder_layers(model)[2].register_forward_hook(
+        lambda m, a, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+
+    def mean_projection(coeff):
+        values = []
+        for text in [t for pair in PAIRS for t in pair]:
+            with torch.no_grad(), steer(model, vector, coeff=coeff):
+                model(input_ids=torch.tensor([ToyTokenizer()(text)["input_ids"]]))
+            values.append(float((seen["h"][0, -4:].float() @ u).mean()))
+        return sum(values) / len(values)
+
+    try:
+        plus, zero, minus = mean_projection(1.0), mean_projection(0.0), mean_projection(-1.0)
+    finally:
+        handle.remove()
+    scale = vector.metadata["scale"]
+    assert plus > zero + 0.5 * scale and minus < zero - 0.5 * scale, (minus, zero, plus, scale)
+    assert steerkern_hook_count(model) == 0
+
+
+def test_spec_linear_projection_is_available_and_unbounded(tiny_model_factory):
+    """projection="linear", scale="pair" is SPEC section 3 as written: on the same data and
+    settings as the default run its loss falls far below the bounded form's floor (-2 m)."""
+    model = tiny_model_factory("llama")
+    vector = train_adapter(model, ToyTokenizer(), PAIRS, layers=[1], loss_layer=2, rank=2,
+                           steps=40, lr=3e-2, batch_size=4, progress=False, seed=0,
+                           projection="linear", scale="pair", shift_weight=0.0)
+    meta = vector.metadata
+    assert meta["projection"] == "linear" and meta["scale"] == "pair"
+    assert abs(meta["loss_history"][0]) < 1e-4  # zero adapter: -s_ref/|s_ref| + s_ref/|s_ref|
+    assert min(meta["loss_history"]) < -4 * meta["saturation"]
 
 
 def test_error_mid_training_restores_model(tiny_model_factory, monkeypatch):
@@ -167,6 +245,10 @@ def test_error_mid_training_restores_model(tiny_model_factory, monkeypatch):
         (dict(steps=0), ValueError, "steps"),
         (dict(lr=float("nan")), ValueError, "lr"),
         (dict(kind="cubic"), ValueError, "kind"),
+        (dict(projection="cubic"), ValueError, "projection"),
+        (dict(scale="mean"), ValueError, "scale"),
+        (dict(saturation=0.0), ValueError, "saturation"),
+        (dict(shift_weight=-0.5), ValueError, "shift_weight"),
         (dict(target="mlp.nonexistent"), ValueError, "target"),
     ],
 )
