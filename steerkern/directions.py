@@ -29,7 +29,11 @@ Methods:
   for ``|c| > 1`` and oscillates when applied at several layers.)
 - ``weight_svd``: the steered module is a Linear with weight ``W = U_w S V_w^T`` ``[out, in]``.
   Differences are measured at its output, ``Δ`` ``[n, out]``, and expressed in ``U_w``:
-  ``m_j = u_j · m``. The ``r`` components with the largest ``|m_j|`` are kept. Steering is the
+  ``m_j = u_j · m``. A change ``dS_j`` of one singular value shifts the output along ``u_j`` by
+  ``dS_j (v_j · x)``, so on average it can deliver at most ``|m_j| * reach_j`` of the separation,
+  ``reach_j = mean(v_j·x)^2 / mean((v_j·x)^2)`` (in [0, 1]); the ``r`` components with the
+  largest ``|m_j| * reach_j`` are kept (ranking by ``|m_j|`` alone picked components whose
+  inputs average to ~0, which no coefficient can steer). Steering is the
   weight delta ``ΔW = U_k diag(dS) V_k^T`` (``A = V_k``, ``B = U_k diag(dS)``, ``src`` = the
   module input ``x``), i.e. a change of the kept singular values. ``dS_j`` is the least-squares
   solution of ``dS_j * (v_j · x_i) ≈ m_j`` over the inputs ``x_i`` of both members of every pair:
@@ -153,7 +157,8 @@ def weight_svd(out_diffs: torch.Tensor, inputs: torch.Tensor, weight: torch.Tens
         out_diffs: ``[n, out]`` differences of the module's output (chosen - rejected).
         inputs: ``[N, in]`` the module's inputs for both members of every pair.
         weight: ``[out, in]`` the module's weight.
-        rank: number of singular components kept (those with the largest ``|u_j · m|``).
+        rank: number of singular components kept (those with the largest achievable mean shift
+            ``|u_j · m| * mean(v_j·x)^2 / mean((v_j·x)^2)``).
     """
     dtype = _work_dtype(out_diffs)
     weight = weight.detach().to(out_diffs.device, dtype)
@@ -167,10 +172,18 @@ def weight_svd(out_diffs: torch.Tensor, inputs: torch.Tensor, weight: torch.Tens
     if not 1 <= rank <= u_w.shape[1]:
         raise ValueError(f"rank={rank} must be between 1 and the weight's rank bound {u_w.shape[1]}")
     m = out_diffs.mean(0) @ u_w  # [q] mean separation per left singular component
-    keep = torch.argsort(m.abs(), descending=True)[:rank]
+    p_all = inputs @ vh_w.T  # [N, q] input coordinates on every right singular vector
+    second = (p_all * p_all).mean(0)
+    # Fraction of m_j a change of s_j can deliver on average: mean(p)^2 / mean(p^2) in [0, 1].
+    # Components are ranked by the mean shift they can actually produce, |m_j| * reach_j, not by
+    # |m_j| alone: a component whose inputs average to ~0 cannot move the mean output at any
+    # coefficient, however large its separation.
+    reach = torch.where(second > 0, p_all.mean(0) ** 2 / second.clamp_min(torch.finfo(dtype).tiny),
+                        torch.zeros_like(second))
+    keep = torch.argsort(m.abs() * reach, descending=True)[:rank]
     u_k, v_k, m_k = u_w[:, keep], vh_w[keep].T, m[keep]
-    p = inputs @ v_k  # [N, r] input coordinates on the kept right singular vectors
-    denom = (p * p).mean(0)
+    p = p_all[:, keep]  # [N, r] input coordinates on the kept right singular vectors
+    denom = second[keep]
     if bool((denom == 0).any()):
         raise ValueError("weight_svd: the inputs have no component on a kept singular vector")
     ds = m_k * p.mean(0) / denom
