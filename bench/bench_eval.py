@@ -1,21 +1,33 @@
-"""Coefficient sweep cost: ``uv run pytest bench/bench_eval.py --benchmark-only``.
+"""Coefficient sweep cost: ``uv run pytest bench/bench_eval.py --benchmark-only``, or the
+paired table alone: ``uv run python bench/bench_eval.py [rounds]``.
 
 On the default model (SmolLM2-135M-Instruct), 16 prompts (the shipped sentiment eval
 questions, chat-rendered) x 5 coefficients, greedy, exactly ``NEW_TOKENS`` new tokens per row
-(``min_new_tokens = max_new_tokens``, so both variants do the same work):
+(``min_new_tokens = max_new_tokens``, so every variant does the same decode work), for each
+steering ``positions`` setting ("generated": only new tokens steered; "all": prompt too):
 
-- ``batched``: what ``steerkern.evaluate`` does — one ``generate`` of 80 rows, each row with its
-  own coefficient (``steer(model, [v], slots=..., coeff=per_row)``; coefficient 0 = slot -1);
-- ``per_coeff``: what a library that steers a whole batch with one scalar coefficient must do
-  (repeng, steering-vectors) — one ``generate`` of 16 rows per coefficient, 5 calls.
+- ``shared``: what ``steerkern.evaluate`` does — ``steerkern.eval.sweep_generate``: one
+  ``generate`` of 80 rows, each row with its own coefficient (``steer(model, [v],
+  slots=..., coeff=per_row)``; coefficient 0 = slot -1), with the shared prefill of
+  ``steerkern.prefill``: the chat template's common prefix is run once per coefficient
+  ("all") or once in all, and under "generated" each prompt but its last token once for all
+  coefficients; its KV cache is copied to the 80 rows;
+- ``plain``: the same 80-row ``generate`` with every row's whole prompt (``share_prefill=False``,
+  what ``evaluate`` did before);
+- ``per_coeff``: what a library that steers a whole batch with one scalar coefficient must
+  do (repeng, steering-vectors) — one ``generate`` of 16 rows per coefficient, 5 calls,
+  ``steer(model, v, coeff=c, positions=...)``.
 
-Both produce the same token ids (checked). ``extra_info`` records the median wall seconds of
-both from the same run and their ratio (target on CPU: >= 3x). One torch thread on CPU (the
-benchmark machine is shared; set ``STEERKERN_BENCH_THREADS`` to change it).
+All three give the same token ids up to float near-ties (checked). Timings are paired: each
+round runs the three in turn (the order reversed every other round) so load on a shared
+machine hits them alike; the reported speedup is the median over rounds of the per-round
+ratio, with its range, in wall time and in process CPU time (which other processes on a
+shared machine inflate less). One torch thread on CPU (``STEERKERN_BENCH_THREADS`` to change it).
 """
 
 import os
 import statistics
+import sys
 import time
 
 import pytest
@@ -23,7 +35,7 @@ import torch
 
 from steerkern.control import steer
 from steerkern.data import concept_eval_prompts
-from steerkern.eval import _encode, _greedy_config, render
+from steerkern.eval import _encode, _greedy_config, render, sweep_generate
 from steerkern.models import load_model
 from steerkern.vectors import SteeringVector
 
@@ -32,10 +44,10 @@ COEFFS = (-2.0, -1.0, 0.0, 1.0, 2.0)
 PROMPTS = 16
 NEW_TOKENS = int(os.environ.get("STEERKERN_BENCH_TOKENS", "16"))
 ROUNDS = int(os.environ.get("STEERKERN_BENCH_ROUNDS", "3"))
+POSITIONS = ("generated", "all")
 
 
-@pytest.fixture(scope="module")
-def setup():
+def make_setup():
     if not CUDA:
         torch.set_num_threads(int(os.environ.get("STEERKERN_BENCH_THREADS", "1")))
     model, tokenizer = load_model(device_map="cuda" if CUDA else None)
@@ -48,56 +60,109 @@ def setup():
     vector = SteeringVector.from_directions({12: 6.0 * direction / direction.norm()})
     config = _greedy_config(model, tokenizer, NEW_TOKENS)
     config.min_new_tokens = NEW_TOKENS
-    return model, vector, ids, mask, config
+    return model, tokenizer, vector, ids, mask, config
 
 
-def batched(model, vector, ids, mask, config):
-    rows = len(COEFFS) * ids.shape[0]
-    coeff = torch.tensor([c for c in COEFFS for _ in range(ids.shape[0])])
-    slots = torch.where(coeff == 0, -1, 0)
-    with torch.inference_mode(), steer(model, [vector], coeff=coeff, slots=slots):
-        out = model.generate(input_ids=ids.repeat(len(COEFFS), 1),
-                             attention_mask=mask.repeat(len(COEFFS), 1), generation_config=config)
-    assert out.shape[0] == rows
-    return out
+@pytest.fixture(scope="module")
+def setup():
+    return make_setup()
 
 
-def per_coeff(model, vector, ids, mask, config):
+def batched(setup, positions, share=True):
+    """``[80, NEW_TOKENS]`` new tokens, rows ordered (coefficient, prompt)."""
+    model, tokenizer, vector, ids, mask, config = setup
+    count = ids.shape[0]
+    index = torch.arange(count, device=ids.device).repeat(len(COEFFS))
+    coeffs = [c for c in COEFFS for _ in range(count)]
+    slots = [-1 if c == 0 else 0 for c in coeffs]
+    with torch.inference_mode():
+        return sweep_generate(model, tokenizer, [vector], ids, mask, index, slots, coeffs,
+                              config=config, positions=positions, share_prefill=share)
+
+
+def per_coeff(setup, positions):
+    model, _, vector, ids, mask, config = setup
     outs = []
     with torch.inference_mode():
         for c in COEFFS:
-            with steer(model, vector, coeff=c):
-                outs.append(model.generate(input_ids=ids, attention_mask=mask, generation_config=config))
+            with steer(model, vector, coeff=c, positions=positions):
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            outs.append(out[:, ids.shape[1]:])
     return torch.cat(outs)
 
 
-def _median_seconds(fn, *args):
-    times = []
-    for _ in range(ROUNDS):
-        if CUDA:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(*args)
-        if CUDA:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def paired_rounds(setup, positions, rounds=ROUNDS) -> dict:
+    """Alternating rounds of per_coeff / shared / plain; per-round times and ratios."""
+    variants = {"per_coeff": lambda: per_coeff(setup, positions),
+                "shared": lambda: batched(setup, positions, share=True),
+                "plain": lambda: batched(setup, positions, share=False)}
+    times = {name: [] for name in variants}
+    cpu = {name: [] for name in variants}  # process CPU seconds: less sensitive to other load
+    outputs = {}
+    for r in range(rounds):
+        order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+        for name in order:
+            if CUDA:
+                torch.cuda.synchronize()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            out = variants[name]()
+            if CUDA:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+            outputs.setdefault(name, out)
+    agree = {f"shared_vs_{k}": (outputs["shared"] == outputs[k]).float().mean().item()
+             for k in ("plain", "per_coeff")}
+    vs_per_coeff = [b / s for b, s in zip(times["per_coeff"], times["shared"])]
+    vs_plain = [p / s for p, s in zip(times["plain"], times["shared"])]
+    plain_vs_per_coeff = [b / p for b, p in zip(times["per_coeff"], times["plain"])]
+    cpu_ratio = [b / s for b, s in zip(cpu["per_coeff"], cpu["shared"])]
+    return {"times": times, "cpu": cpu, "agreement": agree,
+            "cpu_median_s": {k: statistics.median(v) for k, v in cpu.items()},
+            "cpu_speedup": statistics.median(cpu_ratio), "cpu_speedup_range": (min(cpu_ratio), max(cpu_ratio)), "median_s": {k: statistics.median(v) for k, v in times.items()},
+            "speedup": statistics.median(vs_per_coeff), "speedup_range": (min(vs_per_coeff), max(vs_per_coeff)),
+            "shared_vs_plain": statistics.median(vs_plain),
+            "plain_vs_per_coeff": statistics.median(plain_vs_per_coeff)}
 
 
-def test_sweep_batched_vs_per_coefficient(benchmark, setup):
-    model, vector, ids, mask, config = setup
-    one, many = batched(*setup), per_coeff(*setup)
-    assert one.shape == many.shape
-    # identical greedy tokens except where padding changes float rounding enough to flip a tie
-    agree = (one == many).float().mean().item()
-    assert agree > 0.95, agree
-    baseline = _median_seconds(per_coeff, *setup)
-    benchmark.pedantic(batched, args=setup, rounds=ROUNDS, iterations=1)
-    ours = benchmark.stats.stats.median
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_sweep_batched_vs_per_coefficient(benchmark, setup, positions):
+    result = paired_rounds(setup, positions)
+    agree = result["agreement"]
+    # identical greedy tokens except where batch shape changes float rounding enough to flip a tie
+    assert min(agree.values()) > 0.95, agree
+    benchmark.pedantic(batched, args=(setup, positions), rounds=1, iterations=1)
     benchmark.extra_info.update({
         "device": "cuda" if CUDA else f"cpu ({torch.get_num_threads()} thread)",
-        "rows": len(COEFFS) * PROMPTS, "new_tokens": NEW_TOKENS, "token_agreement": agree,
-        "batched_s": ours, "per_coeff_s": baseline, "speedup": baseline / ours,
+        "positions": positions, "rows": len(COEFFS) * PROMPTS, "new_tokens": NEW_TOKENS,
+        "token_agreement": agree, "rounds": ROUNDS, **{f"{k}_s": v for k, v in result["median_s"].items()},
+        "speedup": result["speedup"], "speedup_range": result["speedup_range"],
+        "shared_vs_plain": result["shared_vs_plain"], "cpu_speedup": result["cpu_speedup"],
+        **{f"{k}_cpu_s": v for k, v in result["cpu_median_s"].items()},
     })
-    print(f"\nsweep {len(COEFFS)} coeffs x {PROMPTS} prompts x {NEW_TOKENS} tokens: batched "
-          f"{ours:.2f} s, per-coefficient {baseline:.2f} s, speedup {baseline / ours:.2f}x")
+    print(_line(positions, result))
+
+
+def _line(positions, result) -> str:
+    m = result["median_s"]
+    low, high = result["speedup_range"]
+    return (f"\npositions={positions}: {len(COEFFS)} coeffs x {PROMPTS} prompts x {NEW_TOKENS} tokens, "
+            f"{len(result['times']['shared'])} paired rounds (medians): shared {m['shared']:.2f} s, "
+            f"plain batched {m['plain']:.2f} s, per-coefficient {m['per_coeff']:.2f} s; speedup vs "
+            f"per-coefficient {result['speedup']:.2f}x (range {low:.2f}-{high:.2f}), vs plain "
+            f"batched {result['shared_vs_plain']:.2f}x; plain batched vs per-coefficient "
+            f"{result['plain_vs_per_coeff']:.2f}x; CPU-time speedup vs per-coefficient "
+            f"{result['cpu_speedup']:.2f}x (range {result['cpu_speedup_range'][0]:.2f}-"
+            f"{result['cpu_speedup_range'][1]:.2f})")
+
+
+if __name__ == "__main__":
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else ROUNDS
+    chosen = sys.argv[2:] or POSITIONS
+    state = make_setup()
+    for pos in chosen:
+        res = paired_rounds(state, pos, rounds)
+        print(_line(pos, res), flush=True)
+        print("token agreement:", res["agreement"], flush=True)
+        print("per-round wall seconds:", {k: [round(x, 2) for x in v] for k, v in res["times"].items()}, flush=True)
+        print("per-round CPU seconds:", {k: [round(x, 2) for x in v] for k, v in res["cpu"].items()}, flush=True)

@@ -6,6 +6,16 @@ row ``(j, p)`` is prompt ``p`` with its own coefficient ``c_j`` (and, in :func:`
 own vector slot), through ``steer(model, vectors, slots=..., coeff=...)``. ``batch_size`` only
 caps the rows per forward pass when memory asks for it.
 
+**Shared prefill.** The rows of a sweep repeat work: every chat-rendered prompt starts with
+the same template tokens, and when only generated tokens (or, when scoring, only the answer
+position) are steered, a prompt's tokens are the same under every coefficient. With
+``share_prefill=True`` (the default) that work runs once and its KV cache is copied to the
+rows (``steerkern.prefill``): for ``C`` coefficients, ``P`` prompts of ``T`` tokens sharing
+a ``k``-token prefix, a batch costs about ``C k + C P (T - k)`` prompt-token rows with the
+prompt steered ("all"/"prompt") and ``k + P (T - 1 - k) + C P`` without ("generated"),
+instead of ``C P T``. The unsteered NLL pass shares the same way. Results are those of the
+plain batch up to float rounding.
+
 **Scoring (binary choice).** The question is rendered with the tokenizer's chat template as the
 user turn, followed by the start of the assistant's reply, so the next token is the answer. At
 that position, with ``log p`` the model's next-token log-probabilities,
@@ -59,6 +69,7 @@ from steerkern.eval_report import (
     mean_se,
     paired_slope,
 )
+from steerkern.prefill import SharedPrompt, forward_rest, shared_prefill
 
 DEFAULT_COEFFS = (-2.0, -1.0, 0.0, 1.0, 2.0)
 
@@ -277,6 +288,25 @@ def _steering(model, vectors, slots: list[int], coeffs: list[float], positions):
                  slots=torch.tensor(slots, dtype=torch.int64), positions=positions)
 
 
+def _share(model, tokenizer, vectors, ids, mask, prompt_index, slots: list[int],
+           coeffs: list[float], positions: str) -> SharedPrompt | None:
+    """Shared prefill of one micro-batch (``steerkern.prefill.shared_prefill``), or ``None``.
+
+    The prompt tokens are steered when ``positions`` is "all" or "prompt" and some row has a
+    slot ``>= 0``: rows with the same ``(slot, coeff)`` then share the template prefix.
+    Otherwise the whole prompt but its last token is unsteered and shared per prompt."""
+    steered = [s >= 0 for s in slots]
+    groups = None
+    if positions in ("all", "prompt") and any(steered):
+        groups = [(s, float(c)) if s >= 0 else None for s, c in zip(slots, coeffs)]
+
+    def steer_prefix(rows: list[int]):
+        return _steering(model, vectors, [slots[r] for r in rows], [coeffs[r] for r in rows], "all")
+
+    return shared_prefill(model, ids, mask, prompt_index, pad_id=tokenizer.pad_token_id,
+                          groups=groups, steer_prefix=steer_prefix)
+
+
 def _chunks(total: int, batch_size: int | None):
     step = total if not batch_size else batch_size
     for start in range(0, total, max(step, 1)):
@@ -291,7 +321,7 @@ def _bar(total: int, desc: str, enabled: bool, unit: str = "row"):
 
 @torch.no_grad()
 def score_rows(model, tokenizer, vectors, items: list[BinaryItem], arms, *, batch_size=None,
-               positions="all", progress=False) -> np.ndarray:
+               positions="all", progress=False, share_prefill=True) -> np.ndarray:
     """Scores of every (arm, item) pair in one batched forward pass.
 
     Args:
@@ -301,6 +331,11 @@ def score_rows(model, tokenizer, vectors, items: list[BinaryItem], arms, *, batc
         arms: ``[A]`` ``(slot, coeff)`` pairs.
         positions: "all"/"prompt" steer every prompt token; "generated" steers only the answer
             position (the first token the model would generate).
+        share_prefill: compute prompt work shared between rows once (``steerkern.prefill``):
+            the chat template's common prefix once per arm, and under "generated" every
+            prompt token but the answer position once per prompt. Same scores up to float
+            rounding; ``False`` (or a model whose cache cannot be shared) runs every row's
+            whole prompt.
 
     Returns:
         ``[A, P]`` float64 scores in nats (see the module docstring).
@@ -314,16 +349,24 @@ def score_rows(model, tokenizer, vectors, items: list[BinaryItem], arms, *, batc
         for start, stop in _chunks(len(rows), batch_size):
             chunk = rows[start:stop]
             prompt_index = torch.tensor([p for _, p in chunk], device=ids.device)
-            cids, cmask = ids[prompt_index], mask[prompt_index]
-            where = positions
-            if positions == "generated":
-                where = torch.zeros_like(cmask, dtype=torch.bool)
-                where[:, -1] = True
-            elif positions == "prompt":
-                where = "all"
-            with _steering(model, vectors, [arms[a][0] for a, _ in chunk],
-                           [arms[a][1] for a, _ in chunk], where):
-                logits = _forward_logits(model, cids, cmask, keep=1)[:, -1]
+            slots, coeffs = [arms[a][0] for a, _ in chunk], [arms[a][1] for a, _ in chunk]
+            shared = _share(model, tokenizer, vectors, ids, mask, prompt_index, slots, coeffs,
+                            positions) if share_prefill else None
+            if shared is not None:
+                # what is left to run: the suffixes (prompt steered, "all"/"prompt") or the
+                # answer position alone ("generated"); both are steered wholly
+                with _steering(model, vectors, slots, coeffs, "all"):
+                    logits = forward_rest(model, shared, shared.ids, shared.mask, keep=1)[:, -1]
+            else:
+                cids, cmask = ids[prompt_index], mask[prompt_index]
+                where = positions
+                if positions == "generated":
+                    where = torch.zeros_like(cmask, dtype=torch.bool)
+                    where[:, -1] = True
+                elif positions == "prompt":
+                    where = "all"
+                with _steering(model, vectors, slots, coeffs, where):
+                    logits = _forward_logits(model, cids, cmask, keep=1)[:, -1]
             logp = torch.log_softmax(logits.float(), dim=-1).cpu()
             for row, (a, p) in enumerate(chunk):
                 item = items[p]
@@ -371,10 +414,62 @@ def _greedy_config(model, tokenizer, max_new_tokens: int):
 
 
 @torch.no_grad()
+def sweep_generate(model, tokenizer, vectors, ids, mask, prompt_index, slots: list[int],
+                   coeffs: list[float], *, config, positions="all", share_prefill=True,
+                   logits_processor=None) -> torch.Tensor:
+    """One batched ``generate`` of ``R`` rows, row ``r`` being prompt ``prompt_index[r]``
+    steered with ``vectors[slots[r]]`` times ``coeffs[r]`` (slot -1: unsteered).
+
+    Args:
+        ids, mask: ``[P, T]`` left-padded prompts (``_encode``).
+        prompt_index: ``[R]`` int64 prompt of each row; slots, coeffs: ``[R]``.
+        config: the ``GenerationConfig`` (``_greedy_config``).
+        positions: "all", "prompt" or "generated", as in ``steer``.
+        share_prefill: prefill prompt work shared between rows once (``steerkern.prefill``):
+            the template prefix once per (slot, coeff) when prompts are steered, the whole
+            prompt but its last token once per prompt under "generated"; the first generate
+            step then runs only the remaining prompt columns of all ``R`` rows. Falls back to
+            the plain batch when nothing is shared or the model's cache cannot be shared.
+
+    Returns:
+        ``[R, N]`` the generated token ids (``N <= config.max_new_tokens``; rows finished
+        early are padded as ``generate`` pads them).
+    """
+    shared = _share(model, tokenizer, vectors, ids, mask, prompt_index, slots, coeffs,
+                    positions) if share_prefill else None
+    if shared is None:
+        inputs = dict(input_ids=ids[prompt_index], attention_mask=mask[prompt_index])
+        where, prompt_len = positions, ids.shape[1]
+    else:
+        prompt_len = shared.ids.shape[1]
+        inputs = {"input_ids": shared.ids, "attention_mask": shared.mask,
+                  shared.cache_arg: shared.cache}
+        where = positions
+        if positions == "prompt":  # every prompt column of the new layout; pads stay unsteered
+            where = torch.ones_like(shared.mask, dtype=torch.bool)
+        elif positions == "generated":
+            # generate's first pass starts at column `shared.cached`, not 0, so the steering
+            # bank cannot tell prompt from generated by the first pass: mark them by column
+            where = torch.zeros(shared.ids.shape[0], prompt_len + config.max_new_tokens,
+                                dtype=torch.bool, device=shared.ids.device)
+            where[:, prompt_len:] = True
+    with _steering(model, vectors, slots, coeffs, where):
+        out = model.generate(**inputs, generation_config=config, logits_processor=logits_processor)
+    return out[:, prompt_len:]
+
+
+@torch.no_grad()
 def generate_rows(model, tokenizer, vectors, prompts: list[str], arms, *, max_new_tokens=48,
-                  batch_size=None, positions="all", progress=False):
+                  batch_size=None, positions="all", progress=False, share_prefill=True):
     """Greedy generations of every (arm, prompt) pair in one batched ``generate``, then their
     per-token NLL under the unsteered model in one batched forward pass.
+
+    With ``share_prefill`` (``steerkern.prefill``), prompt work shared between rows is done
+    once and its KV cache copied to the rows: the chat template's common prefix once per arm
+    when the prompt is steered ("all"/"prompt"), and the whole prompt but its last token
+    once per prompt when it is not ("generated", and always for the unsteered NLL pass).
+    The same tokens and NLL as without it, up to float rounding (which can flip a greedy
+    near-tie).
 
     Returns:
         ``(texts, nll)``: ``texts[a][g]`` the decoded generation; ``nll`` ``[A, G]`` float64
@@ -388,23 +483,28 @@ def generate_rows(model, tokenizer, vectors, prompts: list[str], arms, *, max_ne
     config = _greedy_config(model, tokenizer, max_new_tokens)
     texts = [[""] * count for _ in arms]
     nll = np.empty((len(arms), count), dtype=np.float64)
-    prompt_len = ids.shape[1]
     for start, stop in _chunks(len(rows), batch_size):
         chunk = rows[start:stop]
         index = torch.tensor([g for _, g in chunk], device=device)
+        slots, coeffs = [arms[a][0] for a, _ in chunk], [arms[a][1] for a, _ in chunk]
         cids, cmask = ids[index], mask[index]
-        with _bar(max_new_tokens, f"generating {len(chunk)} rows", progress, unit="tok") as bar, \
-                _steering(model, vectors, [arms[a][0] for a, _ in chunk],
-                          [arms[a][1] for a, _ in chunk], positions):
-            out = model.generate(input_ids=cids, attention_mask=cmask, generation_config=config,
+        with _bar(max_new_tokens, f"generating {len(chunk)} rows", progress, unit="tok") as bar:
+            new = sweep_generate(model, tokenizer, vectors, ids, mask, index, slots, coeffs,
+                                 config=config, positions=positions, share_prefill=share_prefill,
                                  logits_processor=[_StepBar(bar)] if progress else None)
-        new = out[:, prompt_len:]
         is_eos = torch.isin(new, eos) if eos.numel() else torch.zeros_like(new, dtype=torch.bool)
         # keep tokens up to and including the first EOS
         gen_mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
-        full_ids = torch.cat([cids, new], dim=1)
-        full_mask = torch.cat([cmask, gen_mask.to(cmask.dtype)], dim=1)
-        logits = _forward_logits(model, full_ids, full_mask, keep=new.shape[1] + 1)[:, :-1]
+        unsteered = _share(model, tokenizer, vectors, ids, mask, index, [-1] * len(chunk),
+                           [0.0] * len(chunk), "all") if share_prefill else None
+        if unsteered is not None:
+            full_ids = torch.cat([unsteered.ids, new], dim=1)
+            full_mask = torch.cat([unsteered.mask, gen_mask.to(unsteered.mask.dtype)], dim=1)
+            logits = forward_rest(model, unsteered, full_ids, full_mask, keep=new.shape[1] + 1)[:, :-1]
+        else:
+            full_ids = torch.cat([cids, new], dim=1)
+            full_mask = torch.cat([cmask, gen_mask.to(cmask.dtype)], dim=1)
+            logits = _forward_logits(model, full_ids, full_mask, keep=new.shape[1] + 1)[:, :-1]
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, new[..., None])[..., 0]
         weights = gen_mask.float()
         row_nll = (-(logp * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)).cpu()
@@ -524,7 +624,7 @@ def _metadata(model, vector, name, items, positions, max_new_tokens) -> dict:
 
 def evaluate(model, tokenizer, vector, *, coeffs=DEFAULT_COEFFS, prompts=None, max_new_tokens=48,
              batch_size=None, gen_prompts=None, positions="all", progress=False,
-             name=None) -> EvalReport:
+             name=None, share_prefill=True) -> EvalReport:
     """Sweep ``vector`` over ``coeffs``: behaviour score, effect slope, coherence (ΔNLL).
 
     Args:
@@ -543,6 +643,11 @@ def evaluate(model, tokenizer, vector, *, coeffs=DEFAULT_COEFFS, prompts=None, m
             steers only the answer position.
         progress: show progress bars.
         name: the vector's name in the report (default: its concept).
+        share_prefill: run prompt work shared between rows once and copy its KV cache
+            (``steerkern.prefill``): the chat template's common prefix once per coefficient,
+            and with ``positions="generated"`` every prompt but its last token once for all
+            coefficients. Same results up to float rounding; ``False`` runs every row's whole
+            prompt. Models whose cache cannot be shared fall back to that by themselves.
 
     Returns:
         :class:`EvalReport` (``str(report)`` is the markdown table; ``report.save(dir)``).
@@ -558,13 +663,14 @@ def evaluate(model, tokenizer, vector, *, coeffs=DEFAULT_COEFFS, prompts=None, m
     gens = _gen_prompts(gen_prompts)
     arms = [(-1 if c == 0 else 0, c) for c in coeffs]
     scores = score_rows(model, tokenizer, [vector], items, arms, batch_size=batch_size,
-                        positions=positions, progress=progress)
+                        positions=positions, progress=progress, share_prefill=share_prefill)
     texts, nll_cols, base = [[] for _ in coeffs], None, None
     if max_new_tokens > 0:
         gen_arms = arms + ([(-1, 0.0)] if 0.0 not in coeffs else [])
         all_texts, nll = generate_rows(model, tokenizer, [vector], gens, gen_arms,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                       positions=positions, progress=progress)
+                                       positions=positions, progress=progress,
+                                       share_prefill=share_prefill)
         base_arm = gen_arms.index((-1, 0.0))
         texts, nll_cols, base = all_texts[: len(coeffs)], nll[: len(coeffs)], nll[base_arm]
     metadata = _metadata(model, vector, name, items, positions, max_new_tokens)
@@ -574,7 +680,7 @@ def evaluate(model, tokenizer, vector, *, coeffs=DEFAULT_COEFFS, prompts=None, m
 
 def compare(model, tokenizer, vectors: Mapping, *, coeffs=DEFAULT_COEFFS, prompts=None,
             max_new_tokens=48, batch_size=None, gen_prompts=None, positions="all",
-            progress=False) -> ComparisonReport:
+            progress=False, share_prefill=True) -> ComparisonReport:
     """Evaluate several vectors side by side in one batch (per-row vector slots).
 
     Args:
@@ -608,12 +714,13 @@ def compare(model, tokenizer, vectors: Mapping, *, coeffs=DEFAULT_COEFFS, prompt
     score_arms = arms if 0.0 in coeffs else arms[1:]
     offset = 0 if 0.0 in coeffs else 1
     scores = score_rows(model, tokenizer, bank, items, score_arms, batch_size=batch_size,
-                        positions=positions, progress=progress)
+                        positions=positions, progress=progress, share_prefill=share_prefill)
     all_texts, nll = None, None
     if max_new_tokens > 0:
         all_texts, nll = generate_rows(model, tokenizer, bank, gens, arms,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                       positions=positions, progress=progress)
+                                       positions=positions, progress=progress,
+                                       share_prefill=share_prefill)
     reports = {}
     for k, name in enumerate(names):
         rows = [arm_index(k, c) for c in coeffs]
@@ -628,7 +735,7 @@ def compare(model, tokenizer, vectors: Mapping, *, coeffs=DEFAULT_COEFFS, prompt
 
 def calibrate(model, tokenizer, vector, *, max_delta_nll=0.5, max_coeff=16.0, sign="both",
               grid=6, rounds=2, gen_prompts=None, max_new_tokens=32, batch_size=None,
-              positions="all", progress=False, return_history=False):
+              positions="all", progress=False, return_history=False, share_prefill=True):
     """The largest coefficient magnitude whose ΔNLL stays within ``max_delta_nll``.
 
     Search, one batched generate per round: round 1 tries ``grid`` magnitudes spaced
@@ -673,7 +780,8 @@ def calibrate(model, tokenizer, vector, *, max_delta_nll=0.5, max_coeff=16.0, si
     def measure(magnitudes: list[float]) -> None:
         arms = [(-1, 0.0)] + [(0, s * m) for m in magnitudes for s in signs]
         _, nll = generate_rows(model, tokenizer, [vector], gens, arms, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, positions=positions, progress=progress)
+                               batch_size=batch_size, positions=positions, progress=progress,
+                               share_prefill=share_prefill)
         delta = (nll - nll[0][None, :]).mean(axis=1)
         for i, (_, c) in enumerate(arms[1:], start=1):
             history.setdefault(abs(c), {})["+" if c > 0 else "-"] = float(delta[i])

@@ -267,3 +267,169 @@ def test_calibrate_finds_budget_edge(monkeypatch, tiny_model_factory):
         calibrate(model, None, vector, max_delta_nll=-1.0)
     with pytest.raises(ValueError, match="sign"):
         calibrate(model, None, vector, sign="up")
+
+
+# --- shared prefill (steerkern.prefill) -------------------------------------------------------
+
+
+def _left_pad(sequences, pad=0):
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, T - len(s):] = torch.tensor(s)
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+def test_common_prefix_and_relayout():
+    from steerkern.prefill import common_prefix_length, relayout
+
+    ids, mask = _left_pad([[5, 6, 7, 8, 9], [5, 6, 7, 3], [5, 6, 7, 8]])
+    assert common_prefix_length(ids, mask) == 3
+    new_ids, new_mask = relayout(ids, mask, 3, pad_id=0)
+    assert new_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 0, 3], [5, 6, 7, 0, 8]]
+    assert new_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 1], [1, 1, 1, 0, 1]]
+    # a prompt that is the prefix of another keeps one token of its own
+    ids, mask = _left_pad([[5, 6, 7], [5, 6, 7, 8]])
+    assert common_prefix_length(ids, mask) == 2
+    ids, mask = _left_pad([[4, 6], [5, 6, 7]])
+    assert common_prefix_length(ids, mask) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tiny_model_factory):
+    """A tiny llama, three prompts sharing a 6-token prefix, a vector at layer 1, and six rows
+    (prompts 0-2 at coefficients -2 and 3)."""
+    model = tiny_model_factory("llama")
+    generator = torch.Generator().manual_seed(0)
+    prefix = torch.randint(3, 128, (6,), generator=generator).tolist()
+    suffixes = [torch.randint(3, 128, (n,), generator=generator).tolist() for n in (3, 5, 2)]
+    ids, mask = _left_pad([prefix + s for s in suffixes])
+    vector = SteeringVector.from_directions({1: torch.randn(64, generator=generator)})
+    index = torch.tensor([0, 1, 2, 0, 1, 2])
+    return model, vector, ids, mask, index, [0] * 6, [-2.0] * 3 + [3.0] * 3
+
+
+@pytest.mark.parametrize("steered_prompt", [True, False])
+def test_shared_prefill_matches_full_forward(tiny_sweep, steered_prompt):
+    """Answer-position logits from the shared prefill equal the plain batch's, with the
+    prompt steered per coefficient (mode A) or only the last position steered (mode B)."""
+    from steerkern.eval import _forward_logits, _steering
+    from steerkern.prefill import forward_rest, shared_prefill
+
+    model, vector, ids, mask, index, slots, coeffs = tiny_sweep
+    groups = list(zip(slots, coeffs)) if steered_prompt else None
+
+    def steer_prefix(rows):
+        return _steering(model, [vector], [slots[r] for r in rows], [coeffs[r] for r in rows], "all")
+
+    with torch.no_grad():
+        shared = shared_prefill(model, ids, mask, index, pad_id=0, groups=groups,
+                                steer_prefix=steer_prefix)
+        assert shared is not None and shared.prefix == 6
+        assert shared.cached == (6 if steered_prompt else ids.shape[1] - 1)
+        with _steering(model, [vector], slots, coeffs, "all"):
+            got = forward_rest(model, shared, shared.ids, shared.mask, keep=1)[:, -1]
+        where = "all"
+        if not steered_prompt:
+            where = torch.zeros_like(mask[index], dtype=torch.bool)
+            where[:, -1] = True
+        with _steering(model, [vector], slots, coeffs, where):
+            want = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
+        unsteered = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
+    assert (want - unsteered).abs().max() > 1e-2  # the steering does something
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
+def test_sweep_generate_shared_matches_plain_tiny(tiny_sweep, positions):
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from steerkern.eval import sweep_generate
+
+    model, vector, ids, mask, index, slots, coeffs = tiny_sweep
+    config = GenerationConfig(do_sample=False, max_new_tokens=5, min_new_tokens=5, pad_token_id=0,
+                              eos_token_id=2)
+    tokenizer = SimpleNamespace(pad_token_id=0)
+    with torch.no_grad():
+        shared, plain = (sweep_generate(model, tokenizer, [vector], ids, mask, index, slots, coeffs,
+                                        config=config, positions=positions, share_prefill=share)
+                         for share in (True, False))
+    assert shared.shape == plain.shape == (6, 5)
+    assert torch.equal(shared, plain)
+    assert not torch.equal(plain[:3], plain[3:])  # the coefficients give different texts
+
+
+def test_shared_prefill_falls_back(tiny_model_factory, tiny_sweep):
+    """Sliding-window caches (Gemma 2) and batches with nothing to share run the plain way."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from steerkern.eval import sweep_generate
+    from steerkern.prefill import shared_prefill
+
+    _, _, ids, mask, index, slots, coeffs = tiny_sweep
+    gemma = tiny_model_factory("gemma2")
+    vector = SteeringVector.from_directions({1: torch.ones(64)})
+    with torch.no_grad():
+        assert shared_prefill(gemma, ids, mask, index, pad_id=0) is None
+        config = GenerationConfig(do_sample=False, max_new_tokens=3, pad_token_id=0, eos_token_id=2)
+        out = sweep_generate(gemma, SimpleNamespace(pad_token_id=0), [vector], ids, mask, index,
+                             slots, coeffs, config=config, positions="generated")
+    assert out.shape[0] == 6
+    model = tiny_sweep[0]
+    distinct, dmask = _left_pad([[4, 5, 6], [7, 8, 9]])
+    # no common prefix, every row its own arm: nothing to share
+    assert shared_prefill(model, distinct, dmask, torch.tensor([0, 1]), pad_id=0,
+                          groups=[(0, 1.0), (0, 2.0)], steer_prefix=None) is None
+
+
+@pytest.mark.parametrize("positions", [
+    "all", pytest.param("generated", marks=pytest.mark.slow)])
+def test_scores_shared_prefill_match_plain_default_model(default_model, direction, positions):
+    """On the default model (a 24-token common chat-template prefix), the shared-prefill scores
+    equal the plain batch's. (The steering kernel runs through Triton's interpreter in the
+    suite, so this keeps to 2 prompts x 2 coefficients.)"""
+    from steerkern.eval import score_rows
+
+    model, tokenizer = default_model
+    items = binary_items(tokenizer, PROMPTS[:2])
+    arms = [(0, -2.0), (0, 2.0)]
+    shared, plain = (score_rows(model, tokenizer, [direction], items, arms, positions=positions,
+                                share_prefill=share) for share in (True, False))
+    np.testing.assert_allclose(shared, plain, rtol=1e-4, atol=1e-4)
+    assert np.abs(plain[0] - plain[1]).max() > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_generations_shared_prefill_match_plain_default_model(default_model, direction, positions):
+    """Greedy texts and NLL of the shared-prefill path equal the plain batch's."""
+    from steerkern.eval import generate_rows
+
+    model, tokenizer = default_model
+    gens = ["Tell me about your weekend.", "Describe the sea."]
+    arms = [(0, -20.0), (-1, 0.0), (0, 20.0)]  # steering only new tokens shows late at +-2
+    (texts, nll), (texts_plain, nll_plain) = (
+        generate_rows(model, tokenizer, [direction], gens, arms, max_new_tokens=4,
+                      positions=positions, share_prefill=share) for share in (True, False))
+    assert texts == texts_plain and texts[0] != texts[2]
+    np.testing.assert_allclose(nll, nll_plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_evaluate_shared_prefill_with_micro_batches(default_model, direction):
+    """``batch_size`` splits rows into micro-batches (the last one a single row); each shares
+    what it can and the report equals the plain one."""
+    model, tokenizer = default_model
+    kwargs = dict(coeffs=(-2.0, 0.0, 2.0), prompts=PROMPTS, max_new_tokens=2, batch_size=4,
+                  positions="generated", gen_prompts=["Hello!", "Describe the sea."])
+    shared = evaluate(model, tokenizer, direction, **kwargs)
+    plain = evaluate(model, tokenizer, direction, share_prefill=False, **kwargs)
+    np.testing.assert_allclose(shared.prompt_scores, plain.prompt_scores, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(shared.nll, plain.nll, rtol=1e-4, atol=1e-4)
+    assert shared.samples == plain.samples
