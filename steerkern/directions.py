@@ -128,6 +128,9 @@ def lowrank(cho: torch.Tensor, rej: torch.Tensor, rank: int = 1, ridge: float = 
     its fitted chosen partner inside the subspace; at the rejected mean the shift is exactly the
     mean separation ``V_r V_r^T m`` (an intercept makes the mean residual zero), so the shared
     scale holds. With constant differences ``K = 0`` and this is ``mean_diff`` in the subspace.
+    ``K`` is kept a contraction toward the chosen side (symmetric, eigenvalues in ``[-1, 0]``;
+    see ``_contraction``): pairs that swap sides along the axis (CAA A/B items) otherwise fit a
+    reflection, ``K = -2``, whose steps off the training pairs are 20-400x the shared scale.
     """
     _check_pair_tensors(cho, rej)
     dtype = _work_dtype(cho)
@@ -146,8 +149,23 @@ def lowrank(cho: torch.Tensor, rej: torch.Tensor, rank: int = 1, ridge: float = 
     reg = ridge * float((ac * ac).sum() / (n * rank)) + torch.finfo(dtype).tiny
     gram = ac.T @ ac / n + reg * torch.eye(rank, dtype=dtype, device=a.device)
     K = torch.linalg.solve(gram, ac.T @ yc / n).T  # [r, r]: y ≈ y_mean + K (a - a_mean)
+    K = _contraction(K)
     t = y_mean - K @ a_mean
     return basis @ t, basis, basis @ K
+
+
+def _contraction(K: torch.Tensor) -> torch.Tensor:
+    """The symmetric part of ``K`` with its eigenvalues clipped to ``[-1, 0]``.
+
+    At coefficient 1 a coordinate ``a`` becomes ``a + t + K a = t + (I + K) a``: eigenvalues in
+    ``[-1, 0]`` move every activation part of the way (0: a pure shift; -1: all the way, a clamp
+    to ``t``) toward the fitted chosen value. Outside that range the map overshoots
+    (``K = -2``: a reflection, which is what pairs whose chosen and rejected answers swap sides
+    along the axis, as CAA A/B pairs do, fit) or expands the spread (``K > 0``); on activations
+    off the training pairs both give steps far larger than the shared scale.
+    """
+    values, vectors = torch.linalg.eigh((K + K.T) / 2)
+    return vectors @ torch.diag(values.clamp(-1.0, 0.0)) @ vectors.T
 
 
 def weight_svd(out_diffs: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, rank: int = 1):

@@ -116,6 +116,28 @@ def test_lowrank_recovers_planted_subspace_and_moves_toward_chosen():
     assert float(overlap.min()) >= 0.99
 
 
+def test_lowrank_fits_a_contraction_not_a_reflection():
+    """Pairs whose chosen and rejected activations swap sides along u (CAA A/B answers) fit
+    K = -2 by least squares; the fitted map is clipped to a clamp (K = -1) that sends every
+    rejected activation to the chosen mean along u, and never past it."""
+    g = torch.Generator().manual_seed(5)
+    u = torch.nn.functional.normalize(torch.randn(30, generator=g, dtype=torch.float64), dim=0)
+    side = torch.randn(80, generator=g, dtype=torch.float64) * 3 + 0.5
+    base = torch.randn(80, 30, generator=g, dtype=torch.float64)
+    base = base - (base @ u)[:, None] * u
+    rej = base + side[:, None] * u
+    cho = base - side[:, None] * u + 1.0 * u  # mirrored along u, then shifted by 1
+    bias, A, B = maths.lowrank(cho, rej, rank=1)
+    K = float(A[:, 0] @ B[:, 0])
+    assert K == pytest.approx(-1.0, abs=1e-9)
+    steered = rej + (bias + (rej @ A) @ B.T)
+    along = steered @ u
+    torch.testing.assert_close(along, torch.full_like(along, float((cho @ u).mean())))
+    # at the rejected mean the step is still the mean separation (the shared scale)
+    delta = bias + B @ (A.T @ rej.mean(0))
+    assert float(delta @ u) == pytest.approx(float(((cho - rej) @ u).mean()), rel=1e-6)
+
+
 def test_weight_svd_recovers_planted_singular_component():
     g = torch.Generator().manual_seed(4)
     out_f, in_f = 24, 40
