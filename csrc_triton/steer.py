@@ -215,6 +215,10 @@ def z_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.bfloat16 else "tf32x3"
 
 
+# autotuner key -> the config it chose, filled by the first launch of each key
+_TUNED: dict[tuple, triton.Config] = {}
+
+
 def steer_triton_(out, slot, coeff, bias=None, A=None, B=None, src=None, preserve_norm=False):
     """Launch the fused kernel on validated inputs (see ``steerkern.ops.steer_``): in place on
     ``out``, which must have unit stride along D; returns ``out``.
@@ -258,12 +262,11 @@ def steer_triton_(out, slot, coeff, bias=None, A=None, B=None, src=None, preserv
     # The autotuner's own key: _KEY's values and every tensor argument's dtype.
     key = (has_lowrank, D, d_src, rank, has_bias, bool(preserve_norm), dot_native,
            *(t.dtype for t in args[:7]))
-    config = _TUNED.get(key)
-    if config is None or _INTERPRETING:
+    config = None if _INTERPRETING else _TUNED.get(key)
+    if config is None:
         kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **constexprs)
-        tuned = getattr(kernel, "best_config", None)
-        if tuned is not None and not _INTERPRETING:
-            _TUNED[key] = tuned
+        if not _INTERPRETING and getattr(kernel, "best_config", None) is not None:
+            _TUNED[key] = kernel.best_config
     else:
         # Decode steps launch this kernel once per steered layer: skipping the autotuner's
         # per-call bookkeeping roughly halves the host time of a launch (research_notes.md).
@@ -271,6 +274,3 @@ def steer_triton_(out, slot, coeff, bias=None, A=None, B=None, src=None, preserv
                       **constexprs, **config.all_kwargs())
     return out
 
-
-# autotuner key -> the config it chose, filled by the first launch of each key
-_TUNED: dict[tuple, triton.Config] = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -367,20 +368,20 @@ def execution_device(model: nn.Module, module: nn.Module) -> torch.device:
     calls and a dispatch hook (``_hf_hook``) names the execution device: the one on the module,
     else on the sub-modules that hold its weights, else on its nearest ancestor.
     """
-    tensors = [t for t in module.parameters()] or [t for t in module.buffers()]
-    if not tensors:
+    reference = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if reference is None:
         raise ValueError(f"{type(module).__name__} has no parameters to take a device from")
-    if tensors[0].device.type != "meta":
-        return tensors[0].device
+    if reference.device.type != "meta":
+        return reference.device
     for inner in module.modules():  # the module, then the sub-modules whose weights compute it
         device = _hook_execution_device(inner)
         if device is not None:
             return device
-    names = {id(m): name for name, m in model.named_modules()}
-    if id(module) not in names:
-        raise ValueError(f"{type(module).__name__} is not a sub-module of the model")
     modules = dict(model.named_modules())
-    parts = names[id(module)].split(".") if names[id(module)] else []
+    path = next((name for name, m in modules.items() if m is module), None)
+    if path is None:
+        raise ValueError(f"{type(module).__name__} is not a sub-module of the model")
+    parts = path.split(".") if path else []
     for depth in range(len(parts) - 1, -1, -1):  # then the ancestors
         device = _hook_execution_device(modules[".".join(parts[:depth])])
         if device is not None:
