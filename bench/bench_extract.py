@@ -4,17 +4,23 @@ On the default model (SmolLM2-135M-Instruct), the same contrast pairs (sentiment
 the shipped suffixes) and the same middle band of layers (``default_layers``), two ways to get
 the last-token activations that every method starts from:
 
-- ``hooked``: ``steerkern.capture.capture`` — forward hooks on the requested layers only, the
-  last non-pad position of each row kept, the forward pass stopped after the deepest layer;
+- ``shared``: ``steerkern.capture.capture`` as ``extract`` runs it — forward hooks on the
+  requested layers only, the last non-pad position of each text kept, the forward pass stopped
+  after the deepest layer, and every token prefix shared by several texts computed once
+  (:mod:`steerkern.prefix_tree`);
+- ``hooked``: the same without prefix sharing (``share_prefixes=False``): whole texts in
+  length-sorted batches;
 - ``plain``: what repeng-style code does — ``model(..., output_hidden_states=True)`` over all
-  layers (and the LM head), then ``hidden_states[layer + 1][:, -1]`` for each layer.
+  layers (and the LM head), then ``hidden_states[layer + 1][:, -1]`` for each layer, in the
+  same length-sorted batches as ``hooked``.
 
-Both use the same length-sorted batches of the same size and produce identical activations
-(checked). ``extra_info`` records the median wall and process-CPU seconds of both from the same
-run (one torch thread on CPU), their ratios,
-and the peak memory above the loaded model of each: on CUDA ``max_memory_allocated``; on CPU
-the peak resident set (``VmHWM`` after resetting it via ``/proc/self/clear_refs``) of a fresh
-subprocess per variant.
+All three give the same activations (checked, rtol 1e-4). Two data sets: the sentiment persona
+pairs (persona turn x suffixes cut at two lengths) and, when ``../shared/data`` is present,
+model-written-evals A/B items (question + " (A" against question + " (B"). ``extra_info``
+records the median wall and process-CPU seconds of each variant from the same run (one torch
+thread on CPU), the ratios against ``plain``, and the peak memory above the loaded model of each:
+on CUDA ``max_memory_allocated``; on CPU the peak resident set (``VmHWM`` after resetting it via
+``/proc/self/clear_refs``) of a fresh subprocess per variant.
 """
 
 import json
@@ -23,21 +29,28 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from steerkern.capture import _length_batches, _pad, _tokenize, capture
-from steerkern.data import concept_pairs
+from steerkern.data import concept_pairs, load_mwe, mwe_pairs
 from steerkern.models import default_layers, load_model
 
 CUDA = torch.cuda.is_available()
 BATCH = 16
 
 
-def setup(max_suffixes=4):
+MWE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mwe_xrisk"
+
+
+def setup(data="persona"):
     model, tokenizer = load_model(device_map="cuda" if CUDA else None)
-    pairs = concept_pairs("sentiment", tokenizer, max_suffixes=max_suffixes, cuts=2)
+    if data == "persona":
+        pairs = concept_pairs("sentiment", tokenizer, max_suffixes=4, cuts=2)
+    else:
+        pairs = mwe_pairs(load_mwe(sorted(MWE.glob("*.jsonl"))[0], limit=32), tokenizer)
     texts = [t for pair in pairs for t in pair]
     return model, tokenizer, texts, default_layers(model)
 
@@ -59,12 +72,17 @@ def plain(model, tokenizer, texts, layers):
     return {layer: torch.stack(rows) for layer, rows in result.items()}
 
 
-def hooked(model, tokenizer, texts, layers):
-    got = capture(model, tokenizer, texts, layers, batch_size=BATCH, progress=False)
+def hooked(model, tokenizer, texts, layers, share_prefixes=False):
+    got = capture(model, tokenizer, texts, layers, batch_size=BATCH, progress=False,
+                  share_prefixes=share_prefixes)
     return {layer: t[:, 0] for layer, t in got.items()}
 
 
-VARIANTS = {"plain": plain, "hooked": hooked}
+def shared(model, tokenizer, texts, layers):
+    return hooked(model, tokenizer, texts, layers, share_prefixes=True)
+
+
+VARIANTS = {"plain": plain, "hooked": hooked, "shared": shared}
 
 
 def _sync():
@@ -86,12 +104,12 @@ def _median_seconds(fn, reps):
     return statistics.median(wall), statistics.median(cpu)
 
 
-def _cpu_peak_rss_mb(variant: str) -> float:
+def _cpu_peak_rss_mb(variant: str, data: str) -> float:
     """Peak RSS growth (MB) of one extraction in a fresh process, above the loaded model."""
     code = f"""
 import json, torch
 from bench.bench_extract import setup, VARIANTS
-model, tokenizer, texts, layers = setup()
+model, tokenizer, texts, layers = setup({data!r})
 VARIANTS[{variant!r}](model, tokenizer, texts[:8], layers)  # warm up allocator and kernels
 def status(key):
     for line in open('/proc/self/status'):
@@ -120,34 +138,39 @@ def _cuda_peak_mb(fn) -> float:
 
 
 @pytest.mark.benchmark(group="extract")
-def test_extract_capture_vs_output_hidden_states(benchmark):
-    model, tokenizer, texts, layers = setup()
-    fast = hooked(model, tokenizer, texts, layers)
-    slow = plain(model, tokenizer, texts, layers)
-    for layer in layers:
-        torch.testing.assert_close(fast[layer], slow[layer], rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("data", ["persona", "mwe"])
+def test_extract_capture_vs_output_hidden_states(benchmark, data):
+    if data == "mwe" and not MWE.is_dir():
+        pytest.skip("../shared/data is absent")
+    model, tokenizer, texts, layers = setup(data)
+    results = {name: fn(model, tokenizer, texts, layers) for name, fn in VARIANTS.items()}
+    for name in ("hooked", "shared"):
+        for layer in layers:
+            torch.testing.assert_close(results[name][layer], results["plain"][layer], rtol=1e-4, atol=1e-4)
 
     reps = 5 if CUDA else 3
     threads = torch.get_num_threads()
     if not CUDA:
         torch.set_num_threads(1)  # one thread: steadier timings on a shared CPU
     try:
-        t_plain, cpu_plain = _median_seconds(lambda: plain(model, tokenizer, texts, layers), reps)
-        t_hooked, cpu_hooked = _median_seconds(lambda: hooked(model, tokenizer, texts, layers), reps)
+        times = {name: _median_seconds(lambda fn=fn: fn(model, tokenizer, texts, layers), reps)
+                 for name, fn in VARIANTS.items()}
     finally:
         torch.set_num_threads(threads)
     if CUDA:
-        mem_plain = _cuda_peak_mb(lambda: plain(model, tokenizer, texts, layers))
-        mem_hooked = _cuda_peak_mb(lambda: hooked(model, tokenizer, texts, layers))
+        peaks = {name: _cuda_peak_mb(lambda fn=fn: fn(model, tokenizer, texts, layers))
+                 for name, fn in VARIANTS.items()}
     else:
-        mem_plain, mem_hooked = _cpu_peak_rss_mb("plain"), _cpu_peak_rss_mb("hooked")
-    benchmark.extra_info.update(
-        texts=len(texts), layers=f"{layers[0]}..{layers[-1]}", batch_size=BATCH,
-        plain_s=t_plain, hooked_s=t_hooked, speedup=t_plain / t_hooked,
-        plain_cpu_s=cpu_plain, hooked_cpu_s=cpu_hooked, cpu_speedup=cpu_plain / cpu_hooked,
-        plain_peak_mb=mem_plain, hooked_peak_mb=mem_hooked,
-        device=torch.cuda.get_device_name() if CUDA else "cpu",
-    )
-    print(json.dumps(benchmark.extra_info, indent=1))
-    benchmark.pedantic(hooked, args=(model, tokenizer, texts, layers), rounds=reps if CUDA else 1,
+        peaks = {name: _cpu_peak_rss_mb(name, data) for name in VARIANTS}
+    info = dict(data=data, texts=len(texts), layers=f"{layers[0]}..{layers[-1]}", batch_size=BATCH,
+                device=torch.cuda.get_device_name() if CUDA else "cpu")
+    for name in VARIANTS:
+        wall, cpu = times[name]
+        info.update({f"{name}_s": wall, f"{name}_cpu_s": cpu, f"{name}_peak_mb": peaks[name]})
+        if name != "plain":
+            info[f"{name}_speedup"] = times["plain"][0] / wall
+            info[f"{name}_cpu_speedup"] = times["plain"][1] / cpu
+    benchmark.extra_info.update(info)
+    print(json.dumps(info, indent=1))
+    benchmark.pedantic(shared, args=(model, tokenizer, texts, layers), rounds=reps if CUDA else 1,
                        iterations=1)

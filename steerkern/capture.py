@@ -1,17 +1,21 @@
 """Activation capture for extraction: hooks on the requested modules only, the last
-``last_n_tokens`` non-pad positions of each row kept, the forward pass stopped after the
-deepest requested module, length-sorted batches, and per-example vector-Jacobian products for
-the ``grad`` method. Never ``output_hidden_states``.
+``last_n_tokens`` non-pad positions of each text kept, the forward pass stopped after the
+deepest requested module, every token prefix shared by several texts computed once (a prefix
+tree over the texts, :mod:`steerkern.prefix_tree`, run on top of each parent's KV cache), and
+per-example vector-Jacobian products for the ``grad`` method. Never ``output_hidden_states``.
 
 Read positions come from the attention mask and position ids count non-pad tokens, so left and
-right padding give the same activations.
+right padding, and padding between a shared prefix and a row's own tokens, give the same
+activations.
 """
 
 from __future__ import annotations
 
 import torch
 
-from steerkern.models import RESIDUAL, resolve_module
+from steerkern.kvcache import cache_argument, empty_model_cache, filled_layers, positions_from_mask
+from steerkern.models import RESIDUAL, input_device, resolve_module
+from steerkern.prefix_tree import build_prefix_tree, pack_by_length, tree_tokens
 
 
 class _StopForward(Exception):
@@ -63,10 +67,6 @@ def _length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _input_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
 def _main_tensor(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -83,23 +83,27 @@ def _as_btd(tensor: torch.Tensor, batch: int, width: int) -> torch.Tensor:
 # --- capture ----------------------------------------------------------------------------------
 
 
-class _Runner:
-    """Runs the model over texts in length-sorted batches with hooks on the requested modules."""
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return pad
 
-    def __init__(self, model, tokenizer, texts, batch_size, progress, desc):
-        self.model, self.tokenizer = model, tokenizer
-        self.ids = _tokenize(tokenizer, texts)
-        self.batches = _length_batches([len(s) for s in self.ids], batch_size)
-        self.pad_id = tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+class _Runner:
+    """Runs the model over tokenized texts in length-sorted, padded batches."""
+
+    def __init__(self, model, tokenizer, ids, batch_size, progress, desc):
+        self.model, self.ids = model, ids
+        self.batches = _length_batches([len(s) for s in ids], batch_size)
+        self.pad_id = _pad_id(tokenizer)
         self.side = getattr(tokenizer, "padding_side", "left") or "left"
         self.progress, self.desc = progress, desc
 
     def __iter__(self):
         from tqdm.auto import tqdm
 
-        device = _input_device(self.model)
+        device = input_device(self.model)
         for batch in tqdm(self.batches, desc=self.desc, disable=not self.progress, leave=False):
             ids, mask, positions = _pad([self.ids[i] for i in batch], self.pad_id, self.side)
             yield batch, ids.to(device), mask.to(device), positions.to(device)
@@ -111,53 +115,157 @@ class _Runner:
             pass
 
 
+class _Reads:
+    """Where the current forward pass's reads are, and the tensors they are written to.
+
+    ``set(rows, cols, texts, js, shape)`` names, for the next forward pass over a batch of
+    ``shape = (rows, width)`` tokens, the positions ``(rows[i], cols[i])`` whose states are read
+    ``js[i]`` of text ``texts[i]``; ``take(store, layer, tensor)`` copies them (fp32, CPU) into
+    ``store[layer] [n_texts, n_reads, D]``."""
+
+    def __init__(self, n_texts: int, n_reads: int):
+        self.n_texts, self.n_reads = n_texts, n_reads
+        self.where, self.shape = None, None
+
+    def set(self, rows, cols, texts, js, shape):
+        self.where = tuple(torch.as_tensor(v, dtype=torch.long).flatten() for v in (rows, cols, texts, js))
+        self.shape = shape
+
+    def take(self, store: dict, layer: int, tensor: torch.Tensor):
+        rows, cols, texts, js = self.where
+        tensor = _as_btd(tensor, *self.shape)
+        picked = tensor[rows.to(tensor.device), cols.to(tensor.device)].detach().float().cpu()
+        if layer not in store:
+            store[layer] = torch.full((self.n_texts, self.n_reads, picked.shape[-1]), float("nan"))
+        store[layer][texts, js] = picked
+
+
+def _plain_passes(model, tokenizer, ids, last_n_tokens, batch_size, reads, progress, desc):
+    """Length-sorted, padded batches of whole texts, read at the last ``last_n_tokens`` non-pad
+    positions of each row."""
+    runner = _Runner(model, tokenizer, ids, batch_size, progress, desc)
+    for batch, input_ids, mask, positions in runner:
+        cols = last_positions(mask, last_n_tokens).cpu()
+        rows = torch.arange(len(batch))[:, None].expand_as(cols)
+        js = torch.arange(last_n_tokens)[None, :].expand_as(cols)
+        texts = torch.tensor(batch)[:, None].expand_as(cols)
+        reads.set(rows, cols, texts, js, tuple(input_ids.shape))
+        runner.forward(input_ids, mask, positions)
+
+
+def _shared_prefix_passes(model, segments, pad_id, batch_size, reads, progress, desc):
+    """Forward passes over a prefix-tree plan (:mod:`steerkern.prefix_tree`): each chunk of up
+    to ``batch_size`` sibling segments (packed by length) runs on top of its parents' KV cache rows,
+    left-padded within the chunk, with position ids that count real tokens; then the chunk's
+    children run on top of its cache, depth first (one cache per tree level is alive)."""
+    from tqdm.auto import tqdm
+
+    cache_arg = cache_argument(model)
+    device = input_device(model)
+    bar = tqdm(total=tree_tokens(segments), desc=desc, unit="tok", disable=not progress, leave=False)
+
+    def run(items, parent_cache, parent_mask):
+        for batch in pack_by_length([len(segment.tokens) for segment, _ in items], batch_size):
+            chunk = [items[i] for i in batch]
+            width = max(len(segment.tokens) for segment, _ in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            new = torch.zeros((len(chunk), width), dtype=torch.long)
+            picks = []
+            for row, (segment, _) in enumerate(chunk):
+                pad = width - len(segment.tokens)
+                ids[row, pad:] = torch.tensor(segment.tokens, dtype=torch.long)
+                new[row, pad:] = 1
+                picks.extend((row, pad + offset, text, j) for text, j, offset in segment.reads)
+            cache, mask = empty_model_cache(model), new
+            if parent_cache is not None:
+                index = torch.tensor([parent for _, parent in chunk], dtype=torch.long)
+                for layer_index, layer in filled_layers(parent_cache):
+                    cache.update(layer.keys.index_select(0, index.to(layer.keys.device)),
+                                 layer.values.index_select(0, index.to(layer.values.device)),
+                                 layer_index)
+                mask = torch.cat([parent_mask[index], new], 1)
+            reads.set(*(zip(*picks) if picks else ([], [], [], [])), (len(chunk), width))
+            try:
+                model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                      position_ids=positions_from_mask(mask)[:, -width:].to(device),
+                      use_cache=True, **{cache_arg: cache})
+            except _StopForward:
+                pass
+            bar.update(int(new.sum()))
+            children = [(child, row) for row, (segment, _) in enumerate(chunk)
+                        for child in segment.children]
+            if children:
+                run(children, cache, mask)
+
+    try:
+        run([(segment, None) for segment in segments], None, None)
+    finally:
+        bar.close()
+
+
+def _prefix_plan(model, ids, last_n_tokens):
+    """The prefix-tree plan, or ``None`` when sharing would save less than a tenth of the
+    tokens or the model's cache cannot be shared (not a plain dynamic cache: sliding-window
+    layers, no cache argument)."""
+    if empty_model_cache(model) is None:
+        return None
+    reads = [list(range(len(seq) - last_n_tokens, len(seq))) for seq in ids]
+    segments = build_prefix_tree(ids, reads)
+    if tree_tokens(segments) > 0.9 * sum(len(seq) for seq in ids):
+        return None
+    return segments
+
+
 def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1, batch_size=16,
-            inputs=False, progress=True, desc="capture"):
+            inputs=False, progress=True, desc="capture", share_prefixes=True):
     """Activations at the last ``last_n_tokens`` non-pad positions of each text.
 
     Returns ``{layer: Tensor [n_texts, last_n_tokens, D]}`` (fp32, CPU), and with
     ``inputs=True`` also the module inputs ``{layer: [n_texts, last_n_tokens, D_in]}``.
     Only the requested modules are hooked; the forward pass stops after the deepest one.
+
+    With ``share_prefixes`` (default), token prefixes shared by several texts (the chat
+    template and persona turn of persona pairs, the question of a CAA pair, a suffix cut at
+    several lengths) are computed once and their KV cache reused
+    (:mod:`steerkern.prefix_tree`); the activations equal those of whole-text passes up to
+    float summation order. It falls back to whole-text passes when that saves under a tenth of
+    the tokens or the model's cache is not a plain dynamic cache (sliding-window layers).
+    ``batch_size`` bounds the rows of every forward pass either way.
     """
-    runner = _Runner(model, tokenizer, texts, batch_size, progress, desc)
+    ids = _tokenize(tokenizer, texts)
+    shortest = min(len(seq) for seq in ids)
+    if shortest < last_n_tokens:
+        raise ValueError(f"last_n_tokens={last_n_tokens} but a text has only {shortest} tokens: "
+                         "lower last_n_tokens")
     deepest = max(layers)
-    outs = {layer: [None] * len(texts) for layer in layers}
-    ins = {layer: [None] * len(texts) for layer in layers}
-    state = {}
+    reads = _Reads(len(texts), last_n_tokens)
+    outs, ins = {}, {}
 
     def make_hook(layer):
         def hook(module, args, kwargs, output):
-            batch, pos = state["batch"], state["pos"]
-            width = state["width"]
-            rows = torch.arange(len(batch), device=pos.device)[:, None]
-            out = _as_btd(_main_tensor(output), len(batch), width)
-            picked = out[rows.to(out.device), pos.to(out.device)].detach().float().cpu()
-            for row, index in enumerate(batch):
-                outs[layer][index] = picked[row]
+            reads.take(outs, layer, _main_tensor(output))
             if inputs:
-                x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
-                x = _as_btd(x, len(batch), width)
-                picked_in = x[rows.to(x.device), pos.to(x.device)].detach().float().cpu()
-                for row, index in enumerate(batch):
-                    ins[layer][index] = picked_in[row]
+                reads.take(ins, layer, args[0] if args else kwargs.get("hidden_states", kwargs.get("input")))
             if layer == deepest:
                 raise _StopForward
         return hook
 
+    segments = _prefix_plan(model, ids, last_n_tokens) if share_prefixes else None
     handles = [resolve_module(model, layer, target).register_forward_hook(make_hook(layer), with_kwargs=True)
                for layer in layers]
     try:
         with torch.inference_mode():
-            for batch, ids, mask, positions in runner:
-                state.update(batch=batch, pos=last_positions(mask, last_n_tokens), width=ids.shape[1])
-                runner.forward(ids, mask, positions)
+            if segments is None:
+                _plain_passes(model, tokenizer, ids, last_n_tokens, batch_size, reads, progress, desc)
+            else:
+                _shared_prefix_passes(model, segments, _pad_id(tokenizer), batch_size, reads,
+                                      progress, desc)
     finally:
         for handle in handles:
             handle.remove()
-    result = {layer: torch.stack(rows) for layer, rows in outs.items()}
     if inputs:
-        return result, {layer: torch.stack(rows) for layer, rows in ins.items()}
-    return result
+        return outs, ins
+    return outs
 
 
 def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=RESIDUAL,
@@ -167,7 +275,7 @@ def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=R
     the steered module's output at every position of layer ``L`` — ``J_{L->L'}^T d`` summed
     over positions. One backward pass per batch for all layers; no Jacobian is built and no
     parameter gradient is accumulated."""
-    runner = _Runner(model, tokenizer, texts, batch_size, progress, "grad")
+    runner = _Runner(model, tokenizer, _tokenize(tokenizer, texts), batch_size, progress, "grad")
     shallowest = min(layers)
     grads = {layer: [None] * len(texts) for layer in layers}
     held = {}

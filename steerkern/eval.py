@@ -69,6 +69,8 @@ from steerkern.eval_report import (
     mean_se,
     paired_slope,
 )
+from steerkern.kvcache import cache_argument, is_plain_dynamic, select_rows
+from steerkern.models import input_device
 from steerkern.prefill import SharedPrompt, forward_rest, shared_prefill
 
 DEFAULT_COEFFS = (-2.0, -1.0, 0.0, 1.0, 2.0)
@@ -239,10 +241,6 @@ def render(tokenizer, text: str, prefix: str = "", *, answer: bool = True) -> st
 # --- batched model calls --------------------------------------------------------------------
 
 
-def _input_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
 @contextlib.contextmanager
 def _left_padding(tokenizer):
     if tokenizer.pad_token_id is None:
@@ -341,7 +339,7 @@ def score_rows(model, tokenizer, vectors, items: list[BinaryItem], arms, *, batc
         ``[A, P]`` float64 scores in nats (see the module docstring).
     """
     texts = [render(tokenizer, it.question, it.prefix) for it in items]
-    ids, mask = _encode(tokenizer, texts, _input_device(model))
+    ids, mask = _encode(tokenizer, texts, input_device(model))
     count = len(items)
     rows = [(a, p) for a in range(len(arms)) for p in range(count)]
     scores = np.empty((len(arms), count), dtype=np.float64)
@@ -435,6 +433,12 @@ def sweep_generate(model, tokenizer, vectors, ids, mask, prompt_index, slots: li
         ``[R, N]`` the generated token ids (``N <= config.max_new_tokens``; rows finished
         early are padded as ``generate`` pads them).
     """
+    greedy = not config.do_sample and (config.num_beams or 1) == 1
+    if share_prefill and positions == "generated" and greedy:
+        new = _sweep_sharing_first_token(model, tokenizer, vectors, ids, mask, prompt_index, slots,
+                                         coeffs, config, logits_processor)
+        if new is not None:
+            return new
     shared = _share(model, tokenizer, vectors, ids, mask, prompt_index, slots, coeffs,
                     positions) if share_prefill else None
     if shared is None:
@@ -458,6 +462,65 @@ def sweep_generate(model, tokenizer, vectors, ids, mask, prompt_index, slots: li
     return out[:, prompt_len:]
 
 
+def _sweep_sharing_first_token(model, tokenizer, vectors, ids, mask, prompt_index, slots, coeffs,
+                               config, logits_processor) -> torch.Tensor | None:
+    """``sweep_generate`` for greedy decoding that steers only generated tokens: no prompt token
+    is steered, so each distinct prompt's whole prefill and its first greedy token are the same
+    for every row and run once (``P'`` rows, shared template prefix included); the ``R`` rows
+    then decode from the gathered cache with the first token as their first steered input.
+    Rows whose first token ends the sequence are not decoded further (``generate`` pads them).
+    Returns ``None`` when the model's cache cannot be gathered by rows."""
+    used, row_prompt = torch.unique(prompt_index, return_inverse=True)
+    shared = shared_prefill(model, ids, mask, used, pad_id=tokenizer.pad_token_id)
+    if shared is None:
+        width = int(mask[used].sum(-1).max())
+        inputs = dict(input_ids=ids[used, -width:], attention_mask=mask[used, -width:])
+    else:
+        inputs = {"input_ids": shared.ids, "attention_mask": shared.mask, shared.cache_arg: shared.cache}
+    first_config = copy.deepcopy(config)
+    first_config.max_new_tokens = 1
+    first_config.return_dict_in_generate = True
+    if config.min_new_tokens:
+        first_config.min_new_tokens = 1
+    first = model.generate(**inputs, generation_config=first_config, logits_processor=logits_processor)
+    cache = getattr(first, "cache", None)  # transformers 5; "past_key_values" before
+    cache = getattr(first, "past_key_values", None) if cache is None else cache
+    if not is_plain_dynamic(cache):
+        return None
+    prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
+    width = prompt_ids.shape[1]
+    token = first.sequences[:, width]  # [P'] the first greedy token of each prompt
+    new = torch.full((len(slots), config.max_new_tokens), config.pad_token_id,
+                     dtype=token.dtype, device=token.device)
+    new[:, 0] = token[row_prompt]
+    eos = config.eos_token_id
+    eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos],
+                       device=token.device)
+    live = ~torch.isin(token[row_prompt], eos)
+    if config.max_new_tokens == 1 or not bool(live.any()):
+        return new[:, :1]
+    rows = row_prompt[live]
+    select_rows(cache, rows)
+    rest_ids = torch.cat([prompt_ids[rows], token[rows, None]], dim=1)
+    rest_mask = torch.cat([prompt_mask[rows], torch.ones_like(prompt_mask[rows, :1])], dim=1)
+    rest_config = copy.deepcopy(config)
+    rest_config.max_new_tokens = config.max_new_tokens - 1
+    if config.min_new_tokens:
+        rest_config.min_new_tokens = config.min_new_tokens - 1
+    # generate's first pass starts at the first token's column: mark steered columns absolutely
+    where = torch.zeros(len(rows), width + config.max_new_tokens, dtype=torch.bool, device=rows.device)
+    where[:, width:] = True
+    live_list = live.tolist()
+    keep = lambda values: [v for v, alive in zip(values, live_list) if alive]
+    with _steering(model, vectors, keep(slots), keep(coeffs), where):
+        out = model.generate(input_ids=rest_ids, attention_mask=rest_mask,
+                             generation_config=rest_config, logits_processor=logits_processor,
+                             **{cache_argument(model): cache})
+    rest = out[:, width + 1:]
+    new[live, 1:1 + rest.shape[1]] = rest
+    return new[:, :1 + rest.shape[1]]
+
+
 @torch.no_grad()
 def generate_rows(model, tokenizer, vectors, prompts: list[str], arms, *, max_new_tokens=48,
                   batch_size=None, positions="all", progress=False, share_prefill=True):
@@ -475,7 +538,7 @@ def generate_rows(model, tokenizer, vectors, prompts: list[str], arms, *, max_ne
         ``(texts, nll)``: ``texts[a][g]`` the decoded generation; ``nll`` ``[A, G]`` float64
         mean negative log-likelihood per generated token (through the first EOS), in nats.
     """
-    device = _input_device(model)
+    device = input_device(model)
     ids, mask = _encode(tokenizer, [render(tokenizer, p, answer=False) for p in prompts], device)
     count = len(prompts)
     rows = [(a, g) for a in range(len(arms)) for g in range(count)]

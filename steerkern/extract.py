@@ -49,6 +49,7 @@ class _Plan:
     rank: int
     last_n_tokens: int
     batch_size: int | None
+    share_prefixes: bool = True
     readout: int | None = None
     fisher_lambda: float | None = None
     weights: dict = field(default_factory=dict)  # weight_svd: {layer: W [out, in]}
@@ -73,14 +74,14 @@ def _check_layers(model, layers) -> list[int]:
 
 
 def _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readout_layer,
-          fisher_lambda) -> _Plan:
+          fisher_lambda, share_prefixes) -> _Plan:
     if method not in maths.METHODS:
         raise ValueError(f"method={method!r} is not one of {list(maths.METHODS)}")
     if method != "grad" and (readout_layer is not None or fisher_lambda is not None):
         raise ValueError("readout_layer and fisher_lambda apply to method='grad' only")
     plan = _Plan(method, _check_layers(model, layers), target, _positive_int(rank, "rank"),
                  _positive_int(last_n_tokens, "last_n_tokens"),
-                 _positive_int(batch_size, "batch_size", optional=True))
+                 _positive_int(batch_size, "batch_size", optional=True), bool(share_prefixes))
     modules = {layer: resolve_module(model, layer, target) for layer in plan.layers}
     if method == "weight_svd":
         for layer, module in modules.items():
@@ -158,12 +159,12 @@ def _read(model, tokenizer, plan: _Plan, shard: _Shard, show: bool):
         got = capture(model, tokenizer, shard.texts, wanted, target=plan.target,
                       last_n_tokens=plan.last_n_tokens, batch_size=plan.batch_size or 16,
                       inputs=plan.method == "weight_svd", progress=show,
-                      desc=f"extract {plan.method}")
+                      desc=f"extract {plan.method}", share_prefixes=plan.share_prefixes)
         acts, inputs = got if plan.method == "weight_svd" else (got, {})
         if plan.method == "grad" and not one_pass:  # the read-out is always the residual stream
             acts.update(capture(model, tokenizer, shard.texts, [plan.readout],
-                                last_n_tokens=plan.last_n_tokens,
-                                batch_size=plan.batch_size or 16, progress=False))
+                                last_n_tokens=plan.last_n_tokens, batch_size=plan.batch_size or 16,
+                                progress=False, share_prefixes=plan.share_prefixes))
     acts = shard.gather(acts, layers + ([plan.readout] if plan.method == "grad" else []))
     if plan.method == "weight_svd":
         inputs = shard.gather(inputs, layers)
@@ -215,7 +216,8 @@ def _metadata(model, plan: _Plan, pair_set: PairSet, concept) -> dict:
 def extract(model, tokenizer, pairs, *, layers=None, method: str = "pca_diff", rank: int = 1,
             last_n_tokens: int = 1, target: str = RESIDUAL, batch_size: int | None = None,
             accelerator=None, progress: bool = True, readout_layer: int | None = None,
-            fisher_lambda: float | None = None, concept: str | None = None) -> SteeringVector:
+            fisher_lambda: float | None = None, concept: str | None = None,
+            share_prefixes: bool = True) -> SteeringVector:
     """Extract a steering vector from contrast pairs.
 
     Args:
@@ -240,6 +242,10 @@ def extract(model, tokenizer, pairs, *, layers=None, method: str = "pca_diff", r
             ``min(n_layers - 1, max(layers) + n_layers // 4)``).
         fisher_lambda: ``grad`` only: precondition with ``(F + λI)^{-1}`` (empirical Fisher).
         concept: recorded in the metadata (default: the PairSet's concept).
+        share_prefixes: compute token prefixes shared by several texts once (the chat template
+            and persona turn of persona pairs, a suffix cut at several lengths, a CAA
+            question) and reuse their KV cache (:mod:`steerkern.prefix_tree`); the same
+            activations up to float summation order. ``False`` runs every text whole.
 
     Returns:
         :class:`~steerkern.vectors.SteeringVector` with one part per layer at ``target``.
@@ -250,7 +256,7 @@ def extract(model, tokenizer, pairs, *, layers=None, method: str = "pca_diff", r
     """
     pair_set = as_pairs(pairs, "pairs")
     plan = _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readout_layer,
-                 fisher_lambda)
+                 fisher_lambda, share_prefixes)
     shard = _Shard(pair_set, accelerator)
     acts, inputs, grads = _read(model, tokenizer, plan, shard, progress and shard.rank == 0)
     parts = {(layer, target): _part(plan, layer, acts, inputs, grads) for layer in plan.layers}

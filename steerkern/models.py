@@ -360,6 +360,12 @@ def module_weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """The device the model's inputs (token ids, attention mask) go to: where its input
+    embedding computes (:func:`execution_device`; not ``meta`` under accelerate's offloading)."""
+    return execution_device(model, model.get_input_embeddings())
+
+
 def execution_device(model: nn.Module, module: nn.Module) -> torch.device:
     """The device ``module`` computes on.
 

@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
+from steerkern.kvcache import cache_argument, is_plain_dynamic, positions_from_mask, select_rows
+
 
 @dataclass
 class SharedPrompt:
@@ -67,15 +69,6 @@ class SharedPrompt:
     cached: int
     cache_arg: str
     prefix: int
-
-
-def cache_argument(model) -> str | None:
-    """The name ``model.forward`` takes a KV cache under, or ``None``."""
-    params = inspect.signature(model.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    return None
 
 
 def common_prefix_length(ids: torch.Tensor, mask: torch.Tensor) -> int:
@@ -114,45 +107,17 @@ def relayout(ids: torch.Tensor, mask: torch.Tensor, k: int, pad_id: int) -> tupl
     return new_ids, new_mask
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _is_plain_dynamic(cache) -> bool:
-    try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-    except ImportError:  # pragma: no cover - transformers without the Cache classes
-        return False
-    if type(cache) is not DynamicCache or getattr(cache, "offloading", False):
-        return False
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        return False
-    return all(type(layer) is DynamicLayer for layer in layers)
-
-
 def _run(model, cache_arg, ids, mask, cache, start: int):
     """Forward columns ``[start, mask.shape[1])`` of the rows, with ``cache`` holding
     ``[0, start)``; returns the grown cache (``None`` when the model gave none back)."""
     kwargs = dict(input_ids=ids[:, start:], attention_mask=mask,
-                  position_ids=_positions(mask)[:, start:], use_cache=True)
+                  position_ids=positions_from_mask(mask)[:, start:], use_cache=True)
     kwargs[cache_arg] = cache
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
     out = model(**kwargs)
     return getattr(out, "cache", None) if getattr(out, "cache", None) is not None \
         else getattr(out, "past_key_values", None)
-
-
-def _select(cache, index: torch.Tensor):
-    """Rows ``index`` of every layer's keys and values (``[B, H, S, D]`` -> ``[len(index), H,
-    S, D]``), the index moved to each layer's device (models split over devices)."""
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is None or not getattr(layer, "is_initialized", True):
-            continue
-        layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
-        layer.values = layer.values.index_select(0, index.to(layer.values.device))
-    return cache
 
 
 @torch.no_grad()
@@ -199,9 +164,9 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, prompt_of_row: 
         prefix_mask = new_mask[:1, :k].expand(len(keys), k)
         with steer_prefix(representatives):
             cache = _run(model, cache_arg, prefix_ids, prefix_mask, None, 0)
-        if not _is_plain_dynamic(cache):
+        if not is_plain_dynamic(cache):
             return None
-        cache = _select(cache, group_of_row)
+        cache = select_rows(cache, group_of_row)
         cached = k
     else:
         cached = T - 1
@@ -210,14 +175,14 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, prompt_of_row: 
         cache = None
         if k > 0:
             cache = _run(model, cache_arg, new_ids[:1, :k], new_mask[:1, :k], None, 0)
-            if not _is_plain_dynamic(cache):
+            if not is_plain_dynamic(cache):
                 return None
-            cache = _select(cache, torch.zeros(used.numel(), dtype=torch.long, device=device))
+            cache = select_rows(cache, torch.zeros(used.numel(), dtype=torch.long, device=device))
         if cached > k:
             cache = _run(model, cache_arg, new_ids[:, :cached], new_mask[:, :cached], cache, k)
-            if not _is_plain_dynamic(cache):
+            if not is_plain_dynamic(cache):
                 return None
-        cache = _select(cache, row_prompt)
+        cache = select_rows(cache, row_prompt)
     return SharedPrompt(new_ids[row_prompt], new_mask[row_prompt], cache, cached, cache_arg, k)
 
 
@@ -229,7 +194,7 @@ def forward_rest(model, shared: SharedPrompt, ids: torch.Tensor, mask: torch.Ten
     if keep > ids.shape[1] - start:
         raise ValueError(f"keep={keep} exceeds the {ids.shape[1] - start} uncached columns")
     kwargs = dict(input_ids=ids[:, start:], attention_mask=mask,
-                  position_ids=_positions(mask)[:, start:], use_cache=True)
+                  position_ids=positions_from_mask(mask)[:, start:], use_cache=True)
     kwargs[shared.cache_arg] = shared.cache
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = keep

@@ -56,6 +56,7 @@ from steerkern.models import (
     decoder_layers,
     default_layers,
     hidden_size,
+    input_device,
     model_id,
     module_weight,
     num_layers,
@@ -394,7 +395,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
         accelerator = Accelerator()
     world, rank_index = int(accelerator.num_processes), int(accelerator.process_index)
     show = bool(progress) and rank_index == 0
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     n_pairs = len(pair_set)
 
     # 2. freeze (restored in finally), reference pass, train

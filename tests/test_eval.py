@@ -363,6 +363,50 @@ def test_sweep_generate_shared_matches_plain_tiny(tiny_sweep, positions):
     assert not torch.equal(plain[:3], plain[3:])  # the coefficients give different texts
 
 
+@pytest.mark.parametrize("max_new", [1, 4])
+def test_generated_sweep_shares_the_first_token_and_ends_rows_at_eos(tiny_sweep, max_new):
+    """Under positions="generated" with greedy decoding, each prompt's prefill and first token
+    run once for all its rows; rows whose first token is EOS end there, as in the plain batch."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from steerkern.eval import sweep_generate
+
+    model, vector, ids, mask, index, slots, coeffs = tiny_sweep
+    slots = slots[:5] + [-1]  # one unsteered row
+    tokenizer = SimpleNamespace(pad_token_id=0)
+    probe = GenerationConfig(do_sample=False, max_new_tokens=1, pad_token_id=0, eos_token_id=2)
+    with torch.no_grad():
+        first = sweep_generate(model, tokenizer, [vector], ids, mask, index, slots, coeffs,
+                               config=probe, positions="generated", share_prefill=False)[:, 0]
+    unique = [p for p in range(3) if (first[:3] == first[p]).sum() == 1]
+    assert unique, "the fixture's prompts need a first token of their own"
+    ending, dead = int(first[unique[0]]), [unique[0], unique[0] + 3]  # these rows will end at once
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new, pad_token_id=0,
+                              eos_token_id=[2, ending])
+    fed = []
+    handle = model.get_input_embeddings().register_forward_pre_hook(
+        lambda module, args: fed.append(tuple(args[0].shape)))
+    try:
+        with torch.no_grad():
+            shared = sweep_generate(model, tokenizer, [vector], ids, mask, index, slots, coeffs,
+                                    config=config, positions="generated", share_prefill=True)
+            shared_shapes = list(fed)
+            fed.clear()
+            plain = sweep_generate(model, tokenizer, [vector], ids, mask, index, slots, coeffs,
+                                   config=config, positions="generated", share_prefill=False)
+    finally:
+        handle.remove()
+    assert shared.shape == plain.shape and torch.equal(shared, plain)
+    assert (plain[dead, 0] == ending).all() and (plain[dead, 1:] == 0).all()
+    # the prompts' prefill and first token: 3 rows (1 for the common prefix); then the 4 live
+    # rows decode one token per step; the plain batch runs all 6 rows throughout
+    assert {rows for rows, _ in shared_shapes[:-(max_new - 1) or None]} <= {1, 3}
+    assert shared_shapes[len(shared_shapes) - (max_new - 1):] == [(4, 1)] * (max_new - 1)
+    assert all(rows == 6 for rows, _ in fed)
+
+
 def test_shared_prefill_falls_back(tiny_model_factory, tiny_sweep):
     """Sliding-window caches (Gemma 2) and batches with nothing to share run the plain way."""
     from types import SimpleNamespace

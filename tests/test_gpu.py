@@ -207,6 +207,29 @@ def test_device_map_split_gpu_cpu(mode):
     assert steerkern_hook_count(model) == 0
 
 
+@pytest.mark.parametrize("mode", ["split", "offload"])
+def test_shared_prefix_capture_across_gpu_and_cpu(mode):
+    """Extraction's prefix-shared capture on a model split across the GPU and the CPU: the KV
+    cache rows are gathered on each layer's device and the reads equal the one-device run."""
+    from accelerate import dispatch_model
+
+    from steerkern.capture import capture
+    from tests.test_extract import CharTokenizer
+    from tests.test_prefix_tree import TEXTS
+
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
+                  "model.layers.1": 0, "model.layers.2": "cpu", "model.layers.3": "cpu",
+                  "model.norm": "cpu", "lm_head": "cpu"}
+    model = dispatch_model(build_tiny_model("llama"), device_map=device_map,
+                           main_device="cpu" if mode == "split" else None)
+    tok = CharTokenizer()
+    want = capture(build_tiny_model("llama"), tok, TEXTS, [1, 3], last_n_tokens=2,
+                   progress=False, share_prefixes=False)
+    got = capture(model, tok, TEXTS, [1, 3], last_n_tokens=2, progress=False)
+    for layer in (1, 3):
+        assert _rel(got[layer], want[layer]) < 1e-4
+
+
 class steer_generate:
     """``with steer_generate(model, vectors, slots, coeff) as gen: gen(ids, mask)`` greedy."""
 
