@@ -15,7 +15,12 @@ import torch
 
 from steerkern.kvcache import cache_argument, empty_model_cache, filled_layers, positions_from_mask
 from steerkern.models import RESIDUAL, input_device, resolve_module
-from steerkern.prefix_tree import build_prefix_tree, pack_by_length, tree_tokens
+from steerkern.prefix_tree import (
+    build_prefix_tree,
+    pack_by_length,
+    padded_length_bound,
+    tree_tokens,
+)
 
 
 class _StopForward(Exception):
@@ -153,7 +158,7 @@ def _plain_passes(model, tokenizer, ids, last_n_tokens, batch_size, reads, progr
         runner.forward(input_ids, mask, positions)
 
 
-def _shared_prefix_passes(model, segments, pad_id, batch_size, reads, progress, desc):
+def _shared_prefix_passes(model, segments, max_length, pad_id, batch_size, reads, progress, desc):
     """Forward passes over a prefix-tree plan (:mod:`steerkern.prefix_tree`): each chunk of up
     to ``batch_size`` sibling segments (packed by length) runs on top of its parents' KV cache rows,
     left-padded within the chunk, with position ids that count real tokens; then the chunk's
@@ -176,7 +181,7 @@ def _shared_prefix_passes(model, segments, pad_id, batch_size, reads, progress, 
                 ids[row, pad:] = torch.tensor(segment.tokens, dtype=torch.long)
                 new[row, pad:] = 1
                 picks.extend((row, pad + offset, text, j) for text, j, offset in segment.reads)
-            cache, mask = empty_model_cache(model), new
+            cache, mask = empty_model_cache(model, max_length), new
             if parent_cache is not None:
                 index = torch.tensor([parent for _, parent in chunk], dtype=torch.long)
                 for layer_index, layer in filled_layers(parent_cache):
@@ -204,16 +209,20 @@ def _shared_prefix_passes(model, segments, pad_id, batch_size, reads, progress, 
 
 
 def _prefix_plan(model, ids, last_n_tokens):
-    """The prefix-tree plan, or ``None`` when sharing would save less than a tenth of the
-    tokens or the model's cache cannot be shared (not a plain dynamic cache: sliding-window
-    layers, no cache argument)."""
-    if empty_model_cache(model) is None:
+    """``(segments, max_length)``: the prefix-tree plan and a bound on its cache columns; or
+    ``None`` when sharing would save less than a tenth of the tokens or the model's cache cannot
+    be shared that far (:func:`steerkern.kvcache.is_gatherable`: a sliding window shorter than
+    the bound, another kind of cache, no cache argument)."""
+    if cache_argument(model) is None:
         return None
     reads = [list(range(len(seq) - last_n_tokens, len(seq))) for seq in ids]
     segments = build_prefix_tree(ids, reads)
     if tree_tokens(segments) > 0.9 * sum(len(seq) for seq in ids):
         return None
-    return segments
+    max_length = padded_length_bound(segments)
+    if empty_model_cache(model, max_length) is None:
+        return None
+    return segments, max_length
 
 
 def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1, batch_size=16,
@@ -229,7 +238,8 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
     several lengths) are computed once and their KV cache reused
     (:mod:`steerkern.prefix_tree`); the activations equal those of whole-text passes up to
     float summation order. It falls back to whole-text passes when that saves under a tenth of
-    the tokens or the model's cache is not a plain dynamic cache (sliding-window layers).
+    the tokens or the model's cache cannot be shared (sliding windows shorter than the texts'
+    padded length, quantised or recurrent caches).
     ``batch_size`` bounds the rows of every forward pass either way.
     """
     ids = _tokenize(tokenizer, texts)
@@ -250,15 +260,15 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
                 raise _StopForward
         return hook
 
-    segments = _prefix_plan(model, ids, last_n_tokens) if share_prefixes else None
+    plan = _prefix_plan(model, ids, last_n_tokens) if share_prefixes else None
     handles = [resolve_module(model, layer, target).register_forward_hook(make_hook(layer), with_kwargs=True)
                for layer in layers]
     try:
         with torch.inference_mode():
-            if segments is None:
+            if plan is None:
                 _plain_passes(model, tokenizer, ids, last_n_tokens, batch_size, reads, progress, desc)
             else:
-                _shared_prefix_passes(model, segments, _pad_id(tokenizer), batch_size, reads,
+                _shared_prefix_passes(model, *plan, _pad_id(tokenizer), batch_size, reads,
                                       progress, desc)
     finally:
         for handle in handles:

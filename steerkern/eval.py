@@ -69,7 +69,7 @@ from steerkern.eval_report import (
     mean_se,
     paired_slope,
 )
-from steerkern.kvcache import cache_argument, is_plain_dynamic, select_rows
+from steerkern.kvcache import cache_argument, empty_model_cache, is_gatherable, select_rows
 from steerkern.models import input_device
 from steerkern.prefill import SharedPrompt, forward_rest, shared_prefill
 
@@ -287,7 +287,7 @@ def _steering(model, vectors, slots: list[int], coeffs: list[float], positions):
 
 
 def _share(model, tokenizer, vectors, ids, mask, prompt_index, slots: list[int],
-           coeffs: list[float], positions: str) -> SharedPrompt | None:
+           coeffs: list[float], positions: str, extra_columns: int = 0) -> SharedPrompt | None:
     """Shared prefill of one micro-batch (``steerkern.prefill.shared_prefill``), or ``None``.
 
     The prompt tokens are steered when ``positions`` is "all" or "prompt" and some row has a
@@ -302,7 +302,7 @@ def _share(model, tokenizer, vectors, ids, mask, prompt_index, slots: list[int],
         return _steering(model, vectors, [slots[r] for r in rows], [coeffs[r] for r in rows], "all")
 
     return shared_prefill(model, ids, mask, prompt_index, pad_id=tokenizer.pad_token_id,
-                          groups=groups, steer_prefix=steer_prefix)
+                          groups=groups, steer_prefix=steer_prefix, extra_columns=extra_columns)
 
 
 def _chunks(total: int, batch_size: int | None):
@@ -440,7 +440,7 @@ def sweep_generate(model, tokenizer, vectors, ids, mask, prompt_index, slots: li
         if new is not None:
             return new
     shared = _share(model, tokenizer, vectors, ids, mask, prompt_index, slots, coeffs,
-                    positions) if share_prefill else None
+                    positions, config.max_new_tokens) if share_prefill else None
     if shared is None:
         inputs = dict(input_ids=ids[prompt_index], attention_mask=mask[prompt_index])
         where, prompt_len = positions, ids.shape[1]
@@ -470,8 +470,11 @@ def _sweep_sharing_first_token(model, tokenizer, vectors, ids, mask, prompt_inde
     then decode from the gathered cache with the first token as their first steered input.
     Rows whose first token ends the sequence are not decoded further (``generate`` pads them).
     Returns ``None`` when the model's cache cannot be gathered by rows."""
+    if empty_model_cache(model, ids.shape[1] + config.max_new_tokens) is None:
+        return None
     used, row_prompt = torch.unique(prompt_index, return_inverse=True)
-    shared = shared_prefill(model, ids, mask, used, pad_id=tokenizer.pad_token_id)
+    shared = shared_prefill(model, ids, mask, used, pad_id=tokenizer.pad_token_id,
+                            extra_columns=config.max_new_tokens)
     if shared is None:
         width = int(mask[used].sum(-1).max())
         inputs = dict(input_ids=ids[used, -width:], attention_mask=mask[used, -width:])
@@ -485,10 +488,10 @@ def _sweep_sharing_first_token(model, tokenizer, vectors, ids, mask, prompt_inde
     first = model.generate(**inputs, generation_config=first_config, logits_processor=logits_processor)
     cache = getattr(first, "cache", None)  # transformers 5; "past_key_values" before
     cache = getattr(first, "past_key_values", None) if cache is None else cache
-    if not is_plain_dynamic(cache):
-        return None
     prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
     width = prompt_ids.shape[1]
+    if not is_gatherable(cache, width + config.max_new_tokens):
+        return None
     token = first.sequences[:, width]  # [P'] the first greedy token of each prompt
     new = torch.full((len(slots), config.max_new_tokens), config.pad_token_id,
                      dtype=token.dtype, device=token.device)
@@ -559,7 +562,7 @@ def generate_rows(model, tokenizer, vectors, prompts: list[str], arms, *, max_ne
         # keep tokens up to and including the first EOS
         gen_mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
         unsteered = _share(model, tokenizer, vectors, ids, mask, index, [-1] * len(chunk),
-                           [0.0] * len(chunk), "all") if share_prefill else None
+                           [0.0] * len(chunk), "all", new.shape[1]) if share_prefill else None
         if unsteered is not None:
             full_ids = torch.cat([unsteered.ids, new], dim=1)
             full_mask = torch.cat([unsteered.mask, gen_mask.to(unsteered.mask.dtype)], dim=1)

@@ -2,10 +2,11 @@
 and values for several rows (:mod:`steerkern.prefill` for sweeps, :mod:`steerkern.capture`'s
 prefix tree for extraction).
 
-Only a plain ``transformers`` dynamic cache (one ``DynamicLayer`` per layer, keys and values
-``[B, H, S, head_dim]``) is handled: its rows can be gathered and its columns grow by
-concatenation. Sliding-window, quantised, offloaded, static or recurrent caches are not, and
-callers fall back to running every row in full.
+Only a ``transformers`` dynamic cache is handled (keys and values ``[B, H, S, head_dim]`` per
+layer): its rows can be gathered and its columns grow by concatenation. Sliding-window layers
+qualify while the sequence fits their window (they then behave as full layers); quantised,
+offloaded, static or recurrent caches do not, and callers fall back to running every row in
+full.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def is_plain_dynamic(cache) -> bool:
-    """Whether ``cache`` is a ``DynamicCache`` made only of ``DynamicLayer`` s, not offloaded."""
+def is_gatherable(cache, max_length: int = 0) -> bool:
+    """Whether ``cache`` is a ``DynamicCache`` (not offloaded) whose rows can be gathered and
+    whose columns can grow to ``max_length`` without changing what any query attends to: every
+    layer a ``DynamicLayer``, or a ``DynamicSlidingWindowLayer`` whose window is longer than
+    ``max_length`` (it then keeps every column and its mask hides none, as a full layer would)."""
     try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
+        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
     except ImportError:  # pragma: no cover - transformers without the Cache classes
         return False
     if type(cache) is not DynamicCache or getattr(cache, "offloading", False):
@@ -41,13 +45,20 @@ def is_plain_dynamic(cache) -> bool:
     layers = getattr(cache, "layers", None)
     if layers is None:
         return False
-    return all(type(layer) is DynamicLayer for layer in layers)
+    for layer in layers:
+        if type(layer) is DynamicSlidingWindowLayer:
+            if not max_length < layer.sliding_window:
+                return False
+        elif type(layer) is not DynamicLayer:
+            return False
+    return True
 
 
-def empty_model_cache(model):
-    """The empty cache ``model`` would build for itself (``DynamicCache(config=...)``), when it
-    is a plain dynamic cache; ``None`` otherwise (no cache argument, sliding-window layers, or a
-    transformers without ``DynamicCache(config=...)``)."""
+def empty_model_cache(model, max_length: int):
+    """The empty cache ``model`` builds for itself (``DynamicCache(config=...)``) when it
+    :func:`is_gatherable` up to ``max_length`` columns; ``None`` otherwise (no cache argument,
+    windows shorter than ``max_length``, other cache layers, or a transformers without
+    ``DynamicCache(config=...)``)."""
     if cache_argument(model) is None:
         return None
     try:
@@ -56,7 +67,7 @@ def empty_model_cache(model):
         cache = DynamicCache(config=model.config)
     except (ImportError, TypeError, ValueError, AttributeError):
         return None
-    return cache if is_plain_dynamic(cache) else None
+    return cache if is_gatherable(cache, max_length) else None
 
 
 def filled_layers(cache):

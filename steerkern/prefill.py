@@ -32,9 +32,9 @@ Two modes, by whether the prompt tokens are steered:
 
 The caller then runs columns ``[cached, T)`` (and generates) for all ``R`` rows with the
 returned cache, under its own per-row steering. :func:`shared_prefill` returns ``None`` when
-nothing would be saved, or when the model's cache is not a plain ``transformers`` dynamic
-cache (sliding-window, quantised, recurrent or static caches), so the caller falls back to
-the plain batch.
+nothing would be saved, or when the model's cache cannot be shared
+(:func:`steerkern.kvcache.is_gatherable`: quantised, recurrent or static caches, or sliding
+windows shorter than prompt plus generation), so the caller falls back to the plain batch.
 """
 
 from __future__ import annotations
@@ -46,7 +46,13 @@ from dataclasses import dataclass
 
 import torch
 
-from steerkern.kvcache import cache_argument, is_plain_dynamic, positions_from_mask, select_rows
+from steerkern.kvcache import (
+    cache_argument,
+    empty_model_cache,
+    is_gatherable,
+    positions_from_mask,
+    select_rows,
+)
 
 
 @dataclass
@@ -124,7 +130,7 @@ def _run(model, cache_arg, ids, mask, cache, start: int):
 def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, prompt_of_row: torch.Tensor, *,
                    pad_id: int, groups: list | None = None,
                    steer_prefix: Callable[[list[int]], contextlib.AbstractContextManager] | None = None,
-                   ) -> SharedPrompt | None:
+                   extra_columns: int = 0) -> SharedPrompt | None:
     """Prefill the rows' prompts, computing shared pieces once (see the module docstring).
 
     Args:
@@ -136,10 +142,13 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, prompt_of_row: 
             ids, rows of one group steering their prompt identically (mode A).
         steer_prefix: mode A: ``steer_prefix(rows)`` returns the context that steers the
             prefix pass, whose batch row ``i`` is row ``rows[i]`` of the sweep.
+        extra_columns: how many columns the caller will add to the cache after the prompt
+            (generated tokens); sliding-window layers are shared only if the whole fits their
+            window (:func:`steerkern.kvcache.is_gatherable`).
 
     Returns:
-        :class:`SharedPrompt`, or ``None`` when sharing saves nothing or the model's cache is
-        not a plain dynamic cache (then run the plain batch).
+        :class:`SharedPrompt`, or ``None`` when sharing saves nothing or the model's cache
+        cannot be shared (then run the plain batch).
     """
     cache_arg = cache_argument(model)
     if cache_arg is None:
@@ -152,6 +161,9 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, prompt_of_row: 
     width = int(mask_u.sum(-1).max())
     ids_u, mask_u = ids_u[:, -width:], mask_u[:, -width:]
     rows, T = prompt_of_row.numel(), width
+    if empty_model_cache(model, T + extra_columns) is None:
+        return None
+    shareable = lambda cache: is_gatherable(cache, T + extra_columns)
     k = common_prefix_length(ids_u, mask_u)
     new_ids, new_mask = relayout(ids_u, mask_u, k, pad_id)
     if groups is not None:
@@ -164,7 +176,7 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, prompt_of_row: 
         prefix_mask = new_mask[:1, :k].expand(len(keys), k)
         with steer_prefix(representatives):
             cache = _run(model, cache_arg, prefix_ids, prefix_mask, None, 0)
-        if not is_plain_dynamic(cache):
+        if not shareable(cache):
             return None
         cache = select_rows(cache, group_of_row)
         cached = k
@@ -175,12 +187,12 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, prompt_of_row: 
         cache = None
         if k > 0:
             cache = _run(model, cache_arg, new_ids[:1, :k], new_mask[:1, :k], None, 0)
-            if not is_plain_dynamic(cache):
+            if not shareable(cache):
                 return None
             cache = select_rows(cache, torch.zeros(used.numel(), dtype=torch.long, device=device))
         if cached > k:
             cache = _run(model, cache_arg, new_ids[:, :cached], new_mask[:, :cached], cache, k)
-            if not is_plain_dynamic(cache):
+            if not shareable(cache):
                 return None
         cache = select_rows(cache, row_prompt)
     return SharedPrompt(new_ids[row_prompt], new_mask[row_prompt], cache, cached, cache_arg, k)

@@ -156,3 +156,14 @@ def pack_by_length(lengths: list[int], max_rows: int, pass_cost: int = PASS_COST
         batches.append(order[cut[end]:end])
         end = cut[end]
     return batches[::-1]
+
+
+def padded_length_bound(segments: list[Segment]) -> int:
+    """An upper bound on the columns (real and padding) of any row's KV cache when the plan runs
+    with each pass left-padded to its longest segment: the sum over tree levels of the longest
+    segment at that level."""
+    total, level = 0, segments
+    while level:
+        total += max(len(segment.tokens) for segment in level)
+        level = [child for segment in level for child in segment.children]
+    return total

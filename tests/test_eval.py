@@ -407,8 +407,10 @@ def test_generated_sweep_shares_the_first_token_and_ends_rows_at_eos(tiny_sweep,
     assert all(rows == 6 for rows, _ in fed)
 
 
-def test_shared_prefill_falls_back(tiny_model_factory, tiny_sweep):
-    """Sliding-window caches (Gemma 2) and batches with nothing to share run the plain way."""
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_sliding_window_models_share_while_the_window_holds(tiny_model_factory, tiny_sweep, arch):
+    """Sliding-window caches (window 64 here) are shared while prompt plus generation fit the
+    window, and equal the plain batch; beyond it the sweep falls back to the plain batch."""
     from types import SimpleNamespace
 
     from transformers import GenerationConfig
@@ -417,14 +419,26 @@ def test_shared_prefill_falls_back(tiny_model_factory, tiny_sweep):
     from steerkern.prefill import shared_prefill
 
     _, _, ids, mask, index, slots, coeffs = tiny_sweep
-    gemma = tiny_model_factory("gemma2")
-    vector = SteeringVector.from_directions({1: torch.ones(64)})
+    gemma = tiny_model_factory(arch)
+    vector = SteeringVector.from_directions({1: torch.randn(64, generator=torch.Generator().manual_seed(1))})
+    tokenizer = SimpleNamespace(pad_token_id=0)
+    width = int(mask.sum(-1).max())
     with torch.no_grad():
-        assert shared_prefill(gemma, ids, mask, index, pad_id=0) is None
-        config = GenerationConfig(do_sample=False, max_new_tokens=3, pad_token_id=0, eos_token_id=2)
-        out = sweep_generate(gemma, SimpleNamespace(pad_token_id=0), [vector], ids, mask, index,
-                             slots, coeffs, config=config, positions="generated")
-    assert out.shape[0] == 6
+        assert shared_prefill(gemma, ids, mask, index, pad_id=0, extra_columns=63 - width) is not None
+        assert shared_prefill(gemma, ids, mask, index, pad_id=0, extra_columns=64 - width) is None
+        for new_tokens in (4, 64 - width):
+            config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=2)
+            for positions in ("all", "generated"):
+                shared, plain = (sweep_generate(gemma, tokenizer, [vector], ids, mask, index, slots,
+                                                coeffs, config=config, positions=positions,
+                                                share_prefill=share) for share in (True, False))
+                assert torch.equal(shared, plain), (new_tokens, positions)
+
+
+def test_shared_prefill_with_nothing_to_share_falls_back(tiny_sweep):
+    from steerkern.prefill import shared_prefill
+
     model = tiny_sweep[0]
     distinct, dmask = _left_pad([[4, 5, 6], [7, 8, 9]])
     # no common prefix, every row its own arm: nothing to share

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from steerkern.capture import _tokenize, capture
+from steerkern.capture import _prefix_plan, _tokenize, capture
 from steerkern.models import resolve_module
 from steerkern.prefix_tree import Segment, build_prefix_tree, pack_by_length, tree_tokens
 from tests.test_extract import CharTokenizer
@@ -158,10 +158,22 @@ def test_shared_capture_equals_whole_text_passes(tiny_model_factory, arch):
             assert not want[layer].isnan().any()
             torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-5)
     total = sum(len(tok(t)["input_ids"]) for t in TEXTS)
-    if arch in ("gemma2", "gemma3"):  # sliding-window caches: whole texts
-        assert sum(seen) >= total
-    else:
-        assert sum(seen) < 0.6 * total, "shared prefixes must be computed once"
+    assert sum(seen) < 0.6 * total, "shared prefixes must be computed once"
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_texts_longer_than_the_sliding_window_run_whole(tiny_model_factory, arch):
+    """The tiny Gemmas' window is 64 tokens: texts that fit it share their prefixes, longer
+    ones run whole (a sliding-window cache drops columns), and both equal whole-text passes."""
+    model = tiny_model_factory(arch)
+    tok = CharTokenizer()
+    long_texts = [t + " and then, after a long while, it rained all over the town" for t in TEXTS]
+    for texts, shared in ((TEXTS, True), (long_texts, False)):
+        assert (_prefix_plan(model, _tokenize(tok, texts), 1) is not None) == shared
+        want = capture(model, tok, texts, [1, 3], progress=False, share_prefixes=False)
+        got = capture(model, tok, texts, [1, 3], progress=False)
+        for layer in (1, 3):
+            torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-5)
 
 
 def test_shared_capture_of_a_sub_module_stops_early(tiny_model_factory):
