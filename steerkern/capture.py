@@ -242,6 +242,8 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
     padded length, quantised or recurrent caches).
     ``batch_size`` bounds the rows of every forward pass either way.
     """
+    if not texts:
+        raise ValueError("texts is empty: give at least one text to capture")
     ids = _tokenize(tokenizer, texts)
     shortest = min(len(seq) for seq in ids)
     if shortest < last_n_tokens:

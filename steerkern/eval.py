@@ -493,13 +493,12 @@ def _sweep_sharing_first_token(model, tokenizer, vectors, ids, mask, prompt_inde
     if not is_gatherable(cache, width + config.max_new_tokens):
         return None
     token = first.sequences[:, width]  # [P'] the first greedy token of each prompt
-    new = torch.full((len(slots), config.max_new_tokens), config.pad_token_id,
-                     dtype=token.dtype, device=token.device)
-    new[:, 0] = token[row_prompt]
     eos = config.eos_token_id
-    eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos],
-                       device=token.device)
-    live = ~torch.isin(token[row_prompt], eos)
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    new = torch.full((len(slots), config.max_new_tokens), pad, dtype=token.dtype, device=token.device)
+    new[:, 0] = token[row_prompt]
+    live = ~torch.isin(token[row_prompt], torch.tensor(eos, dtype=token.dtype, device=token.device))
     if config.max_new_tokens == 1 or not bool(live.any()):
         return new[:, :1]
     rows = row_prompt[live]
