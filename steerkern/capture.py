@@ -51,7 +51,7 @@ def _pad(seqs: list[list[int]], pad_id: int, side: str):
         span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
         ids[row, span] = torch.tensor(seq, dtype=torch.long)
         mask[row, span] = 1
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    positions = positions_from_mask(mask)
     return ids, mask, positions
 
 

@@ -69,7 +69,13 @@ from steerkern.eval_report import (
     mean_se,
     paired_slope,
 )
-from steerkern.kvcache import cache_argument, empty_model_cache, is_gatherable, select_rows
+from steerkern.kvcache import (
+    cache_argument,
+    empty_model_cache,
+    is_gatherable,
+    positions_from_mask,
+    select_rows,
+)
 from steerkern.models import input_device
 from steerkern.prefill import SharedPrompt, forward_rest, shared_prefill
 
@@ -262,15 +268,10 @@ def _encode(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Te
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
-def _position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted from each row's first real token (left padding)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def _forward_logits(model, ids, mask, keep: int) -> torch.Tensor:
     """Logits of the last ``keep`` positions ``[B, keep, V]``, without computing the others
     when the model supports ``logits_to_keep``."""
-    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False)
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = keep
     return model(**kwargs).logits[:, -keep:]

@@ -49,6 +49,7 @@ import torch
 
 from steerkern.control import SteeringBank
 from steerkern.data import as_pairs
+from steerkern.kvcache import positions_from_mask
 from steerkern.loss import PENALTY_KINDS, PROJECTIONS, CoherenceInputs, inner_contrastive_loss
 from steerkern.models import (
     RESIDUAL,
@@ -168,7 +169,7 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device):
     for row, seq in enumerate(seqs):
         ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
         mask[row, width - len(seq):] = 1
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    positions = positions_from_mask(mask)
     valid = (mask[:, :-1] * mask[:, 1:]).bool()
     labels = torch.where(valid, ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE))
     return ids.to(device), mask.to(device), positions.to(device), labels.to(device)
