@@ -35,46 +35,101 @@ def is_gatherable(cache, max_length: int = 0) -> bool:
     """Whether ``cache`` is a ``DynamicCache`` (not offloaded) whose rows can be gathered and
     whose columns can grow to ``max_length`` without changing what any query attends to: every
     layer a ``DynamicLayer``, or a ``DynamicSlidingWindowLayer`` whose window is longer than
-    ``max_length`` (it then keeps every column and its mask hides none, as a full layer would)."""
+    ``max_length`` (it then keeps every column and its mask hides none, as a full layer would).
+    Before transformers 4.54 a ``DynamicCache`` holds ``key_cache`` / ``value_cache`` lists that
+    keep every column; it qualifies as it is."""
     try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+        from transformers.cache_utils import DynamicCache
     except ImportError:  # pragma: no cover - transformers without the Cache classes
         return False
     if type(cache) is not DynamicCache or getattr(cache, "offloading", False):
         return False
     layers = getattr(cache, "layers", None)
     if layers is None:
-        return False
+        return isinstance(getattr(cache, "key_cache", None), list)
+    import transformers.cache_utils as cache_utils
+
+    full = cache_utils.DynamicLayer
+    sliding = getattr(cache_utils, "DynamicSlidingWindowLayer", None)  # transformers >= 4.56
     for layer in layers:
-        if type(layer) is DynamicSlidingWindowLayer:
+        if sliding is not None and type(layer) is sliding:
             if not max_length < layer.sliding_window:
                 return False
-        elif type(layer) is not DynamicLayer:
+        elif type(layer) is not full:
             return False
     return True
 
 
 def empty_model_cache(model, max_length: int):
-    """The empty cache ``model`` builds for itself (``DynamicCache(config=...)``) when it
-    :func:`is_gatherable` up to ``max_length`` columns; ``None`` otherwise (no cache argument,
-    windows shorter than ``max_length``, other cache layers, or a transformers without
-    ``DynamicCache(config=...)``)."""
-    if cache_argument(model) is None:
-        return None
+    """The empty cache ``model`` builds for itself (``DynamicCache(config=...)``, or
+    ``DynamicCache()`` before transformers 4.56) when it :func:`is_gatherable` up to
+    ``max_length`` columns; ``None`` otherwise (no cache argument, windows shorter than
+    ``max_length``, other cache layers). Before 4.56 a dynamic cache does not know the model's
+    sliding windows, and some models of that era expect a windowed cache: those qualify only
+    while ``max_length`` is shorter than the config's ``sliding_window``."""
+    if cache_argument(model) is None or getattr(model, "_supports_cache_class", True) is False:
+        return None  # the latter: models that still take tuples (GPT-2 before transformers 4.53)
     try:
         from transformers.cache_utils import DynamicCache
-
-        cache = DynamicCache(config=model.config)
-    except (ImportError, TypeError, ValueError, AttributeError):
+    except ImportError:  # pragma: no cover - transformers without the Cache classes
         return None
+    try:
+        cache = DynamicCache(config=model.config)
+    except (TypeError, ValueError, AttributeError):
+        cache = DynamicCache()
+        window = _config_sliding_window(model.config)
+        if window is not None and not max_length < window:
+            return None
     return cache if is_gatherable(cache, max_length) else None
+
+
+def _config_sliding_window(config) -> int | None:
+    """The config's (or its text config's) ``sliding_window``, when it has one."""
+    for part in (config, getattr(config, "text_config", None)):
+        window = getattr(part, "sliding_window", None) if part is not None else None
+        if isinstance(window, int) and window > 0:
+            return window
+    return None
+
+
+class _ListLayer:
+    """Layer ``index`` of a transformers < 4.54 ``DynamicCache`` (``key_cache`` /
+    ``value_cache`` lists), with the ``keys`` / ``values`` attributes of later cache layers."""
+
+    def __init__(self, cache, index: int):
+        self._cache, self._index = cache, index
+
+    @property
+    def keys(self):
+        return self._cache.key_cache[self._index]
+
+    @keys.setter
+    def keys(self, value):
+        self._cache.key_cache[self._index] = value
+
+    @property
+    def values(self):
+        return self._cache.value_cache[self._index]
+
+    @values.setter
+    def values(self, value):
+        self._cache.value_cache[self._index] = value
+
+
+def _layers(cache):
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return layers
+    return [_ListLayer(cache, index) for index in range(len(cache.key_cache))]
 
 
 def filled_layers(cache):
     """``(layer_index, layer)`` for the layers of ``cache`` that hold keys (a forward pass that
     stopped early fills only the layers it ran)."""
-    for index, layer in enumerate(cache.layers):
-        if getattr(layer, "keys", None) is not None and getattr(layer, "is_initialized", True):
+    for index, layer in enumerate(_layers(cache)):
+        keys = getattr(layer, "keys", None)
+        # transformers < 4.54 marks a layer a pass skipped with an empty list
+        if isinstance(keys, torch.Tensor) and getattr(layer, "is_initialized", True):
             yield index, layer
 
 

@@ -114,7 +114,7 @@ def _convert_default_model(gguf_path: Path, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            gguf_path.parent, gguf_file=gguf_path.name, **dtype_option(torch.float32)
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         # The weights are plain dequantised tensors now; drop the GGUF quantizer's marks so
@@ -134,6 +134,15 @@ def _convert_default_model(gguf_path: Path, target: Path) -> None:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def dtype_option(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s keyword argument for a dtype: ``dtype`` since transformers 4.56,
+    ``torch_dtype`` before it (4.50-4.55 reject ``dtype``; 5.x deprecates ``torch_dtype``)."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
 
 
 def default_model_path() -> Path:
@@ -191,7 +200,7 @@ def load_model(name: str | os.PathLike | None = None, *, dtype=None, device_map=
         source = _check_source(name)
     options = dict(kwargs)
     if dtype is not None:
-        options["dtype"] = dtype
+        options.update(dtype_option(dtype))
     if device_map is not None:
         options["device_map"] = device_map
     try:

@@ -144,7 +144,7 @@ def test_ablation_removes_the_direction(tiny_model_factory):
     ablate = SteeringVector.from_lowrank({layer: (None, u[:, None], -u[:, None]) for layer in (1, 2)})
     seen = []
     handles = [decoder_layers(model)[layer].register_forward_hook(
-        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out.clone()))
+        lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).clone()))
         for layer in (1, 2)]
     try:
         with torch.no_grad(), steer(model, ablate, coeff=1.0):
@@ -362,10 +362,20 @@ def test_torch_compile_no_graph_break_and_no_recompile_on_new_coefficients(tiny_
     def forward(ids):
         return model(ids).logits
 
+    def break_sites(explanation):
+        return {(f.filename, f.lineno) for reason in explanation.break_reasons
+                for f in reason.user_stack[-1:]}
+
+    dynamo.reset()
+    with torch.no_grad():
+        plain = dynamo.explain(forward)(ids)
     dynamo.reset()
     with torch.no_grad(), bank.attached():
         explanation = dynamo.explain(forward)(ids)
-        assert explanation.graph_break_count == 0
+        if plain.graph_break_count == 0:
+            assert explanation.graph_break_count == 0
+        else:  # some transformers releases break the graph themselves (4.55: cache creation)
+            assert break_sites(explanation) == break_sites(plain)
         counter = CompileCounter()
         compiled = torch.compile(forward, backend=counter, dynamic=False)
         first = compiled(ids)

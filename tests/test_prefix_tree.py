@@ -12,7 +12,7 @@ from steerkern.capture import _prefix_plan, _tokenize, capture
 from steerkern.models import resolve_module
 from steerkern.prefix_tree import Segment, build_prefix_tree, pack_by_length, tree_tokens
 from tests.test_extract import CharTokenizer
-from tests.tiny_models import ARCHITECTURES
+from tests.tiny_models import ARCHITECTURES, skip_unless_rows_can_share_a_cache
 
 
 def paths(segments, prefix=()):
@@ -144,6 +144,7 @@ def count_tokens(model):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_shared_capture_equals_whole_text_passes(tiny_model_factory, arch):
     model = tiny_model_factory(arch)
+    skip_unless_rows_can_share_a_cache(model)
     tok = CharTokenizer("right")
     whole = capture(model, tok, TEXTS, [1, 2], last_n_tokens=3, batch_size=4, progress=False,
                     share_prefixes=False, inputs=True)

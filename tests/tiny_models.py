@@ -4,6 +4,7 @@ Each is small enough to run a forward pass in milliseconds on CPU: hidden 64, 4 
 vocabulary 128. Used by layer discovery, control and extraction tests.
 """
 
+import pytest
 import torch
 import transformers
 
@@ -41,7 +42,31 @@ def build_tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
         kwargs = dict(overrides)
     else:
         kwargs = {**COMMON, **overrides}
+    if not hasattr(transformers, config_name):  # e.g. Qwen3 arrived in transformers 4.51
+        pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
     config = getattr(transformers, config_name)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()
     return model
+
+
+
+def skip_unless_rows_can_share_a_cache(model, max_length: int = 16, *, models_own: bool = False) -> None:
+    """Skip when the installed transformers gives ``model`` no KV cache that steerkern can
+    gather by rows (:mod:`steerkern.kvcache`), so prefix sharing falls back to whole passes by
+    design. Extraction passes a cache of its own (``empty_model_cache``; none for models that
+    still take tuples, GPT-2 before 4.53); sweeps use the cache the model builds itself
+    (``models_own``: not gatherable for Gemma 2's ``HybridCache`` or the tuples some models
+    return before 4.53)."""
+    from steerkern.kvcache import empty_model_cache, is_gatherable
+
+    reason = None
+    if empty_model_cache(model, max_length) is None:
+        reason = "takes no cache steerkern can build"
+    elif models_own:
+        with torch.no_grad():
+            own = model(torch.ones(1, 2, dtype=torch.long), use_cache=True).past_key_values
+        if not is_gatherable(own, max_length):
+            reason = f"builds a {type(own).__name__}, not gatherable by rows"
+    if reason:
+        pytest.skip(f"transformers {transformers.__version__}: {type(model).__name__} {reason}")
