@@ -22,6 +22,7 @@ repeats each row's slot and coefficient for its copies, as ``generate`` orders t
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -71,7 +72,11 @@ class SteeringBank:
         vectors: a ``SteeringVector`` or a sequence of them; row slot ``k`` selects
             ``vectors[k]``.
         positions: "all", "prompt", "generated", or a boolean mask ``[batch, seq]`` (True =
-            steer; positions past the mask's length are not steered).
+            steer; positions past the mask's length are not steered). "prompt" / "generated"
+            tell the prompt from the tokens added after it by the KV cache's length (or a
+            recurrent state's token count); a pass without a cache (models that generate by
+            re-running the whole sequence, e.g. MPT) whose tokens extend the last prompt keeps
+            that prompt's length.
         normalize: rescale each steered hidden state to its norm before steering.
 
     Example:
@@ -107,6 +112,8 @@ class SteeringBank:
         self._row_coeff = torch.ones(1, dtype=torch.float32, device=self.input_device)
         self._rows: int | None = None  # None: one slot and coefficient broadcast to every row
         self._prompt_len = 0
+        self._prompt_tokens: torch.Tensor | None = None  # the last prompt, for passes without a cache
+        self._recurrent_seen = weakref.WeakKeyDictionary()  # recurrent cache -> tokens it consumed
         self._token_state: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._token_shape: tuple[int, int] | None = None
         self._handles: list = []
@@ -245,12 +252,14 @@ class SteeringBank:
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         steer_here = None
         if self.positions != "all":
-            past = _past_length(kwargs, mask, length)
+            past = _past_length(kwargs, mask, length, self._recurrent_seen)
             capturing = tokens.is_cuda and torch.cuda.is_current_stream_capturing()
             if isinstance(past, torch.Tensor) and not capturing:
                 past = int(past)
-            if isinstance(past, int) and past == 0:
+            if isinstance(past, int) and past == 0 and not (
+                    _cache_of(kwargs) is None and self._extends_prompt(tokens)):
                 self._prompt_len = length
+                self._prompt_tokens = tokens.detach().clone()
             steer_here = self._positions_steered(batch, past, length, tokens.device)
         if mask is not None:
             valid = mask[:, -length:].to(torch.bool)
@@ -309,6 +318,14 @@ class SteeringBank:
         chosen = prompt if self.positions == "prompt" else ~prompt
         return chosen[None, :].expand(batch, length)
 
+    def _extends_prompt(self, tokens: torch.Tensor) -> bool:
+        """Whether ``tokens`` are the last prompt followed by more tokens (a model re-running
+        the whole sequence at each generation step)."""
+        prompt = self._prompt_tokens
+        return (prompt is not None and tokens.shape[0] == prompt.shape[0]
+                and tokens.shape[1] > prompt.shape[1] and tokens.shape[2:] == prompt.shape[2:]
+                and torch.equal(tokens[:, :prompt.shape[1]], prompt.to(tokens.device)))
+
     def _site_hook(self, site: _Site):
         def hook(module, args, kwargs, output):
             hidden = output[0] if isinstance(output, tuple) else output
@@ -343,17 +360,40 @@ class SteeringBank:
         return hook
 
 
-def _past_length(kwargs, mask, length) -> int | torch.Tensor:
+def _past_length(kwargs, mask, length, recurrent_seen) -> int | torch.Tensor:
     """Tokens already in the KV cache: from the attention mask's shape when there is one (no
     host sync), else from the cache, where a static cache answers with a 0-dim device tensor
-    (left as a tensor so that a CUDA graph capture never waits on the host)."""
+    (left as a tensor so that a CUDA graph capture never waits on the host). A recurrent cache
+    (Mamba-style state, no sequence length) is counted in ``recurrent_seen``: 0 while it holds
+    no state, then the tokens this context has fed it. Last, ``cache_position`` (older
+    transformers' recurrent models)."""
     if mask is not None:
         return mask.shape[1] - length
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = _cache_of(kwargs)
     if cache is not None and hasattr(cache, "get_seq_length"):
-        past = cache.get_seq_length()
+        try:
+            past = cache.get_seq_length()
+        except ValueError:
+            return _recurrent_past(cache, length, recurrent_seen)
         return past if isinstance(past, torch.Tensor) else int(past)
+    position = kwargs.get("cache_position")
+    if isinstance(position, torch.Tensor) and position.numel():
+        return position.reshape(-1)[0]
     return 0
+
+
+def _cache_of(kwargs):
+    """The cache object a forward call was given (``None`` without one)."""
+    return next((kwargs[k] for k in ("cache", "past_key_values", "cache_params")
+                 if kwargs.get(k) is not None), None)
+
+
+def _recurrent_past(cache, length: int, seen: weakref.WeakKeyDictionary) -> int:
+    started = any(any(getattr(layer, "has_previous_state", {}).values())
+                  for layer in getattr(cache, "layers", ()))
+    past = seen.get(cache, 0) if started else 0
+    seen[cache] = past + length
+    return past
 
 
 def _check_positions(positions):

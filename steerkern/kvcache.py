@@ -64,11 +64,15 @@ def empty_model_cache(model, max_length: int):
     """The empty cache ``model`` builds for itself (``DynamicCache(config=...)``, or
     ``DynamicCache()`` before transformers 4.56) when it :func:`is_gatherable` up to
     ``max_length`` columns; ``None`` otherwise (no cache argument, windows shorter than
-    ``max_length``, other cache layers). Before 4.56 a dynamic cache does not know the model's
+    ``max_length``, other cache layers; models whose ``forward`` takes no ``position_ids``:
+    they place tokens by column (MPT's ALiBi), so the padding gap between a shared prefix and
+    each row's rest would move them). Before 4.56 a dynamic cache does not know the model's
     sliding windows, and some models of that era expect a windowed cache: those qualify only
     while ``max_length`` is shorter than the config's ``sliding_window``."""
-    if cache_argument(model) is None or getattr(model, "_supports_cache_class", True) is False:
-        return None  # the latter: models that still take tuples (GPT-2 before transformers 4.53)
+    if cache_argument(model) is None or "position_ids" not in inspect.signature(model.forward).parameters:
+        return None
+    if getattr(model, "_supports_cache_class", True) is False:
+        return None  # models that still take tuples (GPT-2 before transformers 4.53)
     try:
         from transformers.cache_utils import DynamicCache
     except ImportError:  # pragma: no cover - transformers without the Cache classes

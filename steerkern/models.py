@@ -8,7 +8,9 @@ the source file's SHA-256, so later loads take about a second.
 
 Architecture knowledge lives here and only here: where the decoder layers are, and how the
 canonical sub-module names (``self_attn.o_proj``, ``mlp.down_proj``, ...) are spelled in each
-architecture (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, Mixtral, Qwen-MoE, GPT-2, GPT-NeoX).
+architecture (Llama, Mistral, Qwen2/3, Gemma, Phi, OLMo, Mixtral, Qwen-MoE, GPT-2, GPT-J,
+GPT-NeoX, OPT, Falcon, Bloom, MPT, Mamba, ...). An unknown layout is found when exactly one
+``nn.ModuleList`` is as long as the config's layer count.
 """
 
 from __future__ import annotations
@@ -37,19 +39,29 @@ LAYER_PATHS = (
     "transformer.h",  # GPT-2
     "gpt_neox.layers",  # GPT-NeoX / Pythia
     "model.decoder.layers",  # OPT-style
+    "transformer.blocks",  # MPT
+    "backbone.layers",  # Mamba
+    "language_model.model.layers",  # multimodal wrappers before transformers 4.52
     "layers",  # a bare decoder stack
 )
 
 # Canonical sub-module name -> spellings tried in order inside one decoder layer.
+# GPT-2 (attn.c_*, mlp.c_*), GPT-NeoX (attention.*, mlp.dense_*), Phi (self_attn.dense,
+# mlp.fc*), GPT-J (attn.out_proj, mlp.fc_*), OPT (self_attn.out_proj, fc* in the layer), Falcon
+# and Bloom (self_attention.*), MPT (attn.Wqkv, attn.out_proj, ffn.*).
 MODULE_ALIASES = {
-    "self_attn": ("self_attn", "attn", "attention"),
-    "self_attn.o_proj": ("self_attn.o_proj", "attn.c_proj", "attention.dense"),
-    "self_attn.q_proj": ("self_attn.q_proj", "attention.query_key_value", "attn.c_attn"),
-    "self_attn.k_proj": ("self_attn.k_proj",),
-    "self_attn.v_proj": ("self_attn.v_proj",),
-    "mlp": ("mlp", "block_sparse_moe"),
-    "mlp.down_proj": ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h"),
-    "mlp.up_proj": ("mlp.up_proj", "mlp.gate_up_proj", "mlp.c_fc", "mlp.dense_h_to_4h"),
+    "self_attn": ("self_attn", "attn", "attention", "self_attention"),
+    "self_attn.o_proj": ("self_attn.o_proj", "attn.c_proj", "attention.dense", "self_attn.dense",
+                         "attn.out_proj", "self_attn.out_proj", "self_attention.dense"),
+    "self_attn.q_proj": ("self_attn.q_proj", "attention.query_key_value", "attn.c_attn",
+                         "attn.q_proj", "self_attention.query_key_value", "attn.Wqkv"),
+    "self_attn.k_proj": ("self_attn.k_proj", "attn.k_proj"),
+    "self_attn.v_proj": ("self_attn.v_proj", "attn.v_proj"),
+    "mlp": ("mlp", "block_sparse_moe", "ffn"),
+    "mlp.down_proj": ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2", "mlp.fc_out",
+                      "fc2", "ffn.down_proj"),
+    "mlp.up_proj": ("mlp.up_proj", "mlp.gate_up_proj", "mlp.c_fc", "mlp.dense_h_to_4h", "mlp.fc1",
+                    "mlp.fc_in", "fc1", "ffn.up_proj"),
     "mlp.gate_proj": ("mlp.gate_proj",),
 }
 
@@ -285,12 +297,35 @@ def decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.Modul
         found = _get_path(model, path)
         if isinstance(found, nn.ModuleList) and len(found) > 0:
             return found
+    candidates = _lists_of_config_depth(model)
+    if len(candidates) == 1:
+        model._steerkern_layers_path = candidates[0]
+        return _get_path(model, candidates[0])
+    hint = f" (candidates: {', '.join(candidates)})" if candidates else ""
     raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__}: steerkern knows Llama, "
-        "Mistral, Qwen2/3, Gemma 2/3, Phi-3, Mixtral, Qwen-MoE, GPT-2 and GPT-NeoX layouts. Call "
-        "steerkern.decoder_layers(model, layers_path='<dotted path to the nn.ModuleList>') once "
-        "to tell steerkern where they are"
+        f"cannot find the decoder layers of {type(model).__name__}{hint}: steerkern knows the "
+        "Llama, Mistral, Qwen, Gemma, Phi, OLMo, Mixtral, GPT-2, GPT-J, GPT-NeoX, OPT, Falcon, "
+        "Bloom, MPT and Mamba layouts, and otherwise looks for the one nn.ModuleList as long as "
+        "the config's layer count. Call steerkern.decoder_layers(model, "
+        "layers_path='<dotted path to the nn.ModuleList>') once to tell steerkern where they are"
     )
+
+
+def _lists_of_config_depth(model: nn.Module) -> list[str]:
+    """Paths of the outermost ``nn.ModuleList``s whose length is the config's layer count
+    (``num_hidden_layers``, ``n_layer``, ``n_layers`` or ``num_layers``, text config first)."""
+    config = getattr(model, "config", None)
+    depth = None
+    for part in (getattr(config, "text_config", None), config):
+        for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
+            value = getattr(part, key, None) if part is not None else None
+            if isinstance(value, int) and value > 0:
+                depth = depth or value
+    if depth is None:
+        return []
+    found = [name for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) == depth]
+    return [name for name in found if not any(name.startswith(other + ".") for other in found)]
 
 
 def num_layers(model: nn.Module) -> int:

@@ -83,6 +83,33 @@ def test_unknown_architecture_gets_an_override():
     assert resolve_module(model, 1, "mix") is model.stack[1].mix  # remembered override
 
 
+def test_unknown_layout_found_by_the_configs_layer_count():
+    """An unknown layout: the one outermost ModuleList as long as the config's layer count is
+    the decoder stack (lists nested inside it, or of other lengths, are not); two such lists
+    are ambiguous and the error names both."""
+    from types import SimpleNamespace
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(3)])
+
+    class Odd(torch.nn.Module):
+        def __init__(self, towers=1):
+            super().__init__()
+            self.config = SimpleNamespace(n_layers=3)
+            self.embed = torch.nn.ModuleList([torch.nn.Linear(8, 8)])
+            for index in range(towers):
+                setattr(self, f"tower{index}", torch.nn.Sequential(
+                    torch.nn.ModuleList([Block() for _ in range(3)])))
+
+    model = Odd()
+    assert decoder_layers(model) is model.tower0[0]
+    assert resolve_module(model, 2, "heads.1") is model.tower0[0][2].heads[1]
+    with pytest.raises(ValueError, match="candidates: tower0.0, tower1.0.*layers_path="):
+        decoder_layers(Odd(towers=2))
+
+
 def test_default_layers_is_a_middle_band(default_model):
     model, _ = default_model
     band = default_layers(model)
