@@ -326,10 +326,20 @@ class SteeringBank:
                 and tokens.shape[1] > prompt.shape[1] and tokens.shape[2:] == prompt.shape[2:]
                 and torch.equal(tokens[:, :prompt.shape[1]], prompt.to(tokens.device)))
 
+    def _is_per_token(self, hidden: torch.Tensor) -> bool:
+        """``hidden`` is ``[B, T, D]`` for this pass's tokens, or flattened ``[B*T, D]`` (OPT's
+        feed-forward, MoE internals)."""
+        if self._token_shape is None:
+            return False
+        batch, length = self._token_shape
+        if hidden.dim() == 2:
+            return hidden.shape[0] == batch * length
+        return tuple(hidden.shape[:2]) == self._token_shape
+
     def _site_hook(self, site: _Site):
         def hook(module, args, kwargs, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            if self._token_shape is None or tuple(hidden.shape[:2]) != self._token_shape:
+            if not self._is_per_token(hidden):
                 raise RuntimeError(
                     f"steer: {type(module).__name__} saw hidden states of shape "
                     f"{tuple(hidden.shape)} but the model's forward pass had batch x length "

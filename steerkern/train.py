@@ -129,8 +129,6 @@ def _output_head(model):
             f"{type(model).__name__} has no output head (get_output_embeddings()): train_adapter "
             "needs a causal LM for the per-token coherence term"
         )
-    if getattr(head, "bias", None) is not None:
-        raise ValueError("the output head has a bias, which the fused token log-probs do not model")
     config = getattr(model, "config", None)
     config = getattr(config, "text_config", None) or config
     if getattr(config, "final_logit_softcapping", None):
@@ -194,6 +192,7 @@ class _Reader:
         self.model, self.n_last = model, n_last
         self.loss_module = decoder_layers(model)[loss_layer]
         self.head = _output_head(model)
+        self.head_weight = _head_matrix(self.head)
         self.handles: list = []
         self.h_loss = self.h_final = None
 
@@ -230,12 +229,24 @@ class _Reader:
         return self.h_loss, self.h_final
 
 
+def _head_matrix(head) -> torch.Tensor:
+    """The output head as one matrix: its weight ``[V, D]``, or ``[W | b]`` ``[V, D + 1]`` for a
+    head with a bias (GPT-J, Phi), so that ``[h, 1] @ [W | b]^T = W h + b``."""
+    weight = head.weight.detach()
+    if getattr(head, "bias", None) is None:
+        return weight
+    return torch.cat([weight, head.bias.detach().to(weight.dtype)[:, None]], dim=1)
+
+
 def _logprobs(h_final: torch.Tensor, W: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token log-probs ``[R, W-1]`` (fp32) of ``labels`` from ``h_final [R, W, D]``."""
+    """Per-token log-probs ``[R, W-1]`` (fp32) of ``labels`` from ``h_final [R, W, D]`` under the
+    head matrix ``W`` (:func:`_head_matrix`: ``[V, D]``, or ``[V, D + 1]`` with the bias)."""
     from steerkern import ops
 
     rows, width, dim = h_final.shape
     flat = h_final[:, :-1, :].reshape(-1, dim)
+    if W.shape[1] == dim + 1:
+        flat = torch.cat([flat, flat.new_ones(flat.shape[0], 1)], dim=1)
     return ops.token_logprobs(flat, W.to(flat.dtype), labels.reshape(-1),
                               ignore_index=IGNORE).view(rows, width - 1)
 
@@ -251,7 +262,7 @@ def _reference(reader, ids_list, pad_id, device, batch_size, progress):
     for chunk in tqdm(chunks, desc="train: reference", disable=not progress, leave=False):
         ids, mask, positions, labels = _left_pad([ids_list[i] for i in chunk], pad_id, device)
         h_loss, h_final = reader(ids, mask, positions)
-        logp = _logprobs(h_final, reader.head.weight, labels).float().cpu()
+        logp = _logprobs(h_final, reader.head_weight, labels).float().cpu()
         for row, index in enumerate(chunk):
             h_ref[index] = h_loss[row].float().cpu()
             logp_ref[index] = logp[row, -(len(ids_list[index]) - 1):]
@@ -385,7 +396,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
     layer_list, loss_at = _check_layers(model, layers, loss_layer)
     for layer in layer_list:
         resolve_module(model, layer, target)  # raises naming target
-    head = _output_head(model)
+    _output_head(model)  # a model without a usable head fails here, before any work
     texts = [text for pair in pair_set.pairs for text in pair]
     ids_list = _encode(tokenizer, texts, n_last)
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else (
@@ -446,7 +457,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
                     picked.append(queue.pop())
                 mine = picked[rank_index::world]
                 adapter.load_into_bank()
-                loss_terms = _step(reader, adapter.bank, head, ids_list, h_ref, logp_ref, mine,
+                loss_terms = _step(reader, adapter.bank, ids_list, h_ref, logp_ref, mine,
                                    pad_id, device, u, n_last=n_last, tau=tau, kind=kind,
                                    kappa=kappa, order_weight=order_weight,
                                    projection=projection, scale=loss_scale,
@@ -497,7 +508,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
     )
 
 
-def _step(reader, bank, head, ids_list, h_ref, logp_ref, batch, pad_id, device, u, **loss_args):
+def _step(reader, bank, ids_list, h_ref, logp_ref, batch, pad_id, device, u, **loss_args):
     """Policy pass on rows ``[cho | rej | cho | rej]`` with coefficients ``[+1, +1, -1, -1]``;
     returns the :class:`~steerkern.loss.ContrastiveLoss` of the batch."""
     n = len(batch)
@@ -509,8 +520,8 @@ def _step(reader, bank, head, ids_list, h_ref, logp_ref, batch, pad_id, device, 
     h_loss = h_loss.float()
     width = labels.shape[1]
     # coherence: chosen rows at c = +1 (rows 0..n-1), rejected rows at c = -1 (rows 3n..4n-1)
-    logp_pos = _logprobs(h_final[:n], head.weight, labels[:n])
-    logp_neg = _logprobs(h_final[3 * n:], head.weight, labels[3 * n:])
+    logp_pos = _logprobs(h_final[:n], reader.head_weight, labels[:n])
+    logp_neg = _logprobs(h_final[3 * n:], reader.head_weight, labels[3 * n:])
     ref_pos = _right_align([logp_ref[2 * i] for i in batch], width, 0.0).to(device)
     ref_neg = _right_align([logp_ref[2 * i + 1] for i in batch], width, 0.0).to(device)
     ref_states = (torch.stack([h_ref[2 * i] for i in batch]).to(device),

@@ -1,6 +1,6 @@
 """Architectures beyond the tiny set of tests/tiny_models.py, each checked end to end once:
 layer discovery (known paths, or the one ModuleList as long as the config's layer count),
-canonical sub-module names, per-row steering against rows run alone, positions="generated"
+canonical sub-module names, per-row steering against rows run alone (residual and sub-module), positions="generated"
 inside generate (KV caches and Mamba's recurrent state), and prefix-shared capture against
 whole-text passes (including MPT, whose ALiBi places tokens by column: it must fall back)."""
 
@@ -81,6 +81,20 @@ def test_steering_extraction_and_generation(name):
                 alone = model(ids[row:row + 1]).logits[0]
             torch.testing.assert_close(batched[row], alone, atol=1e-5, rtol=1e-5)
             assert (alone - base[row]).abs().max() > 1e-3
+
+        if "d" in MORE[name][3]:  # a sub-module target (OPT's fc2 sees flattened [B*T, D])
+            module = resolve_module(model, 2, "mlp.down_proj")
+            out_width = (module.weight.shape[1] if type(module).__name__ == "Conv1D"
+                         else module.weight.shape[0])
+            down = SteeringVector.from_directions(
+                {2: 3 * torch.randn(out_width, generator=gen)}, target="mlp.down_proj")
+            with steer(model, [down], slots=[-1, 0, -1], coeff=[1.0, 2.0, 1.0]):
+                batched = model(ids).logits
+            with steer(model, down, coeff=2.0):
+                alone = model(ids[1:2]).logits[0]
+            torch.testing.assert_close(batched[1], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batched[0], base[0], atol=1e-6, rtol=1e-6)
+            assert (alone - base[1]).abs().max() > 1e-3
 
         # positions="generated": the prompt's pass (first-token scores) is left alone, the
         # decode steps are steered

@@ -281,3 +281,28 @@ def test_first_step_matches_reference(tiny_model_factory):
     vector = train_adapter(model, ToyTokenizer(), PAIRS, layers=[1], loss_layer=3, steps=1,
                            batch_size=5, tau=0.0, kind="hinge", progress=False)
     assert abs(vector.metadata["loss_history"][0]) < 1e-4
+
+
+def test_output_head_bias_is_part_of_the_log_probs():
+    """GPT-J's head has a bias: the fused log-probs see ``[h, 1] @ [W | b]^T = W h + b``."""
+    from tests.test_more_architectures import build
+
+    model = build("gptj")
+    with torch.no_grad():
+        model.lm_head.bias.normal_(0, 2.0)
+    reader = train_mod._Reader(model, loss_layer=3, n_last=2)
+    assert reader.head_weight.shape == (128, 65)
+    h = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(1))
+    labels[1, 0] = train_mod.IGNORE
+    got = train_mod._logprobs(h, reader.head_weight, labels)
+    with torch.no_grad():
+        logp = torch.log_softmax(model.lm_head(h[:, :-1]), -1)
+    want = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0].masked_fill(labels < 0, 0.0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    before = snapshot(model)
+    vector = train_adapter(model, ToyTokenizer(), PAIRS[:4], layers=[1], loss_layer=3, steps=2,
+                           batch_size=2, tau=0.0, kind="hinge", progress=False)
+    assert abs(vector.metadata["loss_history"][0]) < 1e-4  # reference and policy agree at step 0
+    assert_unchanged(model, before)
