@@ -373,13 +373,15 @@ class SteeringBank:
 def _past_length(kwargs, mask, length, recurrent_seen) -> int | torch.Tensor:
     """Tokens already in the KV cache: from the attention mask's shape when there is one (no
     host sync), else from the cache, where a static cache answers with a 0-dim device tensor
-    (left as a tensor so that a CUDA graph capture never waits on the host). A recurrent cache
-    (Mamba-style state, no sequence length) is counted in ``recurrent_seen``: 0 while it holds
-    no state, then the tokens this context has fed it. Last, ``cache_position`` (older
-    transformers' recurrent models)."""
+    (left as a tensor so that a CUDA graph capture never waits on the host); legacy tuple
+    caches give their keys' length. A recurrent cache (Mamba-style state, no sequence length)
+    is counted in ``recurrent_seen``: 0 while it holds no state, then the tokens this context
+    has fed it. Last, ``cache_position`` (older transformers' recurrent models)."""
     if mask is not None:
         return mask.shape[1] - length
     cache = _cache_of(kwargs)
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)):
+        return int(cache[0][0].shape[-2])  # legacy tuples: ((keys [B, H, S, d], values), ...)
     if cache is not None and hasattr(cache, "get_seq_length"):
         try:
             past = cache.get_seq_length()

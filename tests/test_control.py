@@ -412,3 +412,32 @@ def test_offloaded_model_steers_on_the_execution_device(tiny_model_factory):
     torch.testing.assert_close(results[1], results[0])
     with torch.no_grad():
         assert not torch.allclose(offloaded(ids).logits, results[1])
+
+
+def test_past_length_without_a_mask():
+    """Where a pass without an attention mask starts: legacy tuple caches, ``cache_position``,
+    and a recurrent cache (no sequence length) counted per cache object."""
+    import weakref
+
+    from steerkern.control import _past_length
+
+    keys = torch.zeros(2, 2, 5, 4)
+    seen = weakref.WeakKeyDictionary()
+    assert _past_length({"past_key_values": ((keys, keys),)}, None, 1, seen) == 5
+    assert int(_past_length({"cache_position": torch.tensor([7, 8])}, None, 2, seen)) == 7
+    assert _past_length({}, None, 3, seen) == 0
+
+    class Layer:
+        has_previous_state = {0: False}
+
+    class Recurrent:
+        layers = [Layer()]
+
+        def get_seq_length(self):
+            raise ValueError("no sequence length")
+
+    cache = Recurrent()
+    assert _past_length({"cache": cache}, None, 6, seen) == 0  # prefill: no state yet
+    Layer.has_previous_state = {0: True}
+    assert _past_length({"cache": cache}, None, 1, seen) == 6
+    assert _past_length({"cache": cache}, None, 1, seen) == 7
