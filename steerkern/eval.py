@@ -78,6 +78,7 @@ from steerkern.kvcache import (
 )
 from steerkern.models import input_device
 from steerkern.prefill import SharedPrompt, forward_rest, shared_prefill
+from steerkern.trunk import lowest_steered_layer
 
 DEFAULT_COEFFS = (-2.0, -1.0, 0.0, 1.0, 2.0)
 
@@ -292,8 +293,10 @@ def _share(model, tokenizer, vectors, ids, mask, prompt_index, slots: list[int],
     """Shared prefill of one micro-batch (``steerkern.prefill.shared_prefill``), or ``None``.
 
     The prompt tokens are steered when ``positions`` is "all" or "prompt" and some row has a
-    slot ``>= 0``: rows with the same ``(slot, coeff)`` then share the template prefix.
-    Otherwise the whole prompt but its last token is unsteered and shared per prompt."""
+    slot ``>= 0``: rows with the same ``(slot, coeff)`` then share the template prefix, and the
+    decoder layers below the lowest steered one run each prompt's suffix once for all its rows
+    (:mod:`steerkern.trunk`). Otherwise the whole prompt but its last token is unsteered and
+    shared per prompt."""
     steered = [s >= 0 for s in slots]
     groups = None
     if positions in ("all", "prompt") and any(steered):
@@ -303,7 +306,9 @@ def _share(model, tokenizer, vectors, ids, mask, prompt_index, slots: list[int],
         return _steering(model, vectors, [slots[r] for r in rows], [coeffs[r] for r in rows], "all")
 
     return shared_prefill(model, ids, mask, prompt_index, pad_id=tokenizer.pad_token_id,
-                          groups=groups, steer_prefix=steer_prefix, extra_columns=extra_columns)
+                          groups=groups, steer_prefix=steer_prefix, extra_columns=extra_columns,
+                          steer_rows=lambda: steer_prefix(list(range(len(slots)))),
+                          unsteered_layers=lowest_steered_layer(vectors, slots))
 
 
 def _chunks(total: int, batch_size: int | None):

@@ -25,6 +25,12 @@ Two modes, by whether the prompt tokens are steered:
   id (the same arm) share the prefix. Stage A runs the prefix, ``U`` rows (one per distinct
   group) x ``k`` tokens, under the caller's steering; the cache is then gathered to the ``R``
   rows. Cached: columns ``[0, k)``. Work: ``U k + R (T - k)`` token rows instead of ``R T``.
+  When the caller also says which decoder layers no row steers (``unsteered_layers = d``) and
+  gives the steering of all rows, the bottom layers ``[0, d)`` are shared too
+  (:mod:`steerkern.trunk`): stage A runs them once for the prefix, and stage B runs the
+  suffixes but their last token, ``[k, T - 1)``, through them once per prompt and through the
+  layers above per row. Cached: ``[0, T - 1)``. Work over ``N`` layers, in layer-token-rows:
+  ``d (k + P' (T - 1 - k)) + (N - d) (U k + R (T - 1 - k))``, plus ``R`` last tokens.
 - ``groups=None`` (prompt tokens unsteered): stage A runs the prefix once (1 row x ``k``),
   stage B the suffixes except their last token, ``P' x (T - 1 - k)`` (``P'`` distinct prompts
   among the rows), and the cache is gathered to the ``R`` rows. Cached: columns
@@ -49,10 +55,12 @@ import torch
 from steerkern.kvcache import (
     cache_argument,
     empty_model_cache,
+    filled_layers,
     is_gatherable,
     positions_from_mask,
     select_rows,
 )
+from steerkern.trunk import bottom_layers, run_bottom, skip_bottom
 
 
 @dataclass
@@ -130,7 +138,8 @@ def _run(model, cache_arg, ids, mask, cache, start: int):
 def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, prompt_of_row: torch.Tensor, *,
                    pad_id: int, groups: list | None = None,
                    steer_prefix: Callable[[list[int]], contextlib.AbstractContextManager] | None = None,
-                   extra_columns: int = 0) -> SharedPrompt | None:
+                   extra_columns: int = 0, steer_rows: Callable[[], contextlib.AbstractContextManager] | None = None,
+                   unsteered_layers: int = 0) -> SharedPrompt | None:
     """Prefill the rows' prompts, computing shared pieces once (see the module docstring).
 
     Args:
@@ -145,6 +154,10 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, prompt_of_row: 
         extra_columns: how many columns the caller will add to the cache after the prompt
             (generated tokens); sliding-window layers are shared only if the whole fits their
             window (:func:`steerkern.kvcache.is_gatherable`).
+        steer_rows: mode A: the context that steers a pass over all ``R`` rows (each its own
+            arm). With ``unsteered_layers = d >= 1`` (no row steers decoder layers ``[0, d)``),
+            the suffix columns but the last also run here: layers ``[0, d)`` once per prompt,
+            the rest per row (:mod:`steerkern.trunk`), so the cache holds ``T - 1`` columns.
 
     Returns:
         :class:`SharedPrompt`, or ``None`` when sharing saves nothing or the model's cache
@@ -168,18 +181,27 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, prompt_of_row: 
     new_ids, new_mask = relayout(ids_u, mask_u, k, pad_id)
     if groups is not None:
         keys = list(dict.fromkeys(groups))
-        if k == 0 or len(keys) == rows:
-            return None
         group_of_row = torch.tensor([keys.index(g) for g in groups], device=device)
         representatives = [groups.index(g) for g in keys]
-        prefix_ids = new_ids[:1, :k].expand(len(keys), k)
-        prefix_mask = new_mask[:1, :k].expand(len(keys), k)
-        with steer_prefix(representatives):
-            cache = _run(model, cache_arg, prefix_ids, prefix_mask, None, 0)
-        if not shareable(cache):
+        bottom = bottom_layers(model, unsteered_layers) if steer_rows is not None else None
+        share_prefix = k > 0 and len(keys) < rows
+        share_bottom = bottom is not None and used.numel() < rows and T - 1 > k
+        if not (share_prefix or share_bottom):
             return None
-        cache = select_rows(cache, group_of_row)
-        cached = k
+        cache, cached = None, 0
+        if k > 0:
+            one = torch.zeros(len(keys), dtype=torch.long, device=device)
+            cache = _run_rows(model, cache_arg, new_ids[:1, :k], new_mask[:1, :k], None, 0, one,
+                              lambda: steer_prefix(representatives), bottom, T + extra_columns)
+            if not shareable(cache):
+                return None
+            cache, cached = select_rows(cache, group_of_row), k
+        if share_bottom:
+            cache = _run_rows(model, cache_arg, new_ids[:, :T - 1], new_mask[:, :T - 1], cache, k,
+                              row_prompt, steer_rows, bottom, T + extra_columns)
+            if not shareable(cache):
+                return None
+            cached = T - 1
     else:
         cached = T - 1
         if cached == 0 or (k == 0 and used.numel() == rows):
@@ -196,6 +218,43 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, prompt_of_row: 
                 return None
         cache = select_rows(cache, row_prompt)
     return SharedPrompt(new_ids[row_prompt], new_mask[row_prompt], cache, cached, cache_arg, k)
+
+
+def _run_rows(model, cache_arg, ids, mask, cache, start: int, row_seq: torch.Tensor, steering,
+              bottom: list | None, max_length: int):
+    """Columns ``[start, T')`` of ``R`` rows under ``steering()``, row ``r`` being sequence
+    ``row_seq[r]`` of ``ids``/``mask`` ``[S, T']``; ``cache`` holds the rows' ``[0, start)``
+    (``None``: nothing yet). With ``bottom`` (the unsteered decoder layers ``[0, d)``,
+    :mod:`steerkern.trunk`) and ``S < R``, those layers run the ``S`` sequences once and the
+    rest runs per row; their new cache columns are then copied to the rows. Returns the rows'
+    cache of ``[0, T')``."""
+    rows = row_seq.numel()
+    ids_r, mask_r = ids[row_seq], mask[row_seq]
+    ran = None
+    if bottom is not None and ids.shape[0] < rows:
+        sequence_cache = empty_model_cache(model, max_length)
+        if sequence_cache is not None:
+            if cache is not None:  # every layer, so that all report `start` cached columns
+                seqs = row_seq.tolist()
+                first = torch.tensor([seqs.index(q) for q in range(ids.shape[0])])
+                for index, layer in filled_layers(cache):
+                    sequence_cache.update(layer.keys.index_select(0, first.to(layer.keys.device)),
+                                          layer.values.index_select(0, first.to(layer.values.device)),
+                                          index)
+            ran = run_bottom(model, bottom, lambda: _run(model, cache_arg, ids, mask, sequence_cache, start))
+    if ran is None:
+        with steering():
+            return _run(model, cache_arg, ids_r, mask_r, cache, start)
+    hidden, layout = ran
+    cache = cache if cache is not None else empty_model_cache(model, max_length)
+    with skip_bottom(bottom, hidden.index_select(0, row_seq.to(hidden.device)), layout), steering():
+        cache = _run(model, cache_arg, ids_r, mask_r, cache, start)
+    for index, layer in filled_layers(sequence_cache):
+        if index < len(bottom):
+            keys, values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            cache.update(keys.index_select(0, row_seq.to(keys.device)),
+                         values.index_select(0, row_seq.to(values.device)), index)
+    return cache
 
 
 def forward_rest(model, shared: SharedPrompt, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:

@@ -1,0 +1,214 @@
+"""The unsteered bottom layers run once per prompt (steerkern.trunk) and the sweeps that use it
+(steerkern.prefill mode A): equal to whole per-row passes on every tiny architecture, with the
+bottom layers seeing only the distinct prompts."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from steerkern.eval import _forward_logits, _steering, sweep_generate
+from steerkern.models import decoder_layers, hidden_size
+from steerkern.prefill import forward_rest, shared_prefill
+from steerkern.trunk import bottom_layers, lowest_steered_layer, run_bottom, skip_bottom
+from steerkern.vectors import SteeringPart, SteeringVector
+from tests.test_more_architectures import MORE, build
+from tests.tiny_models import ARCHITECTURES, build_tiny_model, skip_unless_rows_can_share_a_cache
+
+
+def _left_pad(rows, pad=0):
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def _prompts(seed=0):
+    """Three prompts with a 6-token common prefix and suffixes of 4, 6 and 3 tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, 100, (6,), generator=generator).tolist()
+    return _left_pad([prefix + torch.randint(3, 100, (n,), generator=generator).tolist()
+                      for n in (4, 6, 3)])
+
+
+def _vector(model, parts: dict, seed=1):
+    """Residual parts at the given layers (``{layer: scale}``), plus any ``(layer, target)``."""
+    generator = torch.Generator().manual_seed(seed)
+    width = hidden_size(model)
+    built = {}
+    for key, scale in parts.items():
+        layer, target = key if isinstance(key, tuple) else (key, "residual")
+        module_width = width
+        if target != "residual":
+            from steerkern.models import resolve_module
+            module_width = resolve_module(model, layer, target).weight.shape[0]
+        built[(layer, target)] = SteeringPart(bias=scale * torch.randn(module_width, generator=generator))
+    return SteeringVector(built)
+
+
+def test_lowest_steered_layer_counts_only_steered_rows():
+    a = SteeringVector({(3, "residual"): SteeringPart(bias=torch.ones(8)),
+                        (2, "mlp.down_proj"): SteeringPart(bias=torch.ones(8))})
+    b = SteeringVector({(1, "residual"): SteeringPart(bias=torch.ones(8))})
+    assert lowest_steered_layer([a, b], [0, -1, 0]) == 2
+    assert lowest_steered_layer([a, b], [0, 1]) == 1
+    assert lowest_steered_layer([a, b], [-1, -1]) == 0
+
+
+def test_skip_bottom_reproduces_whole_passes_and_restores_the_layers():
+    model = build_tiny_model("llama")
+    ids, mask = _prompts()
+    rows = torch.tensor([2, 0, 1, 0, 2])
+    layers = bottom_layers(model, 2)
+    assert layers is not None and len(layers) == 2
+    with torch.no_grad():
+        want = _forward_logits(model, ids[rows], mask[rows], keep=ids.shape[1])
+        hidden, layout = run_bottom(model, layers, lambda: _forward_logits(model, ids, mask, keep=1))
+        assert hidden.shape == (3, ids.shape[1], 64)
+        with skip_bottom(layers, hidden[rows], layout):
+            got = _forward_logits(model, ids[rows], mask[rows], keep=ids.shape[1])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match="skip_bottom"):  # a pass of another shape
+            with skip_bottom(layers, hidden[rows], layout):
+                _forward_logits(model, ids, mask, keep=1)
+    assert all("forward" not in layer.__dict__ for layer in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(_forward_logits(model, ids[rows], mask[rows], keep=ids.shape[1]), want)
+
+
+def test_layer_outputs_that_carry_more_than_hidden_states_are_not_reproduced():
+    from steerkern.trunk import _as_layout, _layout
+
+    hidden = torch.zeros(2, 3, 4)
+    assert _layout(hidden) == 0 and _as_layout(hidden, 0) is hidden
+    assert _layout((hidden, None)) == 2 and _as_layout(hidden, 2) == (hidden, None)
+    assert _layout((hidden, torch.ones(1))) is None  # attention weights, a present cache, ...
+    assert _layout(None) is None and _layout(()) is None
+
+
+def test_bottom_layers_refuse_hooked_or_missing_layers():
+    model = build_tiny_model("llama")
+    assert bottom_layers(model, 0) is None
+    assert bottom_layers(model, 5) is None  # deeper than the model
+    handle = decoder_layers(model)[1].mlp.register_forward_hook(lambda *args: None)
+    try:
+        assert bottom_layers(model, 1) is not None
+        assert bottom_layers(model, 2) is None  # someone watches layer 1
+    finally:
+        handle.remove()
+
+
+ALL = [("tiny", arch) for arch in ARCHITECTURES] + [("more", name) for name in sorted(MORE)]
+
+
+def _model(kind, name):
+    return build_tiny_model(name) if kind == "tiny" else build(name)
+
+
+@pytest.mark.parametrize("kind,name", ALL, ids=[name for _, name in ALL])
+def test_steered_prompt_sweeps_share_the_bottom_layers(kind, name, monkeypatch):
+    """Mode A with the bottom shared: layers [0, 2) run the 3 prompts, the rest the 6 rows; the
+    answer logits and greedy sweeps equal whole per-row passes (vectors at layers 2 and 3)."""
+    model = _model(kind, name)
+    ids, mask = _prompts()
+    index = torch.tensor([0, 1, 2, 0, 1, 2])
+    vectors = [_vector(model, {2: 4.0, 3: 2.0})]
+    slots, coeffs = [0] * 6, [-2.0] * 3 + [3.0] * 3
+    groups = list(zip(slots, coeffs))
+
+    def steer_prefix(rows):
+        return _steering(model, vectors, [slots[r] for r in rows], [coeffs[r] for r in rows], "all")
+
+    # rows each layer computes (hooks on the bottom layers would turn the sharing off)
+    layers = decoder_layers(model)
+    rows_seen = {0: [], 2: []}
+    layer_class, forward = type(layers[0]), type(layers[0]).forward
+
+    def counting(self, *args, **kwargs):
+        for i in rows_seen:
+            if self is layers[i]:
+                rows_seen[i].append((args[0] if args else kwargs["hidden_states"]).shape[0])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(layer_class, "forward", counting)
+    with torch.no_grad():
+        shared = shared_prefill(model, ids, mask, index, pad_id=0, groups=groups,
+                                steer_prefix=steer_prefix, unsteered_layers=2,
+                                steer_rows=lambda: steer_prefix(list(range(6))))
+    monkeypatch.undo()
+    if shared is None:
+        skip_unless_rows_can_share_a_cache(model, 32)
+        pytest.skip(f"{name}: its cache is not shared")
+    assert shared.cached == ids.shape[1] - 1
+    # layer 0 runs the common prefix once, then the 3 prompts' suffixes; layer 2 runs the
+    # prefix for the 2 arms, then the suffixes for the 6 rows
+    assert rows_seen[0] == [1, 3] and rows_seen[2] == [2, 6]
+    with torch.no_grad():
+        with _steering(model, vectors, slots, coeffs, "all"):
+            got = forward_rest(model, shared, shared.ids, shared.mask, keep=1)[:, -1]
+            want = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
+        unsteered = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
+    assert (want - unsteered).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=4, min_new_tokens=4, pad_token_id=0,
+                              eos_token_id=2)
+    tokenizer = SimpleNamespace(pad_token_id=0)
+    for positions in ("all", "prompt"):
+        with torch.no_grad():
+            plain, fast = (sweep_generate(model, tokenizer, vectors, ids, mask, index, slots, coeffs,
+                                          config=config, positions=positions, share_prefill=share)
+                           for share in (False, True))
+        assert torch.equal(plain, fast), positions
+
+
+def test_sub_module_parts_keep_their_layer_computed():
+    """A part on layer 2's mlp.down_proj: only layers [0, 2) are shared, and the scores equal
+    whole per-row passes."""
+    model = build_tiny_model("llama")
+    ids, mask = _prompts(seed=3)
+    index = torch.tensor([0, 1, 2, 1])
+    vectors = [_vector(model, {(2, "mlp.down_proj"): 5.0}), _vector(model, {3: 4.0}, seed=2)]
+    slots, coeffs = [0, 0, 1, 1], [2.0, 2.0, -3.0, -3.0]
+    depth = lowest_steered_layer(vectors, slots)
+    assert depth == 2
+
+    def steer_prefix(rows):
+        return _steering(model, vectors, [slots[r] for r in rows], [coeffs[r] for r in rows], "all")
+
+    with torch.no_grad():
+        shared = shared_prefill(model, ids, mask, index, pad_id=0, groups=list(zip(slots, coeffs)),
+                                steer_prefix=steer_prefix, unsteered_layers=depth,
+                                steer_rows=lambda: steer_prefix(list(range(4))))
+        assert shared is not None and shared.cached == ids.shape[1] - 1
+        with _steering(model, vectors, slots, coeffs, "all"):
+            got = forward_rest(model, shared, shared.ids, shared.mask, keep=1)[:, -1]
+            want = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_prompts_without_a_common_prefix_still_share_the_bottom():
+    """No common prefix (k = 0): nothing for stage A, but the bottom layers still run each prompt
+    once; the scores equal whole per-row passes."""
+    model = build_tiny_model("qwen2")
+    ids, mask = _left_pad([[5, 9, 17, 4], [33, 8, 2, 71, 6, 12], [40, 41]])
+    index = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    vectors = [_vector(model, {1: 3.0})]
+    slots, coeffs = [0] * 7, [1.0, 1.0, 1.0, -4.0, -4.0, -4.0, 2.0]
+
+    def steer_prefix(rows):
+        return _steering(model, vectors, [slots[r] for r in rows], [coeffs[r] for r in rows], "all")
+
+    with torch.no_grad():
+        shared = shared_prefill(model, ids, mask, index, pad_id=0, groups=list(zip(slots, coeffs)),
+                                steer_prefix=steer_prefix, unsteered_layers=1,
+                                steer_rows=lambda: steer_prefix(list(range(7))))
+        assert shared is not None and shared.prefix == 0 and shared.cached == ids.shape[1] - 1
+        with _steering(model, vectors, slots, coeffs, "all"):
+            got = forward_rest(model, shared, shared.ids, shared.mask, keep=1)[:, -1]
+            want = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
+        # without the bottom there is nothing to share
+        assert shared_prefill(model, ids, mask, index, pad_id=0, groups=list(zip(slots, coeffs)),
+                              steer_prefix=steer_prefix) is None
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
