@@ -336,8 +336,9 @@ def score_rows(model, tokenizer, vectors, items: list[BinaryItem], arms, *, batc
         positions: "all"/"prompt" steer every prompt token; "generated" steers only the answer
             position (the first token the model would generate).
         share_prefill: compute prompt work shared between rows once (``steerkern.prefill``):
-            the chat template's common prefix once per arm, and under "generated" every
-            prompt token but the answer position once per prompt. Same scores up to float
+            the chat template's common prefix once per arm and the decoder layers below the
+            lowest steered one once per prompt, and under "generated" every prompt token but
+            the answer position once per prompt. Same scores up to float
             rounding; ``False`` (or a model whose cache cannot be shared) runs every row's
             whole prompt.
 
@@ -430,10 +431,12 @@ def sweep_generate(model, tokenizer, vectors, ids, mask, prompt_index, slots: li
         config: the ``GenerationConfig`` (``_greedy_config``).
         positions: "all", "prompt" or "generated", as in ``steer``.
         share_prefill: prefill prompt work shared between rows once (``steerkern.prefill``):
-            the template prefix once per (slot, coeff) when prompts are steered, the whole
-            prompt but its last token once per prompt under "generated"; the first generate
-            step then runs only the remaining prompt columns of all ``R`` rows. Falls back to
-            the plain batch when nothing is shared or the model's cache cannot be shared.
+            the template prefix once per (slot, coeff) when prompts are steered (and the
+            decoder layers below the lowest steered one once per prompt, the prefix once),
+            the whole prompt but its last token once per prompt under "generated"; the first
+            generate step then runs only the remaining prompt columns of all ``R`` rows. Falls
+            back to the plain batch when nothing is shared or the model's cache cannot be
+            shared.
 
     Returns:
         ``[R, N]`` the generated token ids (``N <= config.max_new_tokens``; rows finished
@@ -537,8 +540,10 @@ def generate_rows(model, tokenizer, vectors, prompts: list[str], arms, *, max_ne
 
     With ``share_prefill`` (``steerkern.prefill``), prompt work shared between rows is done
     once and its KV cache copied to the rows: the chat template's common prefix once per arm
-    when the prompt is steered ("all"/"prompt"), and the whole prompt but its last token
-    once per prompt when it is not ("generated", and always for the unsteered NLL pass).
+    when the prompt is steered ("all"/"prompt"), with the decoder layers below the lowest
+    steered one run once per prompt (:mod:`steerkern.trunk`), and the whole prompt but its
+    last token once per prompt when it is not ("generated", and always for the unsteered NLL
+    pass).
     The same tokens and NLL as without it, up to float rounding (which can flip a greedy
     near-tie).
 
@@ -715,7 +720,8 @@ def evaluate(model, tokenizer, vector, *, coeffs=DEFAULT_COEFFS, prompts=None, m
         progress: show progress bars.
         name: the vector's name in the report (default: its concept).
         share_prefill: run prompt work shared between rows once and copy its KV cache
-            (``steerkern.prefill``): the chat template's common prefix once per coefficient,
+            (``steerkern.prefill``): the chat template's common prefix once per coefficient
+            and the layers below the lowest steered one once per prompt (``steerkern.trunk``),
             and with ``positions="generated"`` every prompt but its last token once for all
             coefficients. Same results up to float rounding; ``False`` runs every row's whole
             prompt. Models whose cache cannot be shared fall back to that by themselves.

@@ -138,7 +138,8 @@ def _run(model, cache_arg, ids, mask, cache, start: int):
 def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, prompt_of_row: torch.Tensor, *,
                    pad_id: int, groups: list | None = None,
                    steer_prefix: Callable[[list[int]], contextlib.AbstractContextManager] | None = None,
-                   extra_columns: int = 0, steer_rows: Callable[[], contextlib.AbstractContextManager] | None = None,
+                   extra_columns: int = 0,
+                   steer_rows: Callable[[], contextlib.AbstractContextManager] | None = None,
                    unsteered_layers: int = 0) -> SharedPrompt | None:
     """Prefill the rows' prompts, computing shared pieces once (see the module docstring).
 
@@ -238,17 +239,20 @@ def _run_rows(model, cache_arg, ids, mask, cache, start: int, row_seq: torch.Ten
                 seqs = row_seq.tolist()
                 first = torch.tensor([seqs.index(q) for q in range(ids.shape[0])])
                 for index, layer in filled_layers(cache):
-                    sequence_cache.update(layer.keys.index_select(0, first.to(layer.keys.device)),
-                                          layer.values.index_select(0, first.to(layer.values.device)),
-                                          index)
-            ran = run_bottom(model, bottom, lambda: _run(model, cache_arg, ids, mask, sequence_cache, start))
+                    pick = first.to(layer.keys.device)
+                    sequence_cache.update(layer.keys.index_select(0, pick),
+                                          layer.values.index_select(0, pick), index)
+            ran = run_bottom(model, bottom,
+                             lambda: _run(model, cache_arg, ids, mask, sequence_cache, start))
     if ran is None:
         with steering():
             return _run(model, cache_arg, ids_r, mask_r, cache, start)
     hidden, layout = ran
-    cache = cache if cache is not None else empty_model_cache(model, max_length)
+    # with no cache yet the model builds its own, as in a plain pass: the caller checks it
     with skip_bottom(bottom, hidden.index_select(0, row_seq.to(hidden.device)), layout), steering():
         cache = _run(model, cache_arg, ids_r, mask_r, cache, start)
+    if not is_gatherable(cache, max_length):
+        return cache
     for index, layer in filled_layers(sequence_cache):
         if index < len(bottom):
             keys, values = layer.keys[:, :, start:], layer.values[:, :, start:]

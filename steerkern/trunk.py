@@ -123,8 +123,8 @@ def skip_bottom(layers: list[nn.Module], hidden: torch.Tensor, layout: int):
     def last(*args, **kwargs):
         given = _hidden_of(args, kwargs)
         if given.shape[:-1] != hidden.shape[:-1]:
-            raise RuntimeError(f"skip_bottom: the pass has hidden states of shape {tuple(given.shape)}, "
-                               f"the precomputed bottom {tuple(hidden.shape)}")
+            raise RuntimeError(f"skip_bottom: the pass has hidden states of shape "
+                               f"{tuple(given.shape)}, the precomputed bottom {tuple(hidden.shape)}")
         return _as_layout(hidden.to(given.dtype), layout)
 
     saved = [layer.__dict__.get("forward") for layer in layers]

@@ -111,6 +111,7 @@ def test_steered_prompt_sweeps_share_the_bottom_layers(kind, name, monkeypatch):
     """Mode A with the bottom shared: layers [0, 2) run the 3 prompts, the rest the 6 rows; the
     answer logits and greedy sweeps equal whole per-row passes (vectors at layers 2 and 3)."""
     model = _model(kind, name)
+    skip_unless_rows_can_share_a_cache(model, 32, models_own=True)
     ids, mask = _prompts()
     index = torch.tensor([0, 1, 2, 0, 1, 2])
     vectors = [_vector(model, {2: 4.0, 3: 2.0})]
@@ -137,10 +138,7 @@ def test_steered_prompt_sweeps_share_the_bottom_layers(kind, name, monkeypatch):
                                 steer_prefix=steer_prefix, unsteered_layers=2,
                                 steer_rows=lambda: steer_prefix(list(range(6))))
     monkeypatch.undo()
-    if shared is None:
-        skip_unless_rows_can_share_a_cache(model, 32)
-        pytest.skip(f"{name}: its cache is not shared")
-    assert shared.cached == ids.shape[1] - 1
+    assert shared is not None and shared.cached == ids.shape[1] - 1
     # layer 0 runs the common prefix once, then the 3 prompts' suffixes; layer 2 runs the
     # prefix for the 2 arms, then the suffixes for the 6 rows
     assert rows_seen[0] == [1, 3] and rows_seen[2] == [2, 6]
