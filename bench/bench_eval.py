@@ -11,7 +11,8 @@ steering ``positions`` setting ("generated": only new tokens steered; "all": pro
   slots=..., coeff=per_row)``; coefficient 0 = slot -1), with the shared prefill of
   ``steerkern.prefill``: the chat template's common prefix is run once per coefficient
   ("all") or once in all, and under "generated" each prompt but its last token once for all
-  coefficients; its KV cache is copied to the 80 rows;
+  coefficients; under "all" the layers below the vector's (0-11) run the prefix once and each
+  prompt's suffix once (``steerkern.trunk``); its KV cache is copied to the 80 rows;
 - ``plain``: the same 80-row ``generate`` with every row's whole prompt (``share_prefill=False``,
   what ``evaluate`` did before);
 - ``per_coeff``: what a library that steers a whole batch with one scalar coefficient must
