@@ -226,3 +226,34 @@ def test_prompts_without_a_common_prefix_still_share_the_bottom():
         assert shared_prefill(model, ids, mask, index, pad_id=0, groups=list(zip(slots, coeffs)),
                               steer_prefix=steer_prefix) is None
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_low_rank_parts_above_the_shared_bottom():
+    """Low-rank parts on top of the shared bottom: a weight delta on layer 2's mlp.down_proj
+    (reading its input, computed from the gathered output of layer 1) and a residual part at
+    layer 3 reading its output: the scores equal whole per-row passes."""
+    model = build_tiny_model("mistral")
+    ids, mask = _prompts(seed=5)
+    index = torch.tensor([0, 1, 2, 0, 1, 2])
+    generator = torch.Generator().manual_seed(7)
+    A, B = torch.randn(64, 2, generator=generator), torch.randn(64, 2, generator=generator)
+    delta = SteeringPart(A=0.3 * torch.randn(96, 2, generator=generator), B=0.3 * B, source="input")
+    vectors = [SteeringVector({(2, "mlp.down_proj"): delta,
+                               (3, "residual"): SteeringPart(bias=torch.randn(64, generator=generator),
+                                                             A=0.2 * B, B=0.2 * A)})]
+    slots, coeffs = [0] * 6, [1.5] * 3 + [-2.5] * 3
+
+    def steer_prefix(rows):
+        return _steering(model, vectors, [slots[r] for r in rows], [coeffs[r] for r in rows], "all")
+
+    with torch.no_grad():
+        shared = shared_prefill(model, ids, mask, index, pad_id=0, groups=list(zip(slots, coeffs)),
+                                steer_prefix=steer_prefix, unsteered_layers=2,
+                                steer_rows=lambda: steer_prefix(list(range(6))))
+        assert shared is not None and shared.cached == ids.shape[1] - 1
+        with _steering(model, vectors, slots, coeffs, "all"):
+            got = forward_rest(model, shared, shared.ids, shared.mask, keep=1)[:, -1]
+            want = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
+        unsteered = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
+    assert (want - unsteered).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
