@@ -47,6 +47,30 @@ def _vector(model, parts: dict, seed=1):
     return SteeringVector(built)
 
 
+def _prefill(model, ids, mask, index, vectors, slots, coeffs, depth, **share):
+    """``shared_prefill`` in mode A: every row its own arm, prompts steered, with the bottom
+    ``depth`` layers shared unless ``share`` overrides the arguments."""
+    def steer_prefix(rows):
+        return _steering(model, vectors, [slots[r] for r in rows], [coeffs[r] for r in rows], "all")
+
+    arguments = dict(groups=list(zip(slots, coeffs)), steer_prefix=steer_prefix,
+                     unsteered_layers=depth, steer_rows=lambda: steer_prefix(list(range(len(slots)))))
+    arguments.update(share)
+    with torch.no_grad():
+        return shared_prefill(model, ids, mask, index, pad_id=0, **arguments)
+
+
+def _answer_logits(model, shared, ids, mask, index, vectors, slots, coeffs):
+    """``(shared, whole, unsteered)`` logits at the answer position ``[R, V]``: from the shared
+    prefill, from whole per-row passes (both steered), and unsteered."""
+    with torch.no_grad():
+        with _steering(model, vectors, slots, coeffs, "all"):
+            got = forward_rest(model, shared, shared.ids, shared.mask, keep=1)[:, -1]
+            want = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
+        unsteered = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
+    return got, want, unsteered
+
+
 def test_lowest_steered_layer_counts_only_steered_rows():
     a = SteeringVector({(3, "residual"): SteeringPart(bias=torch.ones(8)),
                         (2, "mlp.down_proj"): SteeringPart(bias=torch.ones(8))})
@@ -116,10 +140,6 @@ def test_steered_prompt_sweeps_share_the_bottom_layers(kind, name, monkeypatch):
     index = torch.tensor([0, 1, 2, 0, 1, 2])
     vectors = [_vector(model, {2: 4.0, 3: 2.0})]
     slots, coeffs = [0] * 6, [-2.0] * 3 + [3.0] * 3
-    groups = list(zip(slots, coeffs))
-
-    def steer_prefix(rows):
-        return _steering(model, vectors, [slots[r] for r in rows], [coeffs[r] for r in rows], "all")
 
     # rows each layer computes (hooks on the bottom layers would turn the sharing off)
     layers = decoder_layers(model)
@@ -133,10 +153,7 @@ def test_steered_prompt_sweeps_share_the_bottom_layers(kind, name, monkeypatch):
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(layer_class, "forward", counting)
-    with torch.no_grad():
-        shared = shared_prefill(model, ids, mask, index, pad_id=0, groups=groups,
-                                steer_prefix=steer_prefix, unsteered_layers=2,
-                                steer_rows=lambda: steer_prefix(list(range(6))))
+    shared = _prefill(model, ids, mask, index, vectors, slots, coeffs, depth=2)
     monkeypatch.undo()
     assert shared is not None and shared.cached == ids.shape[1] - 1
     if _layer_returns_only_hidden_states(model):
@@ -145,11 +162,7 @@ def test_steered_prompt_sweeps_share_the_bottom_layers(kind, name, monkeypatch):
         assert rows_seen[0] == [1, 3] and rows_seen[2] == [2, 6]
     else:  # e.g. GPT-J before transformers 4.56 returns its cache too: tried, then whole rows
         assert rows_seen[0] == [1, 2, 3, 6] and rows_seen[2] == [2, 6]
-    with torch.no_grad():
-        with _steering(model, vectors, slots, coeffs, "all"):
-            got = forward_rest(model, shared, shared.ids, shared.mask, keep=1)[:, -1]
-            want = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
-        unsteered = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
+    got, want, unsteered = _answer_logits(model, shared, ids, mask, index, vectors, slots, coeffs)
     assert (want - unsteered).abs().max() > 1e-2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -187,18 +200,10 @@ def test_sub_module_parts_keep_their_layer_computed():
     slots, coeffs = [0, 0, 1, 1], [2.0, 2.0, -3.0, -3.0]
     depth = lowest_steered_layer(vectors, slots)
     assert depth == 2
-
-    def steer_prefix(rows):
-        return _steering(model, vectors, [slots[r] for r in rows], [coeffs[r] for r in rows], "all")
-
-    with torch.no_grad():
-        shared = shared_prefill(model, ids, mask, index, pad_id=0, groups=list(zip(slots, coeffs)),
-                                steer_prefix=steer_prefix, unsteered_layers=depth,
-                                steer_rows=lambda: steer_prefix(list(range(4))))
-        assert shared is not None and shared.cached == ids.shape[1] - 1
-        with _steering(model, vectors, slots, coeffs, "all"):
-            got = forward_rest(model, shared, shared.ids, shared.mask, keep=1)[:, -1]
-            want = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
+    shared = _prefill(model, ids, mask, index, vectors, slots, coeffs, depth)
+    assert shared is not None and shared.cached == ids.shape[1] - 1
+    got, want, unsteered = _answer_logits(model, shared, ids, mask, index, vectors, slots, coeffs)
+    assert (want - unsteered).abs().max() > 1e-2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -210,21 +215,12 @@ def test_prompts_without_a_common_prefix_still_share_the_bottom():
     index = torch.tensor([0, 1, 2, 0, 1, 2, 2])
     vectors = [_vector(model, {1: 3.0})]
     slots, coeffs = [0] * 7, [1.0, 1.0, 1.0, -4.0, -4.0, -4.0, 2.0]
-
-    def steer_prefix(rows):
-        return _steering(model, vectors, [slots[r] for r in rows], [coeffs[r] for r in rows], "all")
-
-    with torch.no_grad():
-        shared = shared_prefill(model, ids, mask, index, pad_id=0, groups=list(zip(slots, coeffs)),
-                                steer_prefix=steer_prefix, unsteered_layers=1,
-                                steer_rows=lambda: steer_prefix(list(range(7))))
-        assert shared is not None and shared.prefix == 0 and shared.cached == ids.shape[1] - 1
-        with _steering(model, vectors, slots, coeffs, "all"):
-            got = forward_rest(model, shared, shared.ids, shared.mask, keep=1)[:, -1]
-            want = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
-        # without the bottom there is nothing to share
-        assert shared_prefill(model, ids, mask, index, pad_id=0, groups=list(zip(slots, coeffs)),
-                              steer_prefix=steer_prefix) is None
+    shared = _prefill(model, ids, mask, index, vectors, slots, coeffs, depth=1)
+    assert shared is not None and shared.prefix == 0 and shared.cached == ids.shape[1] - 1
+    # without the bottom there is nothing to share
+    assert _prefill(model, ids, mask, index, vectors, slots, coeffs, depth=1, steer_rows=None) is None
+    got, want, unsteered = _answer_logits(model, shared, ids, mask, index, vectors, slots, coeffs)
+    assert (want - unsteered).abs().max() > 1e-2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -242,18 +238,8 @@ def test_low_rank_parts_above_the_shared_bottom():
                                (3, "residual"): SteeringPart(bias=torch.randn(64, generator=generator),
                                                              A=0.2 * B, B=0.2 * A)})]
     slots, coeffs = [0] * 6, [1.5] * 3 + [-2.5] * 3
-
-    def steer_prefix(rows):
-        return _steering(model, vectors, [slots[r] for r in rows], [coeffs[r] for r in rows], "all")
-
-    with torch.no_grad():
-        shared = shared_prefill(model, ids, mask, index, pad_id=0, groups=list(zip(slots, coeffs)),
-                                steer_prefix=steer_prefix, unsteered_layers=2,
-                                steer_rows=lambda: steer_prefix(list(range(6))))
-        assert shared is not None and shared.cached == ids.shape[1] - 1
-        with _steering(model, vectors, slots, coeffs, "all"):
-            got = forward_rest(model, shared, shared.ids, shared.mask, keep=1)[:, -1]
-            want = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
-        unsteered = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
+    shared = _prefill(model, ids, mask, index, vectors, slots, coeffs, depth=2)
+    assert shared is not None and shared.cached == ids.shape[1] - 1
+    got, want, unsteered = _answer_logits(model, shared, ids, mask, index, vectors, slots, coeffs)
     assert (want - unsteered).abs().max() > 1e-2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
