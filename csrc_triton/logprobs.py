@@ -18,16 +18,20 @@ Kernels:
   running max, sum of exponentials and target logit per row. Writes ``[splits, N]`` partials;
   ``token_logprobs_fwd`` merges them (O(splits * N)). Nothing of size ``[N, V]`` exists.
 - ``_dlogits_kernel``: backward, one vocabulary chunk: recomputes the chunk's logits with the
-  same ``tl.dot`` loop and writes ``dz`` for the chunk into a ``[rows, chunk]`` scratch block
-  (in the weights' dtype, so that the two products below run on tensor cores for bf16/fp16).
+  same ``tl.dot`` loop and writes ``q = sign(g) (onehot - p)`` (``dz = |g| q``) for the chunk
+  into a ``[rows, chunk]`` scratch block (in the weights' dtype, so that the two products below
+  run on tensor cores for bf16/fp16; ``q`` is in [-1, 1] whatever ``g``, so fp16 neither
+  flushes small gradients to 0 nor overflows on large ones).
 - ``_matmul_kernel``: ``C (+)= A @ B`` with fp32 accumulation into an fp32 ``C``, any strides
-  (the transpose ``dz^T`` is a strided view): ``dh += dz @ W_chunk`` and ``dW_chunk = dz^T @ h``.
+  (the transpose ``q^T`` is a strided view): ``dh += q @ W_chunk`` (rows scaled by ``|g|`` in
+  fp32 at the end) and ``dW_chunk = g_max * q^T @ (h * |g| / g_max)``.
 
 The backward works only on the rows whose upstream gradient is non-zero (compacted on the host:
 a margin-loss token whose penalty is inactive, or an ignored row, costs nothing); scratch is one
 ``[rows, chunk]`` block with ``rows * chunk <= SCRATCH_ELEMENTS`` (128 MiB in bf16), an fp32
-``[rows, D]`` accumulator for dh (and ``[chunk, D]`` for dW), and gathered copies of the active
-rows of h when not all rows are active. At N=32768, D=4096, all rows active: 128 + 512 MiB.
+``[rows, D]`` accumulator for dh (and ``[chunk, D]`` for dW), gathered copies of the active
+rows of h when not all rows are active, and (for dW, when the rows' ``|g|`` differ) one copy of
+those rows scaled by ``|g| / g_max``. At N=32768, D=4096, all rows active: 128 + 512 MiB.
 
 Precision: products accumulate in fp32. bf16/fp16 operands go to ``tl.dot`` as they are on a GPU
 (tensor cores; each product of two bf16 values is exact in fp32). fp32 operands use
@@ -39,6 +43,10 @@ TF32 high and low part and keeps ~fp32 accuracy on tensor cores. float64 operand
 use "ieee" with float64 accumulators. Under the interpreter ``input_precision`` is ignored (it
 computes in the operands' dtype) and bf16/fp16 operands are upcast to fp32 before ``tl.dot``,
 whose bf16 path returns garbage there.
+
+Offsets: row and column indices are widened to int64 before they multiply a stride, so that
+``N * D``, ``V * D`` and the scratch sizes may pass 2**31 elements (64 x 8192 tokens at D = 4096
+is exactly 2**31).
 """
 
 from __future__ import annotations
@@ -146,13 +154,13 @@ def _logits_tile(
         ds = d0 + offs_d
         d_ok = ds < D
         a = tl.load(
-            h_ptr + rows[:, None] * stride_hn + ds[None, :],
+            h_ptr + rows[:, None].to(tl.int64) * stride_hn + ds[None, :],
             mask=row_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
         # W tile loaded transposed, [BLOCK_D, BLOCK_V]
         b = tl.load(
-            w_ptr + cols[None, :] * stride_wv + ds[:, None],
+            w_ptr + cols[None, :].to(tl.int64) * stride_wv + ds[:, None],
             mask=col_ok[None, :] & d_ok[:, None],
             other=0.0,
         )
@@ -263,7 +271,8 @@ def _dlogits_kernel(
     ACC: tl.constexpr,
 ):
     """dz[n, j] = g[n] * (onehot(y[n])[v] - exp(z[n, v] - lse[n])), v = v_start + j, for the
-    chunk's columns j < chunk; dz [N, chunk] in dz_ptr's dtype."""
+    chunk's columns j < chunk; dz [N, chunk] in dz_ptr's dtype. ``token_logprobs_bwd`` passes
+    ``g = sign(upstream gradient)`` and applies ``|upstream gradient|`` in fp32 afterwards."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -295,7 +304,7 @@ def _dlogits_kernel(
     onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
     dz = g[:, None] * (onehot - p)
     tl.store(
-        dz_ptr + rows[:, None] * stride_dzn + local[None, :],
+        dz_ptr + rows[:, None].to(tl.int64) * stride_dzn + local[None, :],
         dz.to(dz_ptr.dtype.element_ty),
         mask=row_ok[:, None] & col_ok[None, :],
     )
@@ -336,25 +345,21 @@ def _matmul_kernel(
     m_ok = rm < M
     n_ok = rn < NN
     offs_k = tl.arange(0, BLOCK_K)
+    # int64 row / column offsets once; the K loop advances the pointers by BLOCK_K rows
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + offs_k
-        k_ok = ks < K
-        a = tl.load(
-            a_ptr + rm[:, None] * stride_am + ks[None, :] * stride_ak,
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + ks[:, None] * stride_bk + rn[None, :] * stride_bn,
-            mask=k_ok[:, None] & n_ok[None, :],
-            other=0.0,
-        )
+        k_ok = k0 + offs_k < K
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(ACC)
             b = b.to(ACC)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
     c_mask = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
@@ -476,12 +481,23 @@ def token_logprobs_bwd(
         return dh, dW
     acc = _acc_dtype(h.dtype)
     if Na == N:  # every row active: no gathered copies
-        ha, ya, ga, lse_a = h, labels, grad.to(acc).contiguous(), lse.to(acc).contiguous()
+        ha, ya, ga, lse_a = h, labels, grad.to(acc), lse.to(acc).contiguous()
     else:
         ha = h.index_select(0, active)
         ya = labels.index_select(0, active)
-        ga = grad.index_select(0, active).to(acc).contiguous()
+        ga = grad.index_select(0, active).to(acc)
         lse_a = lse.index_select(0, active).to(acc).contiguous()
+    # The dz scratch holds sign(g) (onehot - p), in [-1, 1]; |g| is applied in fp32 outside it:
+    # dh = |g| * (scratch @ W), dW = g_max * scratch^T (h * |g| / g_max). A plain g * (onehot - p)
+    # in fp16 flushes to 0 below 6e-8 (g ~ 1e-4 from a mean over many tokens times p ~ 1e-4),
+    # and overflows above 65504.
+    abs_g = ga.abs()
+    sign_g = torch.sign(ga).contiguous()
+    g_max = abs_g.max()
+    if need_W and not bool((abs_g == g_max).all()):
+        hw = (ha.to(acc) * (abs_g / g_max)[:, None]).to(h.dtype)
+    else:
+        hw = ha
     if chunk is None:  # a multiple of 256 keeps chunk starts and widths 16-aligned
         chunk = max(256, SCRATCH_ELEMENTS // Na // 256 * 256)
     chunk = min(chunk, V)
@@ -500,7 +516,7 @@ def token_logprobs_bwd(
             W,
             ya,
             lse_a,
-            ga,
+            sign_g,
             dz,
             Na,
             V,
@@ -516,9 +532,10 @@ def token_logprobs_bwd(
         if need_h:
             _matmul(dz_c, W[v0 : v0 + width], dh_acc, accumulate=True)
         if need_W:
-            _matmul(dz_c.T, ha, dW_acc[:width], accumulate=False)
-            dW[v0 : v0 + width] = dW_acc[:width].to(W.dtype)
+            _matmul(dz_c.T, hw, dW_acc[:width], accumulate=False)
+            dW[v0 : v0 + width] = (dW_acc[:width] * g_max).to(W.dtype)
     if need_h:
+        dh_acc.mul_(abs_g[:, None])
         if Na == N:
             dh = dh_acc.to(h.dtype)
         else:

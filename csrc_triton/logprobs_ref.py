@@ -21,15 +21,18 @@ Two implementations:
   logsumexp; the backward recomputes each chunk's logits from ``h``, ``W`` and the saved ``lse``
   and works only on the rows whose upstream gradient is non-zero (an inactive margin-loss token
   or an ignored row costs nothing). Scratch memory is one ``[rows, chunk]`` block, independent
-  of ``V``. Accumulation is in fp32 (float64 for float64 inputs).
+  of ``V``, and one ``[chunk, D]`` copy of the head's chunk in the accumulation dtype (for 16-bit
+  heads), with ``chunk * max(rows, D) <= CHUNK_ELEMENTS``. Accumulation is in fp32 (float64 for
+  float64 inputs).
 """
 
 from __future__ import annotations
 
 import torch
 
-# Elements of one [rows, chunk] logits block of the chunked reference (8 Mi elements = 32 MiB
-# in fp32): big enough for efficient CPU matmuls, small next to the [N, V] logits it replaces.
+# Elements of one [rows, chunk] logits block, and of one [chunk, D] fp32 copy of a bf16/fp16
+# head's chunk, of the chunked reference (8 Mi elements = 32 MiB in fp32): big enough for
+# efficient CPU matmuls, small next to the [N, V] logits (or the fp32 [V, D] head) it replaces.
 CHUNK_ELEMENTS = 1 << 23
 MIN_CHUNK = 256
 
@@ -39,14 +42,16 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def vocab_chunk(rows: int, V: int, chunk: int | None = None) -> int:
-    """Columns per vocabulary chunk: ``chunk`` if given, else ``CHUNK_ELEMENTS // rows`` clamped
-    to ``[MIN_CHUNK, V]``."""
+def vocab_chunk(rows: int, V: int, chunk: int | None = None, D: int = 1) -> int:
+    """Columns per vocabulary chunk: ``chunk`` if given, else ``CHUNK_ELEMENTS // max(rows, D)``
+    clamped to ``[MIN_CHUNK, V]``, so that neither the ``[rows, chunk]`` logits block nor the
+    ``[chunk, D]`` accumulation-dtype copy of the head's chunk grows with ``V`` (with few rows,
+    a bound on ``rows * chunk`` alone would copy all of a 16-bit head to fp32)."""
     if chunk is not None:
         if chunk < 1:
             raise ValueError(f"chunk must be a positive number of vocabulary columns, got {chunk}")
         return min(chunk, max(V, 1))
-    return max(1, min(V, max(MIN_CHUNK, CHUNK_ELEMENTS // max(rows, 1))))
+    return max(1, min(V, max(MIN_CHUNK, CHUNK_ELEMENTS // max(rows, D, 1))))
 
 
 def token_logprobs_naive(
@@ -82,7 +87,7 @@ def token_logprobs_fwd(
     m = torch.full((N,), float("-inf"), dtype=acc, device=h.device)
     s = torch.zeros(N, dtype=acc, device=h.device)
     target = torch.zeros(N, dtype=acc, device=h.device)
-    step = vocab_chunk(N, V, chunk)
+    step = vocab_chunk(N, V, chunk, h.shape[1])
     buf = torch.empty(N * step, dtype=acc, device=h.device)
     for v0 in range(0, V, step):
         v1 = min(v0 + step, V)
@@ -143,7 +148,7 @@ def token_logprobs_bwd(
     shift = (abs_g.log() - lse_a)[:, None]
     dha = torch.zeros(Na, D, dtype=acc, device=h.device) if need_h else None
     ha_signed = ha * neg_sign if need_W else None
-    step = vocab_chunk(Na, V, chunk)
+    step = vocab_chunk(Na, V, chunk, D)
     buf = torch.empty(Na * step, dtype=acc, device=h.device)
     for v0 in range(0, V, step):
         v1 = min(v0 + step, V)

@@ -237,3 +237,51 @@ def test_every_row_active(backend):
     torch.testing.assert_close(lp.double(), ref, atol=1e-4, rtol=1e-5)
     _assert_grad_close(dh, dh_ref, 1e-4)
     _assert_grad_close(dW, dW_ref, 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_gradients_with_tiny_upstream_gradients(backend):
+    """fp16 gradients stay accurate when the upstream gradient is tiny (a mean over many tokens
+    gives g ~ 1e-5, and g * p underflows fp16), with mixed magnitudes and signs."""
+    h, W, y = _inputs(dtype=torch.float16)
+    g = torch.Generator().manual_seed(6)
+    grad = 1e-5 * torch.randn(N, generator=g) * torch.rand(N, generator=g)
+    hh = h.clone().requires_grad_()
+    WW = W.clone().requires_grad_()
+    with ops.use_backend(backend):
+        (ops.token_logprobs(hh, WW, y).double() * grad.double()).sum().backward()
+    _, dh_ref, dW_ref = _reference(h, W, y, grad)
+    # dh ~ 1e-5 is itself subnormal in fp16 (spacing 6e-8): 1e-2 of its largest entry
+    _assert_grad_close(hh.grad, dh_ref, 1e-2)
+    _assert_grad_close(WW.grad, dW_ref, 2e-3)
+
+
+def test_reference_scratch_does_not_grow_with_vocabulary_for_16bit_heads(monkeypatch):
+    """CPU path, few rows, bf16 head: the fp32 copies of the head's chunks stay within
+    CHUNK_ELEMENTS values (with chunk = CHUNK_ELEMENTS // rows alone, one copy covered all of V:
+    2x the head's bytes)."""
+    monkeypatch.setattr(R, "CHUNK_ELEMENTS", 1 << 16)
+    n, d, v = 2, 64, 1 << 14
+    h, W, y = _inputs(n=n, d=d, v=v, dtype=torch.bfloat16, ignore=())
+    _, lse = R.token_logprobs_fwd(h, W, y)
+    copies = []
+    real_to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if out.data_ptr() != self.data_ptr():
+            copies.append(out.numel())
+        return out
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny chunks: a second intra-op thread only contends
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "to", recording_to)
+            lp, _ = R.token_logprobs_fwd(h, W, y)
+            R.token_logprobs_bwd(h, W, y, lse, torch.ones(n), need_h=True, need_W=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert copies and max(copies) <= 1 << 16, f"a copy of {max(copies)} elements"
+    ref = R.token_logprobs_naive(h.double(), W.double(), y)
+    torch.testing.assert_close(lp.double(), ref, atol=1e-4, rtol=1e-5)
