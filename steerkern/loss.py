@@ -106,6 +106,12 @@ def sequence_penalty(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    for name, value in (("logp_pi", logp_pi), ("logp_ref", logp_ref)):
+        if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+            raise TypeError(
+                f"{name} must be a floating-point tensor of per-token log-probs, got "
+                f"{getattr(value, 'dtype', type(value).__name__)}"
+            )
     if tuple(logp_ref.shape) != tuple(logp_pi.shape):
         raise ValueError(
             f"logp_ref has shape {tuple(logp_ref.shape)} but logp_pi has {tuple(logp_pi.shape)}"
@@ -124,7 +130,9 @@ def sequence_penalty(
         return per_token.sum()
     counts = mask.sum(dim=-1)
     per_seq = per_token.sum(dim=-1) / counts.clamp(min=1)
-    return per_seq.mean() if per_seq.dim() else per_seq
+    if per_seq.dim() == 0:
+        return per_seq
+    return per_seq.sum() / max(per_seq.shape[0], 1)  # B = 0: 0, not the NaN of an empty mean
 
 
 def margin_loss(
@@ -159,6 +167,11 @@ def margin_loss(
     Returns:
         Per-token ``[N]`` / ``[B, T]`` penalty, or a scalar; fp32 (float64 for float64 ``h_pi``).
     """
+    if not isinstance(h_pi, torch.Tensor) or h_pi.dim() not in (2, 3):
+        raise ValueError(
+            f"h_pi must be policy hidden states [N, D] or [B, T, D], got "
+            f"{tuple(h_pi.shape) if isinstance(h_pi, torch.Tensor) else type(h_pi).__name__}"
+        )
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(h_pi.shape[:-1]):
         raise ValueError(
             f"labels must have h_pi's leading shape {tuple(h_pi.shape[:-1])}, got "
@@ -248,9 +261,12 @@ def projection_scores(
             f"chosen {tuple(h_cho.shape)} and rejected {tuple(h_rej.shape)} states "
             "must share batch size B and hidden size D"
         )
-    if u.shape != (a.shape[2],):
-        raise ValueError(f"u must be [D] = [{a.shape[2]}], got {tuple(u.shape)}")
-    return ((a - b) @ u.to(a.dtype)).mean(dim=1)
+    if not isinstance(u, torch.Tensor) or u.shape != (a.shape[2],):
+        got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
+        raise ValueError(f"u must be a [D] = [{a.shape[2]}] tensor, got {got}")
+    # fp32 accumulation (float64 stays): in bf16, s_pi - s_ref would cancel to a few bits
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return ((a.to(acc) - b.to(acc)) @ u.to(device=a.device, dtype=acc)).mean(dim=1)
 
 
 PROJECTIONS = ("linear", "tanh")
@@ -403,12 +419,15 @@ def inner_contrastive_loss(
     """
     if not isinstance(n_last, int) or isinstance(n_last, bool) or n_last < 1:
         raise ValueError(f"n_last must be a positive int, got {n_last!r}")
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if order_weight < 0:
-        raise ValueError(f"order_weight must be >= 0, got {order_weight}")
-    if shift_weight < 0:
-        raise ValueError(f"shift_weight must be >= 0, got {shift_weight}")
+    for name, value, low in (("eps", eps, "> 0"), ("order_weight", order_weight, ">= 0"),
+                             ("shift_weight", shift_weight, ">= 0"),
+                             ("order_margin", order_margin, None)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or (low == "> 0" and value <= 0) \
+                or (low == ">= 0" and value < 0):
+            raise ValueError(f"{name} must be a finite number{' ' + low if low else ''}, "
+                             f"got {value!r}")
+    _check_penalty_args(kind, tau, kappa)  # also when no coherence term is given
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
     for name, pair in (("pi_pos", pi_pos), ("pi_neg", pi_neg), ("ref", ref)):

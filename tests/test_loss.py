@@ -180,6 +180,27 @@ def test_margin_loss_rejects_bad_shapes():
         margin_loss(h, W, y, logp_ref, mask, reduction="avg")
 
 
+def test_margin_loss_empty_batch_is_zero_not_nan():
+    """B = 0 sequences (e.g. a filtered-out micro-batch): 0 with a zero gradient, not NaN."""
+    h, W, y, logp_ref, mask = _data()
+    hh = h[:0].clone().requires_grad_()
+    loss = margin_loss(hh, W, y[:0], logp_ref[:0], mask[:0], tau=TAU, kappa=KAPPA)
+    assert loss.shape == () and loss.item() == 0.0
+    loss.backward()
+    assert hh.grad.shape == (0,) + tuple(h.shape[1:])
+    assert sequence_penalty(torch.zeros(0, 3), torch.zeros(0, 3)).item() == 0.0
+
+
+def test_margin_loss_and_sequence_penalty_reject_non_tensors():
+    h, W, y, logp_ref, mask = _data()
+    with pytest.raises(ValueError, match="h_pi"):
+        margin_loss(h.tolist(), W, y, logp_ref, mask)
+    with pytest.raises(TypeError, match="logp_ref"):
+        sequence_penalty(logp_ref[0], logp_ref[0].tolist())
+    with pytest.raises(TypeError, match="logp_pi"):
+        sequence_penalty(y[0], logp_ref[0])
+
+
 # --- inner contrastive loss -------------------------------------------------------------------
 
 B, T_CHO, T_REJ, D, N_LAST, L = 4, 6, 5, 8, 3, 5
@@ -534,3 +555,50 @@ def test_shift_term_rewards_moving_both_texts_along_c_u_and_ignores_the_differen
            ((v[0] - 1e6 * u, v[1] - 1e6 * u) if k == "neg" else v) for k, v in states.items()}
     out = inner_contrastive_loss(far["pos"], far["neg"], far["ref"], u, **kw)
     assert -2 * 1.5 <= out.shift.item() < -2 * 1.5 + 1e-6
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(eps=float("nan")), "eps"),
+        (dict(order_weight=float("nan")), "order_weight"),
+        (dict(shift_weight=float("inf")), "shift_weight"),
+        (dict(order_weight=1.0, order_margin=float("nan")), "order_margin"),
+        (dict(kind="cubic"), "kind"),  # checked even without coherence inputs
+        (dict(tau=-1.0), "tau"),
+        (dict(u=[1.0] * D), "u must be"),
+    ],
+)
+def test_inner_contrastive_rejects_non_finite_and_unused_bad_arguments(kwargs, match):
+    """A NaN weight or eps used to give a NaN loss, and a bad penalty kind passed silently
+    when no coherence term was given."""
+    states, u, _ = _contrastive_inputs()
+    kwargs = dict(kwargs)
+    u = kwargs.pop("u", u)
+    with pytest.raises(ValueError, match=match):
+        inner_contrastive_loss(states["pos"], states["neg"], states["ref"], u, n_last=N_LAST,
+                               **kwargs)
+
+
+def test_inner_contrastive_bf16_states_accumulate_in_fp32():
+    """bf16 hidden states (a bf16 model): the scores s = mean_t (h_cho - h_rej) . u and the
+    shift s_pi - s_ref are computed in fp32, not rounded to bf16 (8 bits: at |s| ~ 30 a shift
+    of 0.05 reference separations vanished)."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.zeros(D, dtype=torch.float64)
+    u[0] = 1.0
+    ref_cho = 30.0 + torch.randn(B, T_CHO, D, generator=g, dtype=torch.float64)
+    ref_rej = torch.randn(B, T_REJ, D, generator=g, dtype=torch.float64)
+    step = torch.zeros(D, dtype=torch.float64)
+    step[0] = 1.5  # 0.05 of the ~30 reference separation
+    states = {"ref": (ref_cho, ref_rej), "pos": (ref_cho + step, ref_rej),
+              "neg": (ref_cho - step, ref_rej)}
+    bf16 = {k: tuple(t.bfloat16() for t in v) for k, v in states.items()}
+    exact = {k: tuple(t.double() for t in v) for k, v in bf16.items()}  # same rounded inputs
+    args = dict(n_last=N_LAST, projection="tanh", scale="batch")
+    got = inner_contrastive_loss(bf16["pos"], bf16["neg"], bf16["ref"], u.bfloat16(), **args)
+    want = inner_contrastive_loss(exact["pos"], exact["neg"], exact["ref"], u, **args)
+    assert got.loss.dtype == torch.float32
+    for name in ("loss", "proj_pos", "proj_neg"):
+        torch.testing.assert_close(getattr(got, name).double(), getattr(want, name),
+                                   atol=1e-5, rtol=1e-4)
