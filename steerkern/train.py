@@ -15,7 +15,9 @@ One training step on a batch of ``B`` (chosen, rejected) pairs:
    the output head; the forward stops there, so no ``[rows, T, V]`` logits are ever built).
 2. **Coherence**: per-token log-probs of the chosen sequences at ``c = +1`` and of the rejected
    ones at ``c = -1``, ``steerkern.ops.token_logprobs(h_final, W_head, next_tokens)`` (fused,
-   never ``[N, V]``), against the reference log-probs of the same tokens.
+   never ``[N, V]``), against the reference log-probs of the same tokens. ``W_head`` includes
+   the constant factor some models apply to the head's output (Cohere's ``logit_scale``,
+   Granite's ``1 / logits_scaling``), measured once on one text (``_logit_scale``).
 3. **Loss**: :func:`steerkern.loss.inner_contrastive_loss` with the reference (unsteered, frozen)
    loss-layer states and the frozen unit direction ``u``. By default its bounded form: the
    projection reward ``-m tanh(z / m)`` (``projection="tanh"``) of the shift
@@ -229,13 +231,52 @@ class _Reader:
         return self.h_loss, self.h_final
 
 
-def _head_matrix(head) -> torch.Tensor:
-    """The output head as one matrix: its weight ``[V, D]``, or ``[W | b]`` ``[V, D + 1]`` for a
-    head with a bias (GPT-J, Phi), so that ``[h, 1] @ [W | b]^T = W h + b``."""
+def _head_matrix(head, scale: float = 1.0) -> torch.Tensor:
+    """The output head as one matrix, times the model's logit factor ``a``
+    (:func:`_logit_scale`): ``a W`` ``[V, D]``, or ``a [W | b]`` ``[V, D + 1]`` for a head with a
+    bias (GPT-J, Phi), so that ``[h, 1] @ (a [W | b])^T = a (W h + b)``, the model's logits."""
     weight = head.weight.detach()
-    if getattr(head, "bias", None) is None:
-        return weight
-    return torch.cat([weight, head.bias.detach().to(weight.dtype)[:, None]], dim=1)
+    if getattr(head, "bias", None) is not None:
+        weight = torch.cat([weight, head.bias.detach().to(weight.dtype)[:, None]], dim=1)
+    return weight if scale == 1.0 else weight * scale
+
+
+@torch.no_grad()
+def _logit_scale(model, head, ids, mask, positions) -> float:
+    """The factor ``a`` with ``logits = a * head(h)`` for this model, measured on one pass.
+
+    Most causal LMs return the head's output as their logits (``a = 1``); some scale it after
+    the head: Cohere multiplies by ``config.logit_scale`` (0.0625 by default), Granite divides by
+    ``config.logits_scaling``. The coherence term must see the model's own distribution, so the
+    factor is folded into the head matrix. ``a`` is the least-squares fit
+    ``<logits, z> / <z, z>`` (``z`` the head's output), snapped to 1 within 1e-3; a model whose
+    logits are not such a multiple of ``z`` (soft-capping, an added bias) is refused.
+    """
+    seen = {}
+    handle = head.register_forward_hook(lambda module, args, output: seen.__setitem__("z", output))
+    try:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    finally:
+        handle.remove()
+    logits = getattr(out, "logits", None)
+    z = seen.get("z")
+    if not isinstance(logits, torch.Tensor) or not isinstance(z, torch.Tensor) \
+            or logits.shape != z.shape:
+        raise ValueError(
+            f"{type(model).__name__}: could not compare its logits with its output head's output "
+            "(train_adapter needs logits = a * lm_head(h) for the per-token coherence term)")
+    tol = 1e-2 if z.dtype in (torch.float16, torch.bfloat16) else 1e-3  # relative, of max |logit|
+    logits, z = logits.double(), z.double()
+    if not bool(z.any()) and not bool(logits.any()):
+        return 1.0  # an all-zero head (any factor fits)
+    a = float((logits * z).sum() / (z * z).sum().clamp(min=1e-300))
+    if not (math.isfinite(a) and a > 0) or \
+            float((logits - a * z).abs().max()) > tol * max(float(logits.abs().max()), 1e-6):
+        raise ValueError(
+            f"{type(model).__name__} transforms its logits after the output head in a way other "
+            "than a constant factor (e.g. soft-capping); the fused token log-probs of the coherence "
+            "term cannot model it")
+    return 1.0 if abs(a - 1.0) <= 1e-3 else a
 
 
 def _logprobs(h_final: torch.Tensor, W: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -419,6 +460,10 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
         for p, _ in saved_flags:
             p.requires_grad_(False)
         model.eval()
+        shortest = min(ids_list, key=len)
+        scale_ids, scale_mask, scale_pos, _ = _left_pad([shortest], pad_id, device)
+        reader.head_weight = _head_matrix(
+            reader.head, _logit_scale(model, reader.head, scale_ids, scale_mask, scale_pos))
         reader.attach()
         h_ref, logp_ref = _reference(reader, ids_list, pad_id, device, 4 * batch_size, show)
         reader.detach()

@@ -306,3 +306,53 @@ def test_output_head_bias_is_part_of_the_log_probs():
                            batch_size=2, tau=0.0, kind="hinge", progress=False)
     assert abs(vector.metadata["loss_history"][0]) < 1e-4  # reference and policy agree at step 0
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name, factor", [("cohere", 0.0625), ("granite", 0.25)])
+def test_coherence_log_probs_include_the_models_logit_factor(monkeypatch, name, factor):
+    """Cohere multiplies the head's output by ``logit_scale``, Granite divides it by
+    ``logits_scaling``: the reference log-probs of the coherence term are the model's own."""
+    from tests.test_more_architectures import build
+
+    model = build(name)
+    if name == "granite":
+        model.config.logits_scaling = 1 / factor
+    assert getattr(model.config, "logit_scale", factor) == factor
+    seen = {}
+    real = train_mod._reference
+
+    def spy(*args, **kwargs):
+        seen["h_ref"], seen["logp_ref"] = real(*args, **kwargs)
+        return seen["h_ref"], seen["logp_ref"]
+
+    monkeypatch.setattr(train_mod, "_reference", spy)
+    before = snapshot(model)
+    train_adapter(model, ToyTokenizer(), PAIRS[:2], layers=[1], loss_layer=3, steps=1,
+                  batch_size=2, progress=False)
+    assert_unchanged(model, before)
+    texts = [text for pair in PAIRS[:2] for text in pair]
+    for text, got in zip(texts, seen["logp_ref"]):
+        ids = torch.tensor([ToyTokenizer()(text)["input_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].float()
+        want = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_logits_transformed_beyond_a_factor_are_refused(tiny_model_factory):
+    """Soft-capping (tanh) after the head is not a constant factor: refused, model intact."""
+    model = tiny_model_factory("llama")
+
+    def softcap(module, args, output):
+        output.logits = 0.5 * torch.tanh(output.logits / 0.5)
+        return output
+
+    handle = model.register_forward_hook(softcap)
+    try:
+        before = snapshot(model)
+        with pytest.raises(ValueError, match="constant factor"):
+            train_adapter(model, ToyTokenizer(), PAIRS[:2], layers=[1], loss_layer=3, steps=1,
+                          batch_size=2, progress=False)
+        assert_unchanged(model, before)
+    finally:
+        handle.remove()
