@@ -15,13 +15,21 @@ nothing synchronises with it inside the hooks.
 
 Positions under the KV cache: the first forward pass with an empty cache is the prompt; its
 length ``P`` is remembered, and a token at absolute position ``p`` is *prompt* when ``p < P``
-and *generated* otherwise. Generation that expands rows (``num_return_sequences``, beams)
+and *generated* otherwise. A pass of several tokens on top of a non-empty cache is more prompt
+(``P`` grows to its end): generate's chunked prefill (``prefill_chunk_size``), or a
+conversation continued from the cache of an earlier ``generate`` (``past_key_values=``); only
+assisted decoding's draft checks (``logits_to_keep`` equal to the pass length) count as
+generated. A last prefill chunk of a single token looks like a decode step and counts as
+generated: pick a ``prefill_chunk_size`` that leaves at least two tokens to the last chunk, or
+pass an explicit positions mask. Generation that expands rows (``num_return_sequences``, beams)
 repeats each row's slot and coefficient for its copies, as ``generate`` orders them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import numbers
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -74,9 +82,9 @@ class SteeringBank:
         positions: "all", "prompt", "generated", or a boolean mask ``[batch, seq]`` (True =
             steer; positions past the mask's length are not steered). "prompt" / "generated"
             tell the prompt from the tokens added after it by the KV cache's length (or a
-            recurrent state's token count); a pass without a cache (models that generate by
-            re-running the whole sequence, e.g. MPT) whose tokens extend the last prompt keeps
-            that prompt's length.
+            recurrent state's token count); a pass without a cache (``use_cache=False``, models
+            that generate by re-running the whole sequence, e.g. MPT) whose tokens extend the
+            last prompt by the one token added since the last pass keeps that prompt's length.
         normalize: rescale each steered hidden state to its norm before steering.
 
     Example:
@@ -113,10 +121,12 @@ class SteeringBank:
         self._rows: int | None = None  # None: one slot and coefficient broadcast to every row
         self._prompt_len = 0
         self._prompt_tokens: torch.Tensor | None = None  # the last prompt, for passes without a cache
+        self._last_length = 0  # tokens of the last pass: a pass without a cache re-runs them + 1
         self._recurrent_seen = weakref.WeakKeyDictionary()  # recurrent cache -> tokens it consumed
         self._token_state: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._token_shape: tuple[int, int] | None = None
         self._handles: list = []
+        self._positional = _positional_names(model)
 
     # --- building ------------------------------------------------------------------------------
 
@@ -131,10 +141,10 @@ class SteeringBank:
             reference = _first_param(module)
             device = execution_device(self.model, module)
             dtype = reference.dtype if reference.is_floating_point() else torch.float32
-            sites.append(self._build_site(module, source, entries, device, dtype))
+            sites.append(self._build_site(module, source, entries, device, dtype, (layer, target)))
         return sites
 
-    def _build_site(self, module, source, entries, device, dtype) -> _Site:
+    def _build_site(self, module, source, entries, device, dtype, key) -> _Site:
         count = len(self.vectors)
         slot_map = torch.full((count + 1,), -1, dtype=torch.int32)
         for entry, (index, _) in enumerate(entries):
@@ -153,6 +163,13 @@ class SteeringBank:
                     bias[entry] = part.bias.to(device=device, dtype=dtype)
         A = B = None
         low_rank = [p for p in parts if p.A is not None]
+        for index, part in entries:
+            if part.A is not None and part.rank > ops.MAX_RANK:
+                raise ValueError(
+                    f"vectors[{index}]: the low-rank part (layer {key[0]}, target {key[1]!r}) has "
+                    f"rank R = {part.rank}, but steering supports R <= {ops.MAX_RANK}: truncate A and B "
+                    f"to their top {ops.MAX_RANK} components"
+                )
         if low_rank:
             rank = max(p.A.shape[1] for p in low_rank)
             source_width = {p.A.shape[0] for p in low_rank}
@@ -173,21 +190,22 @@ class SteeringBank:
         """Choose each row's vector and coefficient for the next forward passes.
 
         Args:
-            slots: ``None`` (every row uses vector 0) or per-row indices into ``vectors``
-                (``-1``: the row is not steered), a sequence or an integer tensor ``[batch]``.
-            coeff: a number for every row, or per-row numbers ``[batch]``.
+            slots: ``None`` (every row uses vector 0), one index for every row, or per-row
+                indices into ``vectors`` (``-1``: the row is not steered): a sequence, numpy
+                array or integer tensor ``[batch]``.
+            coeff: a number for every row, or per-row numbers ``[batch]`` (a sequence, numpy
+                array or tensor).
 
         Values are checked here (once, on the host), never inside the hooks.
         """
         coeff_t = _as_coeff(coeff)
-        if slots is None:
+        slot_t = _as_slots(slots, len(self.vectors))
+        if slot_t.dim() == 0:  # one vector for every row
             if coeff_t.dim() == 0:
-                rows, slot_t = None, torch.zeros(1, dtype=torch.int64)
-                coeff_t = coeff_t.reshape(1)
+                rows, slot_t, coeff_t = None, slot_t.reshape(1), coeff_t.reshape(1)
             else:
-                rows, slot_t = coeff_t.numel(), torch.zeros(coeff_t.numel(), dtype=torch.int64)
+                rows, slot_t = coeff_t.numel(), slot_t.expand(coeff_t.numel()).clone()
         else:
-            slot_t = _as_slots(slots, len(self.vectors))
             rows = slot_t.numel()
             if coeff_t.dim() == 0:
                 coeff_t = coeff_t.expand(rows)
@@ -240,9 +258,8 @@ class SteeringBank:
 
     def _before_forward(self, module, args, kwargs):
         """Per forward pass: per-token slots and coefficients, on each site's device."""
+        kwargs = self._arguments(args, kwargs)
         tokens = kwargs.get("input_ids")
-        if tokens is None and args:
-            tokens = args[0]
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
         if tokens is None:
@@ -256,10 +273,16 @@ class SteeringBank:
             capturing = tokens.is_cuda and torch.cuda.is_current_stream_capturing()
             if isinstance(past, torch.Tensor) and not capturing:
                 past = int(past)
+            cache = _cache_of(kwargs)
             if isinstance(past, int) and past == 0 and not (
-                    _cache_of(kwargs) is None and self._extends_prompt(tokens)):
+                    cache is None and length == self._last_length + 1 and self._extends_prompt(tokens)):
                 self._prompt_len = length
                 self._prompt_tokens = tokens.detach().clone()
+            elif (isinstance(past, int) and past > 0 and length > 1 and cache is not None
+                  and not _checks_drafts(kwargs, length)):
+                # more prompt on top of the cache: a prefill chunk, or a continued conversation
+                self._prompt_len = past + length
+            self._last_length = length
             steer_here = self._positions_steered(batch, past, length, tokens.device)
         if mask is not None:
             valid = mask[:, -length:].to(torch.bool)
@@ -278,6 +301,16 @@ class SteeringBank:
                     slot.to(site.device, non_blocking=True),
                     coeff.to(site.device, non_blocking=True),
                 )
+
+    def _arguments(self, args, kwargs) -> dict:
+        """The forward call's arguments by name: positional ones (``model(ids, mask)``) are
+        named after ``model.forward``'s parameters, whose order differs between architectures
+        (GPT-2 takes the cache second, Llama the attention mask)."""
+        if not args:
+            return kwargs
+        named = dict(zip(self._positional, args))
+        named.update(kwargs)
+        return named
 
     def _rows_for(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rows is None:
@@ -305,6 +338,12 @@ class SteeringBank:
             mask = self._position_mask.to(device)
             rows = mask.shape[0]
             if batch != rows:
+                if batch % rows:
+                    raise ValueError(
+                        f"the batch has {batch} rows but the positions mask has {rows}: give one "
+                        "mask row per row of the batch (generate's num_return_sequences / beam "
+                        "copies of a row share its mask row)"
+                    )
                 mask = mask.repeat_interleave(batch // rows, dim=0)
             window = torch.zeros(batch, length, dtype=torch.bool, device=device)
             stop = min(mask.shape[1], past + length)
@@ -320,7 +359,8 @@ class SteeringBank:
 
     def _extends_prompt(self, tokens: torch.Tensor) -> bool:
         """Whether ``tokens`` are the last prompt followed by more tokens (a model re-running
-        the whole sequence at each generation step)."""
+        the whole sequence at each generation step; the caller also checks that the pass is one
+        token longer than the last, else it is a new prompt continuing a conversation)."""
         prompt = self._prompt_tokens
         return (prompt is not None and tokens.shape[0] == prompt.shape[0]
                 and tokens.shape[1] > prompt.shape[1] and tokens.shape[2:] == prompt.shape[2:]
@@ -400,6 +440,26 @@ def _cache_of(kwargs):
                  if kwargs.get(k) is not None), None)
 
 
+def _checks_drafts(kwargs, length: int) -> bool:
+    """Whether a pass of ``length`` tokens checks assisted decoding's draft tokens: generate
+    then asks for the logits of every token of the pass (``logits_to_keep == length``), where a
+    prefill asks for the last one only."""
+    keep = kwargs.get("logits_to_keep")
+    return isinstance(keep, int) and not isinstance(keep, bool) and keep == length
+
+
+def _positional_names(model: nn.Module) -> tuple[str, ...]:
+    """Names of ``model.forward``'s positional parameters, in order (``("input_ids",)`` when
+    its signature cannot be read)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ("input_ids",)
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = tuple(p.name for p in parameters if p.kind in kinds)
+    return names or ("input_ids",)
+
+
 def _recurrent_past(cache, length: int, seen: weakref.WeakKeyDictionary) -> int:
     started = any(any(getattr(layer, "has_previous_state", {}).values())
                   for layer in getattr(cache, "layers", ()))
@@ -424,27 +484,61 @@ def _check_positions(positions):
 
 
 def _as_coeff(coeff) -> torch.Tensor:
+    """``coeff`` as a float32 CPU tensor: 0-d for one number (python, numpy or 0-d tensor),
+    ``[rows]`` for per-row values (a sequence, numpy array or tensor)."""
     if isinstance(coeff, torch.Tensor):
         values = coeff.detach().to("cpu", torch.float32)
-    elif isinstance(coeff, (int, float)) and not isinstance(coeff, bool):
+    elif isinstance(coeff, numbers.Real) and not isinstance(coeff, bool):  # numpy scalars too
         values = torch.tensor(float(coeff))
-    elif isinstance(coeff, Sequence):
-        values = torch.tensor([float(c) for c in coeff])
+    elif hasattr(coeff, "__array__") and not isinstance(coeff, (str, bytes)):  # numpy arrays
+        values = torch.as_tensor(_numpy_values(coeff, "coeff")).to(torch.float32)
+    elif isinstance(coeff, Sequence) and not isinstance(coeff, (str, bytes)):
+        values = torch.tensor([_real(c, "coeff") for c in coeff], dtype=torch.float32)
     else:
         raise TypeError(f"coeff must be a number, a sequence or a tensor, got {type(coeff).__name__}")
     if values.dim() > 1:
         raise ValueError(f"coeff must be a number or one value per row, got shape {tuple(values.shape)}")
+    if values.dim() == 1 and values.numel() == 0:
+        raise ValueError("coeff is empty: give one coefficient per row of the batch, or a single number")
     if not bool(torch.isfinite(values).all()):
         raise ValueError("coeff contains NaN or infinity: give finite coefficients")
     return values
 
 
+def _real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name} values must be numbers, got {type(value).__name__}")
+    return float(value)
+
+
+def _numpy_values(array, name: str):
+    import numpy as np
+
+    values = np.asarray(array)
+    if values.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold integers or floats, got a numpy array of dtype {values.dtype}")
+    return values.astype(np.float64) if values.dtype.kind == "f" else values.astype(np.int64)
+
+
 def _as_slots(slots, count: int) -> torch.Tensor:
-    values = slots.detach().cpu() if isinstance(slots, torch.Tensor) else torch.tensor(list(slots))
-    if values.dim() != 1 or (values.numel() and values.is_floating_point()):
-        raise ValueError(f"slots must be a 1-D sequence of integers, got shape {tuple(values.shape)}")
+    """``slots`` as an int64 CPU tensor: 0-d for one index shared by every row (``None`` is
+    vector 0), ``[rows]`` for per-row indices; each in ``-1..count-1``."""
+    if slots is None:
+        return torch.zeros((), dtype=torch.int64)
+    if isinstance(slots, torch.Tensor):
+        values = slots.detach().cpu()
+    elif isinstance(slots, numbers.Integral) and not isinstance(slots, bool):  # numpy ints too
+        values = torch.tensor(int(slots))
+    elif hasattr(slots, "__array__") and not isinstance(slots, (str, bytes)):
+        values = torch.as_tensor(_numpy_values(slots, "slots"))
+    elif isinstance(slots, Sequence) and not isinstance(slots, (str, bytes)):
+        values = torch.tensor(list(slots))
+    else:
+        raise TypeError(f"slots must be an integer, a sequence of integers or an integer tensor, got {type(slots).__name__}")
+    if values.dim() > 1 or (values.numel() and (values.is_floating_point() or values.dtype == torch.bool)):
+        raise ValueError(f"slots must be a 1-D sequence of integers, got {values.dtype} of shape {tuple(values.shape)}")
     values = values.to(torch.int64)
-    if values.numel() == 0:
+    if values.dim() == 1 and values.numel() == 0:
         raise ValueError("slots is empty: give one slot per row of the batch")
     if bool(((values < -1) | (values >= count)).any()):
         raise ValueError(f"slots must be in -1..{count - 1} (index into vectors, -1 = unsteered), got {values.tolist()}")

@@ -63,6 +63,7 @@ def _use_triton(t: torch.Tensor) -> bool:
 # steer_ / steer are defined below this line.
 
 _STEER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_RANK = 64  # largest low-rank R the fused kernel takes (its R_PAD tiles stop at 64)
 
 
 def _check_float(name: str, t, out: torch.Tensor) -> None:
@@ -118,8 +119,8 @@ def _validate_steer(out, slot, coeff, bias, A, B, src, check_slots: bool, in_pla
         K, R = B.shape[0], B.shape[2]
         if tuple(A.shape) != (K, d_src, R) or B.shape[1] != D:
             raise ValueError(f"steer_: expected A [K, D_src, R] = [{K}, {d_src}, {R}] and B [K, D, R] = [{K}, {D}, {R}] (D_src = src.shape[1], or D without src), got A {tuple(A.shape)} and B {tuple(B.shape)}")
-        if not 1 <= R <= 64:
-            raise ValueError(f"steer_: rank R must be in 1..64, got R = {R}; truncate A and B to their top 64 components")
+        if not 1 <= R <= MAX_RANK:
+            raise ValueError(f"steer_: rank R must be in 1..{MAX_RANK}, got R = {R}; truncate A and B to their top {MAX_RANK} components")
         if num_entries is not None and num_entries != K:
             raise ValueError(f"steer_: bias has K = {num_entries} entries but A/B have K = {K}; every bank tensor needs the same K")
         num_entries = K

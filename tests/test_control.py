@@ -441,3 +441,135 @@ def test_past_length_without_a_mask():
     Layer.has_previous_state = {0: True}
     assert _past_length({"cache": cache}, None, 1, seen) == 6
     assert _past_length({"cache": cache}, None, 1, seen) == 7
+
+
+def _first_scores(model, vector, positions, **kwargs):
+    """The first generated token's scores under ``steer(model, vector, positions=...)``
+    (``vector=None``: unsteered); a ``cache`` in ``kwargs`` is copied first."""
+    import copy
+
+    kwargs = {key: copy.deepcopy(value) if key in ("cache", "past_key_values") else value
+              for key, value in kwargs.items()}
+    run = dict(max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None,
+               output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        if vector is None:
+            return model.generate(**kwargs, **run).scores[0]
+        with steer(model, vector, coeff=1.0, positions=positions):
+            return model.generate(**kwargs, **run).scores[0]
+
+
+def test_positions_when_generate_continues_a_cache_or_prefills_in_chunks(tiny_model_factory):
+    """A conversation continued from an earlier generate's cache, and generate's chunked
+    prefill, run prompt tokens on top of a non-empty cache: they are prompt, not generated.
+    (A last chunk of one token cannot be told from a decode step: see steerkern.control.)"""
+    from transformers import GenerationConfig
+
+    from steerkern.kvcache import cache_argument
+
+    model = tiny_model_factory("llama")
+    vector = random_vector(model, [1, 2], 0, scale=4.0)
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        first = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                               eos_token_id=None, return_dict_in_generate=True)
+    turn = torch.cat([first.sequences, torch.randint(3, 100, (2, 4))], dim=1)
+    cache = getattr(first, "cache", None) or first.past_key_values
+    continued = {"input_ids": turn, "attention_mask": torch.ones_like(turn), cache_argument(model): cache}
+    cases = [continued]
+    if hasattr(GenerationConfig(), "prefill_chunk_size"):  # 13 tokens: chunks of 5, 5 and 3
+        cases.append(dict(input_ids=turn, attention_mask=torch.ones_like(turn), prefill_chunk_size=5))
+    for kwargs in cases:
+        plain = _first_scores(model, None, None, **kwargs)
+        everywhere = _first_scores(model, vector, "all", **kwargs)
+        assert torch.equal(_first_scores(model, vector, "generated", **kwargs), plain)
+        torch.testing.assert_close(_first_scores(model, vector, "prompt", **kwargs), everywhere)
+        assert not torch.allclose(everywhere, plain)
+
+
+def test_positional_attention_mask_keeps_pads_unsteered(tiny_model_factory):
+    """``model(ids, mask)``: the mask is read from the positional arguments (their order is the
+    architecture's own: GPT-2 takes the cache second)."""
+    for arch, call in (("llama", lambda m, i, a: m(i, a)), ("gpt2", lambda m, i, a: m(i, None, a))):
+        model = tiny_model_factory(arch)
+        vector = random_vector(model, [1], 0, scale=4.0)
+        ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(6))
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        with torch.no_grad(), steer(model, vector, positions="prompt"):
+            by_name = model(input_ids=ids, attention_mask=mask).logits
+            by_position = call(model, ids, mask).logits
+        assert torch.equal(by_position, by_name), arch
+
+
+def test_rank_above_the_kernel_limit_is_rejected_by_the_bank(tiny_model_factory):
+    model = tiny_model_factory("llama")
+
+    def lowrank(rank):
+        gen = torch.Generator().manual_seed(rank)
+        return SteeringVector.from_lowrank(
+            {2: (None, torch.randn(64, rank, generator=gen) / 64, torch.randn(64, rank, generator=gen) / 64)})
+
+    before = steerkern_hook_count(model)
+    with pytest.raises(ValueError, match=r"vectors\[1\].*layer 2.*R = 65.*R <= 64"):
+        with steer(model, [lowrank(64), lowrank(65)], slots=[0, 1]):
+            pass
+    assert steerkern_hook_count(model) == before
+    with torch.no_grad(), steer(model, lowrank(64)):
+        assert torch.isfinite(model(torch.randint(3, 100, (1, 4))).logits).all()
+
+
+def test_coeff_and_slots_as_numpy_and_single_values(tiny_model_factory):
+    np = pytest.importorskip("numpy")
+    model = tiny_model_factory("llama")
+    vectors = [random_vector(model, [1], 0), random_vector(model, [1], 1)]
+    ids = torch.randint(3, 100, (2, 5))
+    with torch.no_grad():
+        with steer(model, vectors, slots=[1, 1], coeff=[2.0, -1.0]):
+            expected = model(ids).logits
+        for slots, coeff in ((np.array([1, 1]), np.array([2.0, -1.0])),
+                             (1, [2.0, -1.0]), (np.int64(1), torch.tensor([2.0, -1.0]))):
+            with steer(model, vectors, slots=slots, coeff=coeff):
+                torch.testing.assert_close(model(ids).logits, expected)
+        with steer(model, vectors, slots=[1, 1], coeff=[2.0, 2.0]):
+            expected = model(ids).logits
+        for coeff in (np.float32(2.0), np.int64(2), np.array(2.0)):
+            with steer(model, vectors, slots=1, coeff=coeff):
+                torch.testing.assert_close(model(ids).logits, expected)
+    for kwargs, message in ((dict(coeff=np.array([1.0, np.nan])), "NaN"),
+                            (dict(coeff=[]), "coeff is empty"),
+                            (dict(slots=np.array([0.5, 1.0])), "integers"),
+                            (dict(slots=True), "slots must be"),
+                            (dict(slots=2), "slots must be in")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            with steer(model, vectors, **kwargs):
+                pass
+    assert steerkern_hook_count(model) == 0
+
+
+def test_position_mask_rows_must_match_the_batch(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="positions mask has 2"):
+        with torch.no_grad(), steer(model, random_vector(model, [1], 0), positions=mask):
+            model(torch.randint(3, 100, (3, 5)))
+    assert steerkern_hook_count(model) == 0
+
+
+def test_positions_when_a_conversation_continues_without_a_cache(tiny_model_factory):
+    """``use_cache=False`` re-runs the whole sequence each step; a second generate in the same
+    context whose prompt extends the first one (the conversation so far plus a new turn) is a
+    new prompt, not decode steps of the first."""
+    model = tiny_model_factory("llama")
+    vector = random_vector(model, [1, 2], 0, scale=4.0)
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(7))
+    run = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=False,
+               output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        with steer(model, vector, coeff=1.0, positions="generated"):
+            first = model.generate(ids, **run)
+            turn = torch.cat([first.sequences, torch.randint(3, 100, (2, 4))], dim=1)
+            second = model.generate(turn, **run)
+        plain = model.generate(turn, **run)
+    assert torch.equal(second.scores[0], plain.scores[0])
+    assert not torch.equal(second.scores[1], plain.scores[1])
