@@ -57,7 +57,23 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _check_pair_tensors(cho: torch.Tensor, rej: torch.Tensor) -> None:
+# Relative size below which a difference is float rounding, not signal: ``ROUNDING * eps`` of
+# the working dtype (about 1e-5 in float32), relative to the activations' magnitude.
+ROUNDING = 64
+
+
+def _negligible(small: torch.Tensor, scale: torch.Tensor) -> bool:
+    """True when ``|small|`` is zero up to float rounding relative to ``|scale|``."""
+    eps = torch.finfo(_work_dtype(small)).eps
+    return bool(small.abs().max() <= ROUNDING * eps * scale.abs().max())
+
+
+def check_pairs(cho: torch.Tensor, rej: torch.Tensor) -> None:
+    """Shapes ``[n, D]`` each, at least one row, and pairs that actually differ.
+
+    Identical chosen and rejected activations (the same text twice, or pairs that differ only
+    after the read positions) have no direction: every method would return a zero or arbitrary
+    vector, so this raises instead."""
     if cho.dim() != 2 or cho.shape != rej.shape:
         raise ValueError(
             f"chosen and rejected activations must both be [n, D] with the same shape, got "
@@ -65,6 +81,13 @@ def _check_pair_tensors(cho: torch.Tensor, rej: torch.Tensor) -> None:
         )
     if cho.shape[0] == 0:
         raise ValueError("no activations: give at least one pair")
+    dtype = _work_dtype(cho)
+    if _negligible(cho.to(dtype) - rej.to(dtype), torch.cat([cho, rej]).to(dtype)):
+        raise ValueError(
+            "chosen and rejected activations are identical (every pair difference is zero up to "
+            "float rounding), so there is no direction to extract: the pairs must differ at or "
+            "before the read tokens (are chosen and rejected the same texts?)"
+        )
 
 
 def signed_scaled(u: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
@@ -77,6 +100,11 @@ def signed_scaled(u: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
     u = u / norm
     m = diffs.to(u.dtype).mean(0)
     projection = m @ u
+    if _negligible(projection.reshape(1), m):
+        raise ValueError(
+            "the extracted direction is orthogonal to the mean pair difference, so its sign "
+            "(toward chosen) and scale are undefined: use method='mean_diff' or more varied pairs"
+        )
     if projection < 0:
         u, projection = -u, -projection
     return u * projection
@@ -90,24 +118,31 @@ def top_right_singular(x: torch.Tensor, k: int = 1) -> torch.Tensor:
 
 def mean_diff(cho: torch.Tensor, rej: torch.Tensor) -> torch.Tensor:
     """``bias = mean(cho - rej)`` ``[D]``."""
-    _check_pair_tensors(cho, rej)
+    check_pairs(cho, rej)
     diffs = cho.to(_work_dtype(cho)) - rej.to(_work_dtype(cho))
     return signed_scaled(diffs.mean(0), diffs)
 
 
 def pca_diff(cho: torch.Tensor, rej: torch.Tensor) -> torch.Tensor:
     """First principal component of the differences (centred), signed and scaled. ``[D]``."""
-    _check_pair_tensors(cho, rej)
+    check_pairs(cho, rej)
     diffs = cho.to(_work_dtype(cho)) - rej.to(_work_dtype(cho))
     if diffs.shape[0] < 2:
         raise ValueError("pca_diff needs at least 2 pairs (a principal component of one row is undefined)")
-    u = top_right_singular(diffs - diffs.mean(0), 1)[:, 0]
+    centred = diffs - diffs.mean(0)
+    if _negligible(centred, diffs):
+        raise ValueError(
+            "pca_diff: every pair differs in the same way (duplicate pairs?), so the centred "
+            "differences are zero and have no principal component: use method='mean_diff' or "
+            "'pca_center', or give varied pairs"
+        )
+    u = top_right_singular(centred, 1)[:, 0]
     return signed_scaled(u, diffs)
 
 
 def pca_center(cho: torch.Tensor, rej: torch.Tensor) -> torch.Tensor:
     """PCA of both members after subtracting each pair's midpoint, signed and scaled. ``[D]``."""
-    _check_pair_tensors(cho, rej)
+    check_pairs(cho, rej)
     dtype = _work_dtype(cho)
     cho, rej = cho.to(dtype), rej.to(dtype)
     mid = (cho + rej) / 2
@@ -132,7 +167,7 @@ def lowrank(cho: torch.Tensor, rej: torch.Tensor, rank: int = 1, ridge: float = 
     see ``_contraction``): pairs that swap sides along the axis (CAA A/B items) otherwise fit a
     reflection, ``K = -2``, whose steps off the training pairs are 20-400x the shared scale.
     """
-    _check_pair_tensors(cho, rej)
+    check_pairs(cho, rej)
     dtype = _work_dtype(cho)
     cho, rej = cho.to(dtype), rej.to(dtype)
     diffs = cho - rej
@@ -146,7 +181,12 @@ def lowrank(cho: torch.Tensor, rej: torch.Tensor, rank: int = 1, ridge: float = 
     a_mean, y_mean = a.mean(0), y.mean(0)
     ac, yc = a - a_mean, y - y_mean
     n = a.shape[0]
-    reg = ridge * float((ac * ac).sum() / (n * rank)) + torch.finfo(dtype).tiny
+    # The ridge is relative to the spread of ``a``; its floor is the variance float rounding
+    # alone puts into ``a`` (``(ROUNDING eps)^2 mean |rej_i|^2``), so that pairs whose rejected
+    # activations do not vary along V_r (duplicates, one distinct pair) fit K = 0 instead of a
+    # ratio of rounding errors.
+    floor = (ROUNDING * torch.finfo(dtype).eps) ** 2 * float((rej * rej).sum() / n)
+    reg = ridge * float((ac * ac).sum() / (n * rank)) + floor + torch.finfo(dtype).tiny
     gram = ac.T @ ac / n + reg * torch.eye(rank, dtype=dtype, device=a.device)
     K = torch.linalg.solve(gram, ac.T @ yc / n).T  # [r, r]: y ≈ y_mean + K (a - a_mean)
     K = _contraction(K)
@@ -185,6 +225,11 @@ def weight_svd(out_diffs: torch.Tensor, inputs: torch.Tensor, weight: torch.Tens
         raise ValueError(
             f"weight {tuple(weight.shape)} must be [out, in] matching out_diffs "
             f"{tuple(out_diffs.shape)} and inputs {tuple(inputs.shape)}"
+        )
+    if not bool(out_diffs.abs().max() > 0):
+        raise ValueError(
+            "weight_svd: every output difference is zero (chosen and rejected give identical "
+            "activations), so there is no separation to steer toward"
         )
     u_w, _, vh_w = torch.linalg.svd(weight, full_matrices=False)  # [out, q], [q, in]
     if not 1 <= rank <= u_w.shape[1]:

@@ -25,6 +25,7 @@ from steerkern.models import (
     default_layers,
     hidden_size,
     model_id,
+    model_type,
     module_weight,
     num_layers,
     resolve_module,
@@ -179,6 +180,13 @@ def _read(model, tokenizer, plan: _Plan, shard: _Shard, show: bool):
 
 
 def _part(plan: _Plan, layer: int, acts, inputs, grads) -> SteeringPart:
+    try:
+        return _method_part(plan, layer, acts, inputs, grads)
+    except ValueError as error:  # the maths cannot name the layer or the method
+        raise ValueError(f"extract(method={plan.method!r}) at layer {layer}: {error}") from None
+
+
+def _method_part(plan: _Plan, layer: int, acts, inputs, grads) -> SteeringPart:
     cho, rej = _members(acts[layer])
     if plan.method in ("mean_diff", "pca_diff", "pca_center"):
         return SteeringPart(bias=maths.additive(plan.method, cho, rej).float())
@@ -187,16 +195,16 @@ def _part(plan: _Plan, layer: int, acts, inputs, grads) -> SteeringPart:
     if plan.method == "lowrank":
         bias, A, B = maths.lowrank(cho, rej, plan.rank)
         return SteeringPart(bias=bias.float(), A=A.float(), B=B.float())
-    x = inputs[layer].reshape(-1, inputs[layer].shape[-1])  # weight_svd
+    maths.check_pairs(cho, rej)  # weight_svd
+    x = inputs[layer].reshape(-1, inputs[layer].shape[-1])
     A, B = maths.weight_svd(cho - rej, x, plan.weights[layer], plan.rank)
     return SteeringPart(A=A.float(), B=B.float(), source="input")
 
 
 def _metadata(model, plan: _Plan, pair_set: PairSet, concept) -> dict:
-    config = getattr(model, "config", None)
     metadata = {
         "model": model_id(model),
-        "model_type": getattr(getattr(config, "text_config", None) or config, "model_type", None),
+        "model_type": model_type(model),
         "hidden_size": hidden_size(model),
         "method": plan.method,
         "concept": concept if concept is not None else pair_set.concept,

@@ -213,6 +213,63 @@ def test_sign_convention_positive_moves_toward_chosen(method):
     assert float(((cho - rej) @ A[:, 0]).mean()) > 0
 
 
+
+@pytest.mark.parametrize("method", ["mean_diff", "pca_diff", "pca_center", "lowrank", "weight_svd"])
+def test_identical_pairs_are_a_clear_error_not_a_zero_vector(method):
+    """Chosen == rejected has no direction: every method must say so (pca_center, lowrank and
+    weight_svd used to return an all-zero vector silently)."""
+    rej = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="identical"):
+        if method == "weight_svd":
+            maths.weight_svd(rej - rej, torch.randn(12, 20), torch.randn(16, 20))
+        elif method == "lowrank":
+            maths.lowrank(rej.clone(), rej)
+        else:
+            maths.additive(method, rej.clone(), rej)
+
+
+def test_duplicate_pairs_pca_diff_errors_and_lowrank_is_mean_diff():
+    """Every pair differing the same way (duplicates of one pair): pca_diff's centred differences
+    are zero, so its direction used to be an arbitrary singular vector; lowrank's K used to be a
+    ratio of rounding errors (here -0.99, a clamp), not the documented K = 0."""
+    g = torch.Generator().manual_seed(1)
+    rej = torch.randn(1, 32, generator=g).repeat(4, 1)
+    cho = rej + torch.randn(1, 32, generator=g)
+    with pytest.raises(ValueError, match="pca_diff: every pair differs in the same way"):
+        maths.pca_diff(cho, rej)
+    torch.testing.assert_close(maths.pca_center(cho, rej), (cho - rej).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_lowrank_of_duplicate_pairs_on_a_model_is_mean_diff(tiny_model_factory):
+    """Three copies of one pair read from a model: the mean of equal float32 coordinates is off
+    by an ulp, and the fitted K used to be the ratio of two such rounding errors (-0.99, a
+    clamp that doubled the bias) instead of the documented K = 0."""
+    model = tiny_model_factory("llama")
+    vector = extract(model, CharTokenizer(), [PAIRS[0]] * 3, layers=[1], method="lowrank",
+                     progress=False)
+    reference = extract(model, CharTokenizer(), [PAIRS[0]], layers=[1], method="mean_diff",
+                        progress=False)
+    part = vector.parts[(1, "residual")]
+    assert float(part.B.norm()) < 1e-4
+    torch.testing.assert_close(part.bias, reference.parts[(1, "residual")].bias, rtol=1e-4, atol=1e-6)
+
+
+def test_direction_orthogonal_to_the_mean_difference_is_an_error():
+    """pca_diff of differences (1, 1) and (1, -1): the varying axis (0, 1) is orthogonal to the
+    mean (1, 0), so no sign toward chosen exists (it used to return a zero vector)."""
+    rej = torch.zeros(2, 2, dtype=torch.float64)
+    cho = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="orthogonal to the mean pair difference"):
+        maths.pca_diff(cho, rej)
+
+
+def test_extract_names_the_layer_of_identical_pairs(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    same = [("same text", "same text")] * 2
+    with pytest.raises(ValueError, match=r"method='pca_center'\) at layer 1: .*identical"):
+        extract(model, CharTokenizer(), same, layers=[1], method="pca_center", progress=False)
+
+
 # --- capture -------------------------------------------------------------------------------------
 
 
