@@ -353,6 +353,13 @@ def model_id(model: nn.Module) -> str:
     return type(model).__name__
 
 
+def model_type(model: nn.Module) -> str | None:
+    """The architecture's ``model_type`` (of the text model in a multimodal wrapper), recorded
+    in vectors' metadata: a direction does not transfer between architectures."""
+    config = getattr(model, "config", None)
+    return getattr(getattr(config, "text_config", None) or config, "model_type", None)
+
+
 def default_layers(model: nn.Module) -> list[int]:
     """A middle band of layers, where steering vectors work best in practice: from 1/3 to 2/3 of
     the depth (at least one layer)."""

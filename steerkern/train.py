@@ -61,6 +61,7 @@ from steerkern.models import (
     hidden_size,
     input_device,
     model_id,
+    model_type,
     module_weight,
     num_layers,
     resolve_module,
@@ -538,12 +539,11 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
         for module, mode in saved_modes:
             module.training = mode
 
-    config = getattr(model, "config", None)
     tail = history[-min(10, len(history)):]
     return SteeringVector.from_lowrank(
         adapter.entries(), target=target, source="output",
         model=model_id(model),
-        model_type=getattr(getattr(config, "text_config", None) or config, "model_type", None),
+        model_type=model_type(model),
         hidden_size=hidden_size(model), method="trained_adapter", concept=pair_set.concept,
         loss_layer=loss_at, steps=steps, final_loss=sum(tail) / len(tail),
         loss_history=[round(v, 6) for v in history], rank=rank, tau=tau, kind=kind, kappa=kappa,

@@ -251,6 +251,7 @@ class SteeringVector:
             check_layer,
             hidden_size,
             model_id,
+            model_type,
             module_weight,
             resolve_module,
         )
@@ -258,6 +259,14 @@ class SteeringVector:
         width = hidden_size(model)
         made_for = self.metadata.get("model")
         hint = f" (the vector was made for {made_for!r})" if made_for else ""
+        kind = model_type(model)
+        made_kind = self.metadata.get("model_type")
+        if made_kind and kind and made_kind != kind:
+            raise ValueError(
+                f"this vector was extracted from a {made_kind!r} model{hint} but {model_id(model)} "
+                f"is a {kind!r} model: a direction does not transfer between architectures even "
+                "when the hidden sizes agree; extract a vector from this model"
+            )
         for (layer, target), part in self.parts.items():
             check_layer(model, layer, argument="vector layer")
             module = resolve_module(model, layer, target)
@@ -388,7 +397,10 @@ class SteeringVector:
                         f"{str(path)!r} is a safetensors file but not a steerkern vector (no "
                         f"'{_HEADER_KEY}' header entry): write vectors with SteeringVector.save"
                     )
-                header = json.loads(raw)
+                try:
+                    header = json.loads(raw)
+                except ValueError as error:
+                    raise ValueError(f"{str(path)!r} has a damaged steerkern header (not JSON: {error})") from None
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except ValueError:
             raise
@@ -415,7 +427,8 @@ class SteeringVector:
         """Write the llama.cpp ``controlvector`` GGUF (additive residual parts only).
 
         ``direction.<layer>`` (F32 ``[hidden]``) per layer; ``controlvector.model_hint`` is
-        ``model_hint`` or the metadata's ``model_type`` / ``model``. steerkern's metadata is kept
+        ``model_hint`` or the metadata's ``model_type`` / ``model_hint`` (a GGUF read back) /
+        ``model``. steerkern's metadata is kept
         as a JSON string under ``controlvector.steerkern_metadata`` for a faithful round trip.
         """
         import gguf
@@ -435,7 +448,8 @@ class SteeringVector:
                 "to_gguf: llama.cpp cannot steer layer 0 (it rejects 'direction.0'): drop layer 0 "
                 "or save with SteeringVector.save"
             )
-        hint = model_hint or self.metadata.get("model_type") or self.metadata.get("model") or "unknown"
+        hint = (model_hint or self.metadata.get("model_type") or self.metadata.get("model_hint")
+                or self.metadata.get("model") or "unknown")
         path = Path(os.fspath(path))
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = gguf.GGUFWriter(str(path), _GGUF_ARCH)
@@ -496,6 +510,11 @@ class SteeringVector:
             layer = int(index)
             if layer == 0:
                 raise ValueError(f"{str(path)!r} has 'direction.0', which llama.cpp rejects: corrupt control vector")
+            if len(tensor.shape) != 1 or layer in directions:
+                raise ValueError(
+                    f"{str(path)!r}: tensor {tensor.name!r} of shape {list(tensor.shape)} is not the "
+                    "one 1-D [hidden] direction of its layer that llama.cpp expects: corrupt control vector"
+                )
             values = torch.from_numpy(tensor.data.astype("float32").reshape(-1).copy())
             directions[layer] = values
         if not directions:

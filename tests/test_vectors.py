@@ -240,3 +240,56 @@ def test_metadata_header_is_json(tmp_path):
         header = json.loads(handle.metadata()["steerkern"])
     assert header["format"] == 1 and header["metadata"]["concept"] == "c"
     assert [p["layer"] for p in header["parts"]] == [2, 3]
+
+
+# --- regressions ------------------------------------------------------------------------------
+
+
+def test_steerkern_header_that_is_not_json_names_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "notjson.safetensors"
+    save_file({"parts.0.bias": torch.zeros(3)}, str(path), metadata={"steerkern": "not json"})
+    with pytest.raises(ValueError, match="notjson.safetensors.*damaged steerkern header"):
+        SteeringVector.load(path)
+
+
+def _write_control_vector(path, tensors, hint="llama"):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", hint)
+    writer.add_uint32("controlvector.layer_count", len(tensors))
+    for name, value in tensors.items():
+        writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_re_export_keeps_a_repeng_model_hint_and_rejects_non_1d_directions(tmp_path):
+    """A repeng file read and written back keeps its model hint (it used to become 'unknown');
+    llama.cpp rejects a direction that is not 1-D, so reading one is an error, not a silent
+    flatten into a vector of the wrong width."""
+    import gguf
+
+    source = _write_control_vector(tmp_path / "repeng.gguf",
+                                   {"direction.3": np.ones(8, dtype=np.float32)}, hint="mistral")
+    again = SteeringVector.from_gguf(source).to_gguf(tmp_path / "again.gguf")
+    assert gguf.GGUFReader(str(again)).get_field("controlvector.model_hint").contents() == "mistral"
+    flat = _write_control_vector(tmp_path / "2d.gguf", {"direction.1": np.zeros((2, 4), dtype=np.float32)})
+    with pytest.raises(ValueError, match="2d.gguf.*'direction.1' of shape"):
+        SteeringVector.from_gguf(flat)
+
+
+def test_validate_rejects_a_vector_from_another_architecture(tiny_model_factory):
+    """Tiny Llama and Qwen2 share hidden size 64 and 4 layers: a vector extracted from one used
+    to pass validation on the other."""
+    llama, qwen = tiny_model_factory("llama"), tiny_model_factory("qwen2")
+    vector = additive(dim=64, model="LlamaForCausalLM", model_type="llama")
+    vector.validate(llama)
+    with pytest.raises(ValueError, match="extracted from a 'llama' model.*'qwen2' model"):
+        vector.validate(qwen)
+    additive(dim=64).validate(qwen)  # no model_type recorded (from_directions, GGUF): widths only
