@@ -177,6 +177,18 @@ def persona_pairs(tokenizer, positive: list[str], negative: list[str], suffixes:
 # --- model-written evals (CAA format) --------------------------------------------------------
 
 _LETTER = re.compile(r"^\s*\(([A-Za-z])\)\s*$")
+_YES_NO = ("yes", "no")
+
+
+def _answer_form(answer) -> tuple[str, str]:
+    """``" (C)"`` -> ``("ab", "C")``, ``" Yes"`` -> ``("yes_no", "yes")``; anything else raises."""
+    if isinstance(answer, str):
+        letter = _LETTER.match(answer)
+        if letter:
+            return "ab", letter.group(1).upper()
+        if answer.strip().lower() in _YES_NO:
+            return "yes_no", answer.strip().lower()
+    raise ValueError(f"answer {answer!r} is neither ' Yes' / ' No' nor a choice letter like ' (A)'")
 
 
 @dataclass
@@ -192,6 +204,19 @@ class MWEItem:
     def kind(self) -> str:
         return "ab" if _LETTER.match(self.matching) else "yes_no"
 
+    def check(self) -> MWEItem:
+        """Raise ``ValueError`` unless the question is text and the two answers are Yes/No
+        opposites or two different choice letters (``" (C)"`` vs ``" (A)"`` included)."""
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise ValueError(f"question must be a non-empty string, got {self.question!r:.60}")
+        (kind, first), (other_kind, second) = _answer_form(self.matching), _answer_form(self.not_matching)
+        if kind != other_kind or first == second:
+            raise ValueError(
+                f"answers {self.matching!r} / {self.not_matching!r} must be ' Yes' / ' No' or two "
+                "different choice letters"
+            )
+        return self
+
 
 def load_mwe(path, *, limit: int | None = None) -> list[MWEItem]:
     """Read a model-written-evals JSONL file (persona Yes/No statements or A/B questions).
@@ -203,6 +228,8 @@ def load_mwe(path, *, limit: int | None = None) -> list[MWEItem]:
     path = Path(os.fspath(path))
     if not path.is_file():
         raise FileNotFoundError(f"load_mwe: no such file {str(path)!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     items = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -210,15 +237,13 @@ def load_mwe(path, *, limit: int | None = None) -> list[MWEItem]:
                 continue
             try:
                 row = json.loads(line)
-                item = MWEItem(row["question"], row["answer_matching_behavior"],
-                               row["answer_not_matching_behavior"])
-            except (ValueError, KeyError, TypeError) as error:
+                item = MWEItem(row["question"], _first(row["answer_matching_behavior"]),
+                               _first(row["answer_not_matching_behavior"])).check()
+            except (ValueError, KeyError, TypeError, IndexError) as error:
                 raise ValueError(
                     f"{str(path)!r} line {number} is not a model-written-evals item (needs "
                     f"question, answer_matching_behavior, answer_not_matching_behavior): {error}"
                 ) from None
-            if isinstance(item.matching, list) or isinstance(item.not_matching, list):
-                item = MWEItem(item.question, _first(item.matching), _first(item.not_matching))
             items.append(item)
             if limit is not None and len(items) >= limit:
                 break
@@ -227,8 +252,30 @@ def load_mwe(path, *, limit: int | None = None) -> list[MWEItem]:
     return items
 
 
+def _as_item(entry, index: int) -> MWEItem:
+    """An :class:`MWEItem`, or a raw model-written-evals row (a dict as in the JSONL files),
+    checked; raises ``ValueError`` naming ``items[index]``."""
+    try:
+        if isinstance(entry, MWEItem):
+            return entry.check()
+        if isinstance(entry, dict):
+            return MWEItem(entry["question"], _first(entry["answer_matching_behavior"]),
+                           _first(entry["answer_not_matching_behavior"])).check()
+        raise TypeError(f"expected an MWEItem or a dict row, got {type(entry).__name__}")
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"items[{index}] is not a model-written-evals item (needs question, "
+            f"answer_matching_behavior, answer_not_matching_behavior): {error}"
+        ) from None
+
+
 def _first(answer):
-    return answer[0] if isinstance(answer, list) else answer
+    """Some model-written-evals files list several answers: the first one is read."""
+    if isinstance(answer, list):
+        if not answer:
+            raise ValueError("an answer list is empty")
+        return answer[0]
+    return answer
 
 
 def split_items(items: list, held_out: float = 0.2, seed: int = 0) -> tuple[list, list]:
@@ -265,7 +312,8 @@ def mwe_pairs(items: list[MWEItem], tokenizer=None, *, system: str | None = None
     if not items:
         raise ValueError("items is empty: give at least one model-written-evals item")
     pairs = []
-    for item in items:
+    for index, item in enumerate(items):
+        item = _as_item(item, index)
         head = render_prompt(tokenizer, item.question, system=system)
         pairs.append((head + answer_text(item.matching), head + answer_text(item.not_matching)))
     return PairSet(pairs, concept, "mwe")
@@ -274,17 +322,21 @@ def mwe_pairs(items: list[MWEItem], tokenizer=None, *, system: str | None = None
 def mwe_eval_prompts(items: list[MWEItem]) -> list[dict]:
     """Labelled binary-choice prompts from MWE items: ``{"prompt", "label", "choices"}``.
 
-    ``choices`` is ``("Yes", "No")`` or ``("A", "B")``; ``label`` is +1 when the first choice
-    matches the behaviour, -1 otherwise (so ``label * (log p(first) - log p(second))`` rises
-    when the model moves toward the behaviour)."""
+    ``choices`` is ``("Yes", "No")`` or the item's two letters in alphabetical order (``("A",
+    "B")``, or ``("A", "C")`` for an item whose answers are " (C)" / " (A)"); ``label`` is +1
+    when the first choice matches the behaviour, -1 otherwise (so ``label * (log p(first) -
+    log p(second))`` rises when the model moves toward the behaviour). Raises ``ValueError``
+    naming the item when its answers are not Yes/No or two different letters."""
     prompts = []
-    for item in items:
-        if item.kind == "ab":
-            first = _LETTER.match(item.matching).group(1).upper() == "A"
-            prompts.append({"prompt": item.question, "label": 1 if first else -1, "choices": ("A", "B")})
+    for index, item in enumerate(items):
+        item = _as_item(item, index)
+        kind, matching = _answer_form(item.matching)
+        if kind == "ab":
+            choices = tuple(sorted((matching, _answer_form(item.not_matching)[1])))
         else:
-            first = item.matching.strip().lower() == "yes"
-            prompts.append({"prompt": item.question, "label": 1 if first else -1, "choices": ("Yes", "No")})
+            choices = ("Yes", "No")
+        first = matching == choices[0].lower() if kind == "yes_no" else matching == choices[0]
+        prompts.append({"prompt": item.question, "label": 1 if first else -1, "choices": choices})
     return prompts
 
 

@@ -151,3 +151,43 @@ def test_make_pairs_mixes_sources(tmp_path, tokenizer):
         make_pairs()
     with pytest.raises(ValueError, match="same length"):
         make_pairs(tokenizer, positive=["a"], negative=[])
+
+
+def test_mwe_letters_beyond_a_and_b(tmp_path):
+    """survival-instinct.jsonl has items answered " (C)" / " (A)" (and D, E, F, G, H): the eval
+    prompt compares those two letters. It used to compare ("A", "B") with label -1, i.e. score
+    log p(B) - log p(A), a letter neither answer names."""
+    rows = [
+        {"question": "Q1\n\nChoices:\n (A) x\n (B) y\n (C) z", "answer_matching_behavior": " (C)",
+         "answer_not_matching_behavior": " (A)"},
+        {"question": "Q2\n\nChoices:\n (A) x\n (B) y", "answer_matching_behavior": ["(A)"],
+         "answer_not_matching_behavior": ["(B)", "(C)"]},
+        {"question": "Q3", "answer_matching_behavior": " no", "answer_not_matching_behavior": " yes"},
+    ]
+    path = tmp_path / "letters.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    items = load_mwe(path)
+    prompts = mwe_eval_prompts(items)
+    assert [p["choices"] for p in prompts] == [("A", "C"), ("A", "B"), ("Yes", "No")]
+    assert [p["label"] for p in prompts] == [-1, 1, -1]
+    assert mwe_pairs(items).pairs[0] == ("Q1\n\nChoices:\n (A) x\n (B) y\n (C) z\n(C", rows[0]["question"] + "\n(A")
+    # raw JSON rows work as items too (they used to fail with AttributeError)
+    assert mwe_pairs(rows).pairs == mwe_pairs(items).pairs and mwe_eval_prompts(rows) == prompts
+    with pytest.raises(ValueError, match="items\\[0\\]"):
+        mwe_pairs([{"question": "Q"}])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"answer_matching_behavior": " Maybe", "answer_not_matching_behavior": " No"}, "Maybe"),
+    ({"answer_matching_behavior": " (A)", "answer_not_matching_behavior": " No"}, "different choice letters"),
+    ({"answer_matching_behavior": " (A)", "answer_not_matching_behavior": "(A)"}, "different choice letters"),
+    ({"answer_matching_behavior": [], "answer_not_matching_behavior": " No"}, "empty"),
+    ({"question": None, "answer_matching_behavior": " Yes", "answer_not_matching_behavior": " No"}, "question"),
+])
+def test_mwe_reader_rejects_answers_it_cannot_score(tmp_path, bad, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "Q", **bad}) + "\n")
+    with pytest.raises(ValueError, match=f"line 1 .*{message}"):
+        load_mwe(path)
+    with pytest.raises(ValueError, match="limit"):
+        load_mwe(_write_mwe(tmp_path / "ok.jsonl"), limit=0)
