@@ -185,10 +185,24 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def _coeffs_then_prompts(values: list[str], prompts: list[str]) -> tuple[list[float], list[str]]:
+    """``--coeff -2 0 2 "Tell me"`` hands argparse's ``--coeff`` the prompt too (it takes every
+    following word): the leading numbers are the coefficients, the words from the first
+    non-number on are prompts, after those given before ``--coeff``."""
+    count = 0
+    while count < len(values) and _is_number_list(values[count]):
+        count += 1
+    coeffs = _numbers(values[: max(count, 1)], "--coeff")
+    prompts = list(prompts) + list(values[count:])
+    if not prompts:
+        raise CLIError('give at least one PROMPT, e.g. steerkern generate --vector v.safetensors "Tell me about yourself."')
+    return coeffs, prompts
+
+
 def cmd_generate(args) -> int:
     from steerkern.eval import generate_rows
 
-    coeffs = _numbers(args.coeff, "--coeff")
+    coeffs, args.prompts = _coeffs_then_prompts(args.coeff, args.prompts)
     vector = _load_vector(args.vector)
     if args.max_new_tokens < 1:
         raise CLIError("--max-new-tokens must be >= 1")
@@ -205,10 +219,30 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _sweep_coeffs(values: list[str]) -> list[float]:
+    """``--coeffs`` checked as ``evaluate`` checks them (at least two, distinct, finite), before
+    any model is loaded."""
+    from steerkern.eval import _check_coeffs
+
+    return _check_coeffs(_numbers(values, "--coeffs"), "--coeffs")
+
+
+def _output_dir(path: str | None, flag: str) -> Path | None:
+    """``flag``'s directory, refused up front when it names an existing file (the report would
+    otherwise be computed and then not written)."""
+    if path is None:
+        return None
+    directory = Path(path).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise CLIError(f"{flag}: {path!r} is a file; give a directory to write table.md, report.json and plot.png into")
+    return directory
+
+
 def cmd_eval(args) -> int:
     from steerkern.eval import evaluate
 
-    coeffs = _numbers(args.coeffs, "--coeffs")
+    coeffs = _sweep_coeffs(args.coeffs)
+    out = _output_dir(args.out, "--out")
     vector = _load_vector(args.vector)
     prompts = None
     if args.prompts is not None:
@@ -230,8 +264,8 @@ def cmd_eval(args) -> int:
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       positions=args.positions, progress=True)
     print(report)
-    if args.out:
-        directory = report.save(args.out)
+    if out is not None:
+        directory = report.save(out)
         print(f"\nwrote {directory / 'table.md'}, {directory / 'report.json'}, {directory / 'plot.png'}")
     return 0
 
@@ -243,7 +277,8 @@ def cmd_demo(args) -> int:
 
     if args.concept not in list_concepts():
         raise CLIError(f"--concept: {args.concept!r} is not shipped; choose from {list_concepts()}")
-    coeffs = _numbers(args.coeffs, "--coeffs")
+    coeffs = _sweep_coeffs(args.coeffs)
+    out = _output_dir(args.out, "--out")
     model, tokenizer = _load_model(args)
     pairs = concept_pairs(args.concept, tokenizer, max_suffixes=args.max_suffixes, cuts=1)
     _log(f"extracting '{args.concept}' ({args.method}) from {len(pairs)} contrast pairs ...")
@@ -251,7 +286,6 @@ def cmd_demo(args) -> int:
     _log(f"sweeping coefficients {coeffs} in one batch ...")
     report = evaluate(model, tokenizer, vector, coeffs=coeffs, max_new_tokens=args.max_new_tokens,
                       gen_prompts=DEMO_PROMPTS[: args.samples], progress=True)
-    out = Path(args.out).expanduser()
     report.save(out)
     vector.save(out / f"{args.concept}.safetensors")
     print(report)
@@ -295,6 +329,37 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     pass
 
 
+def _is_number_list(text: str) -> bool:
+    """``"-2"``, ``"-1,1"``, ``"-1e3"``, ``"-.5"``: one number or a comma-separated list."""
+    pieces = [piece for piece in str(text).split(",") if piece.strip()]
+    try:
+        for piece in pieces:
+            float(piece)
+    except ValueError:
+        return False
+    return bool(pieces)
+
+
+class _NumberLists:
+    """What argparse asks (``parser._negative_number_matcher.match(arg)``) to tell a negative
+    value from a flag. Its own pattern knows only ``-2`` and ``-2.5``, so ``--coeffs -1,1`` or
+    ``--coeffs -1e3 0`` would end with "expected at least one argument"; this one accepts every
+    token that starts with "-" and reads as numbers (:func:`_is_number_list`)."""
+
+    @staticmethod
+    def match(text: str) -> bool:
+        return str(text).startswith("-") and _is_number_list(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` whose values may be negative numbers in any notation (``_NumberLists``);
+    the subcommands' parsers are of the same class."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NumberLists()
+
+
 def _model_flags(parser) -> None:
     parser.add_argument("--model", default=None,
                         help="Hugging Face model id or local directory (default: embedded SmolLM2-135M-Instruct)")
@@ -303,7 +368,7 @@ def _model_flags(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="steerkern", formatter_class=_Formatter,
         description="Activation steering for causal LMs: extract a steering vector, generate "
                     "with it, and measure what it does.",
@@ -338,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="generate with a steering vector at one or more coefficients",
                        description="Generate greedily from each prompt at every coefficient, all in "
                                    "one batch, and print the texts side by side.")
-    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="user prompt(s)")
+    p.add_argument("prompts", nargs="*", metavar="PROMPT",
+                   help="user prompt(s), before --coeff or after its numbers")
     p.add_argument("--vector", required=True, metavar="FILE", help=".safetensors or .gguf vector")
     p.add_argument("--coeff", nargs="+", default=["0", "2"], metavar="C",
                    help="coefficient(s); 0 is the unsteered model")

@@ -35,7 +35,8 @@ where the sets hold every single-token spelling of an answer ("Yes", " Yes", "ye
   answer, so ``score = log p(matching) - log p(not matching)``. Yes/No answers (" Yes"/" No")
   compare the yes/no variant sets. Letter answers (" (A)"/" (B)") are scored with the reply
   prefix ``"("`` rendered after the chat template, so the answer position predicts the letter,
-  and compare the letters' variants ("A", " A" vs "B", " B").
+  and compare the letters' variants ("A", " A" vs "B", " B"). Where an item lists several
+  answers (``[" (B)", " (C)"]``), each side pools every listed letter's variants.
 
 **Effect.** Each prompt's least-squares slope of score against coefficient; the effect is their
 mean with its standard error over prompts (paired by prompt; ``steerkern.eval_report``).
@@ -57,6 +58,7 @@ import contextlib
 import copy
 import inspect
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -149,6 +151,20 @@ def _answer_word(text) -> str:
     raise ValueError(f"answer {text!r} is neither Yes/No nor a choice letter like ' (A)'")
 
 
+def _answers(value, key: str) -> list[str]:
+    """An answer or a list of answers (some model-written-evals files list several) -> their
+    words in order without repeats: ``[" (B)", " (C)"]`` -> ``["B", "C"]``."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ValueError(f"{key!r} is an empty list: give the answer, e.g. ' (A)' or ' Yes'")
+    words = []
+    for v in values:
+        word = _answer_word(v)
+        if word not in words:
+            words.append(word)
+    return words
+
+
 def binary_items(tokenizer, prompts) -> list[BinaryItem]:
     """Turn ``prompts`` (``{"prompt", "label"}`` dicts or model-written-evals items) into
     :class:`BinaryItem` s. Raises ``ValueError`` naming the first bad entry."""
@@ -205,29 +221,26 @@ def _item(entry, variants) -> BinaryItem:
         question = entry["question"]
         if not isinstance(question, str) or not question.strip():
             raise ValueError("'question' must be a non-empty string")
-        matching = entry["answer_matching_behavior"]
-        if isinstance(matching, list):  # some model-written-evals files list several
-            matching = matching[0]
-        match = _answer_word(matching)
+        match = _answers(entry["answer_matching_behavior"], "answer_matching_behavior")
         other = entry.get("answer_not_matching_behavior")
-        if isinstance(other, list):
-            other = other[0]
-        if match in YES_NO:
-            not_match = "no" if match == "yes" else "yes"
-            if other is not None and _answer_word(other) != not_match:
-                raise ValueError(f"answers {matching!r} / {other!r} mix Yes/No with another form")
-            return BinaryItem(question, "", variants(match), variants(not_match),
-                              1 if match == "yes" else -1, "yes_no")
-        if other is None:
-            if match not in "AB":
+        not_match = None if other is None else _answers(other, "answer_not_matching_behavior")
+        shown = f"{entry['answer_matching_behavior']!r} / {other!r}"
+        if match[0] in YES_NO:
+            flip = "no" if match[0] == "yes" else "yes"
+            if len(match) > 1 or (not_match is not None and not_match != [flip]):
+                raise ValueError(f"answers {shown} mix Yes/No with another form")
+            return BinaryItem(question, "", variants(match[0]), variants(flip),
+                              1 if match[0] == "yes" else -1, "yes_no")
+        if not_match is None:
+            if len(match) != 1 or match[0] not in ("A", "B"):
                 raise ValueError("'answer_not_matching_behavior' is needed beyond A/B choices")
-            not_match = "B" if match == "A" else "A"
-        else:
-            not_match = _answer_word(other)
-        if not_match in YES_NO or not_match == match:
-            raise ValueError(f"answers {matching!r} / {other!r} are not two different letters")
-        return BinaryItem(question, "(", variants(match), variants(not_match),
-                          1 if match < not_match else -1, "letter")
+            not_match = ["B" if match[0] == "A" else "A"]
+        if any(w in YES_NO for w in match + not_match) or set(match) & set(not_match):
+            raise ValueError(f"answers {shown} are not different letters")
+        positive = tuple(sorted({t for w in match for t in variants(w)}))
+        negative = tuple(sorted({t for w in not_match for t in variants(w)}))
+        return BinaryItem(question, "(", positive, negative,
+                          1 if min(match) < min(not_match) else -1, "letter")
     raise ValueError("expected {'prompt': str, 'label': +1|-1} or a model-written-evals item "
                      "with 'question' and 'answer_matching_behavior'")
 
@@ -248,25 +261,37 @@ def render(tokenizer, text: str, prefix: str = "", *, answer: bool = True) -> st
 # --- batched model calls --------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _left_padding(tokenizer):
-    if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token: call steerkern.models.prepare_tokenizer"
-                         "(tokenizer) (load_model does this) before batched evaluation")
-    previous = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        yield
-    finally:
-        tokenizer.padding_side = previous
+def _pad_id(tokenizer) -> int:
+    """The id that pads rows: the tokenizer's pad token, else its EOS token (as
+    ``steerkern.capture`` pads), else 0. Padded positions are masked out of attention and out
+    of every score and NLL, so any id works; a tokenizer without a pad token (GPT-2's) needs
+    no preparation."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
 
 
 def _encode(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``input_ids`` and ``attention_mask`` ``[len(texts), T]`` on ``device``."""
+    """Left-padded ``input_ids`` and ``attention_mask`` ``[len(texts), T]`` on ``device``.
+
+    Padded here rather than by the tokenizer, so that neither its pad token nor its
+    ``padding_side`` matters and the tokenizer is never modified."""
     special = not getattr(tokenizer, "chat_template", None)  # the template writes its own
-    with _left_padding(tokenizer):
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special)
-    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    encoded = [list(map(int, seq)) for seq in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+    for text, seq in zip(texts, encoded):
+        if not seq:
+            raise ValueError(f"the tokenizer turns {text!r} into no tokens: give a prompt with some text")
+    width = max(len(seq) for seq in encoded)
+    ids = torch.full((len(encoded), width), _pad_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, seq in enumerate(encoded):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
 
 
 def _forward_logits(model, ids, mask, keep: int) -> torch.Tensor:
@@ -305,7 +330,7 @@ def _share(model, tokenizer, vectors, ids, mask, prompt_index, slots: list[int],
     def steer_prefix(rows: list[int]):
         return _steering(model, vectors, [slots[r] for r in rows], [coeffs[r] for r in rows], "all")
 
-    return shared_prefill(model, ids, mask, prompt_index, pad_id=tokenizer.pad_token_id,
+    return shared_prefill(model, ids, mask, prompt_index, pad_id=_pad_id(tokenizer),
                           groups=groups, steer_prefix=steer_prefix, extra_columns=extra_columns,
                           steer_rows=lambda: steer_prefix(list(range(len(slots)))),
                           unsteered_layers=lowest_steered_layer(vectors, slots))
@@ -414,7 +439,7 @@ def _greedy_config(model, tokenizer, max_new_tokens: int):
     config.max_new_tokens = max_new_tokens
     config.min_new_tokens = None
     config.max_length = None
-    config.pad_token_id = tokenizer.pad_token_id
+    config.pad_token_id = _pad_id(tokenizer)
     return config
 
 
@@ -482,7 +507,7 @@ def _sweep_sharing_first_token(model, tokenizer, vectors, ids, mask, prompt_inde
     if empty_model_cache(model, ids.shape[1] + config.max_new_tokens) is None:
         return None
     used, row_prompt = torch.unique(prompt_index, return_inverse=True)
-    shared = shared_prefill(model, ids, mask, used, pad_id=tokenizer.pad_token_id,
+    shared = shared_prefill(model, ids, mask, used, pad_id=_pad_id(tokenizer),
                             extra_columns=config.max_new_tokens)
     if shared is None:
         width = int(mask[used].sum(-1).max())
@@ -594,17 +619,20 @@ def generate_rows(model, tokenizer, vectors, prompts: list[str], arms, *, max_ne
 
 
 def _check_coeffs(coeffs, argument: str = "coeffs") -> list[float]:
-    if isinstance(coeffs, torch.Tensor):
+    """``coeffs`` (a sequence, tensor or numpy array of real numbers; numpy scalars welcome)
+    as a list of distinct finite floats, ``-0.0`` written as ``0.0`` (both are unsteered)."""
+    if isinstance(coeffs, (torch.Tensor, np.ndarray)):
         coeffs = coeffs.tolist()
     if isinstance(coeffs, (str, bytes)) or not isinstance(coeffs, Sequence):
         raise TypeError(f"{argument} must be a sequence of numbers, e.g. (-2, -1, 0, 1, 2)")
     values = []
     for c in coeffs:
-        if isinstance(c, bool) or not isinstance(c, (int, float)):
+        if isinstance(c, (bool, np.bool_)) or not isinstance(c, numbers.Real):
             raise TypeError(f"{argument} must hold numbers, got {c!r}")
+        c = float(c)
         if not math.isfinite(c):
             raise ValueError(f"{argument} holds {c!r}: give finite coefficients")
-        values.append(float(c))
+        values.append(c + 0.0)  # -0.0 + 0.0 == +0.0
     if len(set(values)) != len(values):
         raise ValueError(f"{argument}={values} repeats a coefficient: give each once")
     if len(values) < 2:
@@ -775,6 +803,9 @@ def compare(model, tokenizer, vectors: Mapping, *, coeffs=DEFAULT_COEFFS, prompt
     coeffs = _check_coeffs(coeffs)
     _check_common(max_new_tokens, batch_size, positions)
     names = [str(n) for n in vectors]
+    if len(set(names)) != len(names):
+        raise ValueError(f"vectors has names that are equal as text {names}: the report keys them by "
+                         "str(name), so give every vector a distinct name")
     bank = [_check_vector(model, v, f"vectors[{n!r}]") for n, v in vectors.items()]
     if prompts is None:
         concepts = {v.metadata.get("concept") for v in bank}

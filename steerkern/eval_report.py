@@ -354,12 +354,14 @@ def _plot(path, coeffs, reports: dict[str, EvalReport], title: str) -> Path:
     FigureCanvasAgg(figure)  # render with Agg, never touching pyplot's global backend
     score_ax, nll_ax = figure.subplots(1, 2)
     x = np.asarray(coeffs, dtype=np.float64)
+    coherence = False  # whether any report measured ΔNLL (max_new_tokens > 0)
     for name, report in reports.items():
         score_ax.errorbar(x, report.scores, yerr=np.nan_to_num(report.score_se), marker="o",
                           capsize=3, label=f"{name} (slope {_fmt(report.effect, report.effect_se, 2)})")
-        if np.isfinite(report.delta_nll).any():
+        if np.isfinite(np.asarray(report.delta_nll, dtype=np.float64)).any():
             nll_ax.errorbar(x, report.delta_nll, yerr=np.nan_to_num(report.delta_nll_se),
                             marker="o", capsize=3, label=name)
+            coherence = True
     score_ax.set(xlabel="steering coefficient", ylabel="score (nats)",
                  title="behaviour: log p(yes) - log p(no), oriented")
     nll_ax.set(xlabel="steering coefficient", ylabel="ΔNLL (nats / token)",
@@ -368,8 +370,11 @@ def _plot(path, coeffs, reports: dict[str, EvalReport], title: str) -> Path:
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.grid(alpha=0.3)
     score_ax.legend(fontsize=8)
-    if nll_ax.lines:
+    if coherence:
         nll_ax.legend(fontsize=8)
+    else:  # the zero line alone: say why the panel is empty
+        nll_ax.text(0.5, 0.5, "not measured (max_new_tokens=0)", transform=nll_ax.transAxes,
+                    ha="center", va="center", color="grey")
     figure.suptitle(_one_line(title, 110), fontsize=10)
     figure.tight_layout()
     path = Path(os.fspath(path))

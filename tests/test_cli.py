@@ -137,3 +137,69 @@ def test_cli_demo(tmp_path, capsys, use_default_model):
     assert {p.name for p in out_dir.iterdir()} == {"plot.png", "table.md", "report.json",
                                                    "sentiment.safetensors"}
     assert SteeringVector.load(out_dir / "sentiment.safetensors").metadata["concept"] == "sentiment"
+
+
+# --- argument forms and early checks (tiny model: no default model needed) -------------------
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch, tmp_path, tiny_model_factory):
+    """Model loads return a tiny llama and a raw word tokenizer; returns the path of a vector
+    for it and the list of load calls."""
+    import steerkern.models
+    from tests.test_eval import word_tokenizer
+
+    calls = []
+
+    def load_model(name=None, **kwargs):
+        calls.append(name)
+        return tiny_model_factory("llama"), word_tokenizer()
+
+    monkeypatch.setattr(steerkern.models, "load_model", load_model)
+    generator = torch.Generator().manual_seed(0)
+    vector = SteeringVector.from_directions({1: 4 * torch.randn(64, generator=generator)}, concept="x")
+    return vector.save(tmp_path / "tiny.safetensors"), calls
+
+
+def test_generate_takes_prompts_after_the_coefficients(tiny_cli, capsys):
+    """The README's form: ``--coeff -2 0 2 "prompt"`` (argparse gives --coeff every following
+    word; the numbers are coefficients, the rest prompts)."""
+    vector, _ = tiny_cli
+    assert main(["generate", "Hello", "--vector", str(vector), "--max-new-tokens", "1",
+                 "--coeff", "-2", "0,2", "Tell me about your weekend"]) == 0
+    out = capsys.readouterr().out
+    assert "== Hello" in out and "== Tell me about your weekend" in out
+    assert all(f"coeff {c}:" in out for c in ("-2", "+0", "+2"))
+    assert main(["generate", "--vector", str(vector), "--coeff", "1"]) == 2
+    assert "at least one PROMPT" in _error_line(capsys)
+
+
+def test_negative_coefficient_lists_are_values_not_flags(tiny_cli, tmp_path, capsys):
+    """``--coeffs -1,1`` and ``-1e0`` are numbers; argparse's own test reads them as flags."""
+    vector, _ = tiny_cli
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Are you happy ?", "label": 1}\n')
+    out_dir = tmp_path / "r"
+    assert main(["eval", "--vector", str(vector), "--prompts", str(prompts), "--coeffs", "-1e0,1",
+                 "-2", "--max-new-tokens", "0", "--out", str(out_dir)]) == 0
+    assert json.loads((out_dir / "report.json").read_text())["coeffs"] == [-1.0, 1.0, -2.0]
+    assert main(["eval", "--vector", str(vector), "--coeffs", "-h"]) == 2  # still a flag error
+    capsys.readouterr()
+
+
+def test_sweep_arguments_are_checked_before_the_model_loads(tiny_cli, tmp_path, capsys):
+    """A sweep with one coefficient or an --out that is a file fails at once, not after loading
+    the model (and, for demo, extracting a vector and sweeping it)."""
+    vector, calls = tiny_cli
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    for argv, message in [
+        (["eval", "--vector", str(vector), "--coeffs", "1"], "--coeffs"),
+        (["eval", "--vector", str(vector), "--coeffs", "1", "1.0"], "repeats"),
+        (["eval", "--vector", str(vector), "--out", str(a_file)], "is a file"),
+        (["demo", "--coeffs", "2"], "--coeffs"),
+        (["demo", "--out", str(a_file)], "is a file"),
+    ]:
+        assert main(argv) == 2, argv
+        assert message in _error_line(capsys)
+    assert calls == []

@@ -127,6 +127,25 @@ def test_report_nan_is_json_null_and_comparison_saves(tmp_path):
     assert ComparisonReport.load(directory).names == ["happy", "sad"]
 
 
+def test_report_without_generations_or_standard_errors_saves_cleanly(tmp_path):
+    """max_new_tokens=0 (ΔNLL all NaN) and one prompt (NaN standard errors): the table says
+    n/a, the JSON round-trips the NaNs as null, and the plot is drawn without warnings (the
+    empty ΔNLL panel once asked for a legend of nothing)."""
+    import warnings
+
+    report = _synthetic_report()
+    report.delta_nll = report.delta_nll_se = report.nll = [float("nan")] * 3
+    report.effect_se, report.score_se = float("nan"), [float("nan")] * 3
+    report.samples, report.gen_prompts = {}, []
+    assert "n/a" in str(report) and "±" not in str(report)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        directory = report.save(tmp_path / "a" / "b")
+    back = EvalReport.load(directory)
+    assert math.isnan(back.effect_se) and all(math.isnan(v) for v in back.delta_nll)
+    _check_png(directory / "plot.png")
+
+
 def test_report_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         EvalReport.load(tmp_path)
@@ -493,3 +512,86 @@ def test_evaluate_shared_prefill_with_micro_batches(default_model, direction):
     np.testing.assert_allclose(shared.prompt_scores, plain.prompt_scores, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(shared.nll, plain.nll, rtol=1e-4, atol=1e-4)
     assert shared.samples == plain.samples
+
+
+# --- inputs a user brings: raw tokenizers, numpy coefficients, answer lists -----------------
+
+WORDS = ("Yes No yes no YES NO A B C ( ) ? . , : ! Answer Choices Are you happy sad Tell me "
+         "about your weekend Hello Pick x y z I like cats").split()
+
+
+def word_tokenizer(padding_side="right"):
+    """A Hugging Face fast tokenizer over a few words (ids < 128, for the tiny models), as a raw
+    GPT-2 one comes: no pad token, no chat template, right padding. " Yes" and "Yes" are one
+    token ("Yes"); unknown words are ``<unk>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", padding_side=padding_side)
+
+
+TINY_PROMPTS = [{"prompt": "Are you happy ?", "label": 1}, {"prompt": "I like cats", "label": -1},
+                {"question": "Pick\n (A) x\n (B) y", "answer_matching_behavior": " (A)",
+                 "answer_not_matching_behavior": " (B)"}]
+
+
+def test_evaluate_with_a_tokenizer_without_pad_token(tiny_model_factory):
+    """A raw GPT-2-style tokenizer (no pad token, no chat template, right padding) is padded
+    with its EOS id, as extraction does; it is not modified, and the scores and NLL are those of
+    a prepared tokenizer (pad token set, left padding)."""
+    from steerkern.models import prepare_tokenizer
+
+    model = tiny_model_factory("gpt2")
+    vector = SteeringVector.from_directions({1: torch.randn(64, generator=torch.Generator().manual_seed(0))})
+    raw = word_tokenizer("right")
+    kwargs = dict(coeffs=(0.0, 4.0), prompts=TINY_PROMPTS[1:], max_new_tokens=2,
+                  gen_prompts=["Tell me about your weekend"])
+    report = evaluate(model, raw, vector, **kwargs)
+    assert raw.pad_token is None and raw.padding_side == "right"
+    prepared = evaluate(model, prepare_tokenizer(word_tokenizer("right")), vector, **kwargs)
+    np.testing.assert_allclose(report.prompt_scores, prepared.prompt_scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(report.nll, prepared.nll, rtol=1e-5, atol=1e-5)
+    assert report.samples == prepared.samples and report.effect != 0.0
+
+
+def test_coeffs_from_numpy_and_negative_zero():
+    """Coefficients from ``np.linspace`` / numpy scalars are numbers; ``-0.0`` is the unsteered
+    coefficient and is written as ``0``."""
+    from steerkern.eval import _check_coeffs
+
+    assert _check_coeffs(np.linspace(-2, 2, 5)) == [-2.0, -1.0, 0.0, 1.0, 2.0]
+    assert _check_coeffs([np.int64(-1), np.float32(0.5), 2]) == [-1.0, 0.5, 2.0]
+    values = _check_coeffs([-0.0, 1.0])
+    assert values == [0.0, 1.0] and math.copysign(1.0, values[0]) == 1.0
+    with pytest.raises(TypeError, match="numbers"):
+        _check_coeffs([np.bool_(True), 1.0])
+    with pytest.raises(ValueError, match="repeats"):
+        _check_coeffs(np.array([0.0, -0.0]))
+
+
+def test_binary_items_answer_lists():
+    """An answer given as a list pools every listed letter; an empty list is a clear error."""
+    tokenizer = word_tokenizer()
+    letter = {w: tokenizer.convert_tokens_to_ids(w) for w in "ABC"}
+    item, = binary_items(tokenizer, [{"question": "Pick\n (A) x\n (B) y\n (C) z",
+                                      "answer_matching_behavior": [" (B)"],
+                                      "answer_not_matching_behavior": [" (A)", " (C)"]}])
+    assert item.kind == "letter" and item.positive == (letter["B"],)
+    assert set(item.negative) == {letter["A"], letter["C"]} and item.label == -1
+    with pytest.raises(ValueError, match=r"prompts\[0\].*empty list"):
+        binary_items(tokenizer, [{"question": "q?", "answer_matching_behavior": [],
+                                  "answer_not_matching_behavior": " (B)"}])
+
+
+def test_compare_refuses_names_equal_as_text(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    vector = SteeringVector.from_directions({1: torch.ones(64)})
+    with pytest.raises(ValueError, match="distinct name"):
+        compare(model, word_tokenizer(), {1: vector, "1": -vector}, prompts=TINY_PROMPTS)
