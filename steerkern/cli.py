@@ -430,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--mwe", metavar="FILE", help="model-written-evals JSONL (Yes/No or A/B)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sample (0: skip ΔNLL)")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: all)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per forward pass (default: all rows in one, split only where memory asks)")
     p.add_argument("--positions", default="all", choices=("all", "prompt", "generated"))
     p.add_argument("--out", metavar="DIR", default=None, help="write table.md, report.json, plot.png here")
     _model_flags(p)

@@ -3,8 +3,9 @@ coherence as ΔNLL, calibration of the coefficient, and side-by-side comparison.
 
 **One batch per sweep.** Sweeping P prompts over C coefficients is one batch of ``C * P`` rows:
 row ``(j, p)`` is prompt ``p`` with its own coefficient ``c_j`` (and, in :func:`compare`, its
-own vector slot), through ``steer(model, vectors, slots=..., coeff=...)``. ``batch_size`` only
-caps the rows per forward pass when memory asks for it.
+own vector slot), through ``steer(model, vectors, slots=..., coeff=...)``. A batch too big for
+memory (a whole model-written-evals file) is split into as few equal passes as fit
+(``steerkern.memory``); ``batch_size`` sets the rows per pass by hand.
 
 **Shared prefill.** The rows of a sweep repeat work: every chat-rendered prompt starts with
 the same template tokens, and when only generated tokens (or, when scoring, only the answer
@@ -78,6 +79,7 @@ from steerkern.kvcache import (
     positions_from_mask,
     select_rows,
 )
+from steerkern.memory import rows_per_pass
 from steerkern.models import input_device
 from steerkern.prefill import SharedPrompt, forward_rest, shared_prefill
 from steerkern.trunk import lowest_steered_layer
@@ -336,9 +338,12 @@ def _share(model, tokenizer, vectors, ids, mask, prompt_index, slots: list[int],
                           unsteered_layers=lowest_steered_layer(vectors, slots))
 
 
-def _chunks(total: int, batch_size: int | None):
-    step = total if not batch_size else batch_size
-    for start in range(0, total, max(step, 1)):
+def _chunks(model, total: int, batch_size: int | None, tokens: int, keep: int = 1):
+    """``(start, stop)`` of each pass over ``total`` rows of ``tokens`` tokens: ``batch_size``
+    rows at a time, or with ``None`` as few equal passes as fit memory (all rows in one for
+    typical sweeps; ``steerkern.memory``)."""
+    step = rows_per_pass(model, total, tokens, keep, batch_size)
+    for start in range(0, total, step):
         yield start, min(start + step, total)
 
 
@@ -376,7 +381,7 @@ def score_rows(model, tokenizer, vectors, items: list[BinaryItem], arms, *, batc
     rows = [(a, p) for a in range(len(arms)) for p in range(count)]
     scores = np.empty((len(arms), count), dtype=np.float64)
     with _bar(len(rows), "scoring", progress) as bar:
-        for start, stop in _chunks(len(rows), batch_size):
+        for start, stop in _chunks(model, len(rows), batch_size, ids.shape[1]):
             chunk = rows[start:stop]
             prompt_index = torch.tensor([p for _, p in chunk], device=ids.device)
             slots, coeffs = [arms[a][0] for a, _ in chunk], [arms[a][1] for a, _ in chunk]
@@ -584,7 +589,8 @@ def generate_rows(model, tokenizer, vectors, prompts: list[str], arms, *, max_ne
     config = _greedy_config(model, tokenizer, max_new_tokens)
     texts = [[""] * count for _ in arms]
     nll = np.empty((len(arms), count), dtype=np.float64)
-    for start, stop in _chunks(len(rows), batch_size):
+    for start, stop in _chunks(model, len(rows), batch_size, ids.shape[1] + max_new_tokens,
+                               keep=max_new_tokens + 1):
         chunk = rows[start:stop]
         index = torch.tensor([g for _, g in chunk], device=device)
         slots, coeffs = [arms[a][0] for a, _ in chunk], [arms[a][1] for a, _ in chunk]
@@ -740,8 +746,10 @@ def evaluate(model, tokenizer, vector, *, coeffs=DEFAULT_COEFFS, prompts=None, m
             ``metadata["concept"]`` (``steerkern.data.concept_eval_prompts``).
         max_new_tokens: tokens generated per (generation prompt, coefficient) for ΔNLL and the
             samples; 0 skips generation.
-        batch_size: most rows per forward pass / generate call (default: all ``C * P`` scoring
-            rows in one batch, all ``(C + 1) * G`` generation rows in another).
+        batch_size: most rows per forward pass / generate call (default ``None``: all ``C * P``
+            scoring rows in one batch, all ``(C + 1) * G`` generation rows in another, split
+            into equal passes only where the estimated memory would pass half the free memory,
+            ``steerkern.memory``).
         gen_prompts: ``[G]`` open-ended prompts for coherence (default ``DEFAULT_GEN_PROMPTS``).
         positions: "all", "prompt" or "generated" (as in ``steer``); when scoring, "generated"
             steers only the answer position.
