@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import numbers
 import os
 import shutil
 import tempfile
@@ -371,8 +372,9 @@ def default_layers(model: nn.Module) -> list[int]:
 def check_layer(model: nn.Module, layer: int, argument: str = "layer") -> int:
     """Return ``layer`` as a non-negative index, or raise naming ``argument``."""
     n = num_layers(model)
-    if isinstance(layer, bool) or not isinstance(layer, int):
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
         raise TypeError(f"{argument} must be an int layer index, got {layer!r}")
+    layer = int(layer)  # numpy integers too
     if not -n <= layer < n:
         raise ValueError(f"{argument}={layer} is out of range: the model has {n} layers (0..{n - 1})")
     return layer % n

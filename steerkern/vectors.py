@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import struct
 from dataclasses import dataclass
@@ -328,8 +329,16 @@ class SteeringVector:
         shared["method"] = "arithmetic"
         return SteeringVector(parts, shared)
 
+    def __radd__(self, other):
+        """``0 + v`` is ``v``, so that ``sum([a, b, c])`` works."""
+        if isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0:
+            self._require_additive("+")
+            return SteeringVector(dict(self.parts), dict(self.metadata))
+        return NotImplemented
+
     def __mul__(self, scalar):
-        if isinstance(scalar, bool) or not isinstance(scalar, (int, float)):
+        scalar = _scalar(scalar)
+        if scalar is None:
             return NotImplemented
         if not math.isfinite(scalar):
             raise ValueError(f"cannot scale a steering vector by {scalar}: the factor must be finite")
@@ -340,7 +349,8 @@ class SteeringVector:
     __rmul__ = __mul__
 
     def __truediv__(self, scalar):
-        if isinstance(scalar, bool) or not isinstance(scalar, (int, float)):
+        scalar = _scalar(scalar)
+        if scalar is None:
             return NotImplemented
         if scalar == 0:
             raise ValueError("cannot divide a steering vector by 0")
@@ -523,3 +533,14 @@ class SteeringVector:
         meta.pop("targets", None)
         meta.update(metadata)
         return cls({(layer, RESIDUAL): SteeringPart(bias=v) for layer, v in directions.items()}, meta)
+
+
+def _scalar(value) -> float | None:
+    """A real number (python, numpy, or a one-element tensor) as a float; ``None`` otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.numel() == 1 and not value.dtype.is_complex else None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None

@@ -595,3 +595,18 @@ def test_compare_refuses_names_equal_as_text(tiny_model_factory):
     vector = SteeringVector.from_directions({1: torch.ones(64)})
     with pytest.raises(ValueError, match="distinct name"):
         compare(model, word_tokenizer(), {1: vector, "1": -vector}, prompts=TINY_PROMPTS)
+
+
+def test_greedy_config_drops_a_checkpoints_min_length(tiny_model_factory):
+    """A checkpoint's ``generation_config.min_length`` would keep rows generating past their EOS
+    (generate masks EOS until the length is reached); sweeps stop at the first EOS."""
+    from steerkern.eval import _greedy_config
+
+    model = tiny_model_factory("llama")
+    saved = model.generation_config.min_length
+    model.generation_config.min_length = 40
+    try:
+        config = _greedy_config(model, word_tokenizer(), 5)
+    finally:
+        model.generation_config.min_length = saved
+    assert config.min_length == 0 and config.max_new_tokens == 5 and not config.do_sample

@@ -9,6 +9,7 @@ import torch
 from steerkern import models
 from steerkern.models import (
     ModelLoadError,
+    check_layer,
     decoder_layers,
     default_layers,
     hidden_size,
@@ -61,6 +62,10 @@ def test_bad_layer_and_target_are_named(tiny_model_factory):
         resolve_module(model, 1, "mlp.nope")
     with pytest.raises(TypeError, match="layer must be an int"):
         resolve_module(model, "1")
+    import numpy as np
+
+    assert resolve_module(model, np.int64(1)) is resolve_module(model, 1)  # numpy indices
+    assert check_layer(model, np.int32(-1)) == 3
 
 
 def test_unknown_architecture_gets_an_override():

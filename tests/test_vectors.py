@@ -77,6 +77,27 @@ def test_arithmetic_on_additive_vectors():
     torch.testing.assert_close((a / 2).parts[(2, "residual")].bias, 0.5 * a.parts[(2, "residual")].bias)
 
 
+def test_arithmetic_with_numpy_and_tensor_scalars_and_sum():
+    """Factors from numpy or a one-element tensor scale like floats; ``sum`` of vectors starts
+    from 0."""
+    import numpy as np
+
+    a, b = additive(0), additive(1, layers=(3, 4))
+    bias = a.parts[(2, "residual")].bias
+    for factor in (np.float32(2.0), np.int64(2), torch.tensor(2.0), torch.tensor([2.0])):
+        torch.testing.assert_close((a * factor).parts[(2, "residual")].bias, 2 * bias)
+        torch.testing.assert_close((factor * a).parts[(2, "residual")].bias, 2 * bias)
+    torch.testing.assert_close((a / torch.tensor(4.0)).parts[(2, "residual")].bias, bias / 4)
+    total = sum([a, b])
+    assert total.layers == (a + b).layers
+    for key in total.parts:
+        torch.testing.assert_close(total.parts[key].bias, (a + b).parts[key].bias)
+    with pytest.raises(TypeError):
+        a * torch.ones(2)  # not a scalar
+    with pytest.raises(ValueError, match="additive vectors only"):
+        sum([lowrank()])
+
+
 def test_arithmetic_rejects_incompatible_vectors():
     with pytest.raises(ValueError, match="additive vectors only"):
         additive() + lowrank()
