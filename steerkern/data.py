@@ -305,16 +305,27 @@ def answer_text(answer: str) -> str:
     return f"({letter.group(1)}" if letter else answer.strip()
 
 
+# What opens the answer after a question when the tokenizer has no chat template (a base model),
+# in extraction (``mwe_pairs``) and in evaluation (``steerkern.eval.render``) alike.
+ANSWER_CUE = "Answer:"
+
+
 def mwe_pairs(items: list[MWEItem], tokenizer=None, *, system: str | None = None,
               concept: str | None = None) -> PairSet:
     """CAA contrast pairs: ``render(question) + matching answer`` vs ``render(question) +
-    non-matching answer``, each ending at its answer token."""
+    non-matching answer``, each ending at its answer token.
+
+    With a chat template the answer opens the assistant turn; without one (a base model, or no
+    tokenizer) it follows ``"question\nAnswer: "``, the context ``steerkern.eval`` scores the
+    same items in, so that a vector is read where it will be evaluated."""
     if not items:
         raise ValueError("items is empty: give at least one model-written-evals item")
     pairs = []
     for index, item in enumerate(items):
         item = _as_item(item, index)
         head = render_prompt(tokenizer, item.question, system=system)
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            head += ANSWER_CUE + " "
         pairs.append((head + answer_text(item.matching), head + answer_text(item.not_matching)))
     return PairSet(pairs, concept, "mwe")
 

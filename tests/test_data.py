@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from steerkern.data import (
+    MWEItem,
     PairSet,
     answer_text,
     as_pairs,
@@ -170,7 +171,8 @@ def test_mwe_letters_beyond_a_and_b(tmp_path):
     prompts = mwe_eval_prompts(items)
     assert [p["choices"] for p in prompts] == [("A", "C"), ("A", "B"), ("Yes", "No")]
     assert [p["label"] for p in prompts] == [-1, 1, -1]
-    assert mwe_pairs(items).pairs[0] == ("Q1\n\nChoices:\n (A) x\n (B) y\n (C) z\n(C", rows[0]["question"] + "\n(A")
+    assert mwe_pairs(items).pairs[0] == ("Q1\n\nChoices:\n (A) x\n (B) y\n (C) z\nAnswer: (C",
+                                         rows[0]["question"] + "\nAnswer: (A")
     # raw JSON rows work as items too (they used to fail with AttributeError)
     assert mwe_pairs(rows).pairs == mwe_pairs(items).pairs and mwe_eval_prompts(rows) == prompts
     with pytest.raises(ValueError, match="items\\[0\\]"):
@@ -191,3 +193,16 @@ def test_mwe_reader_rejects_answers_it_cannot_score(tmp_path, bad, message):
         load_mwe(path)
     with pytest.raises(ValueError, match="limit"):
         load_mwe(_write_mwe(tmp_path / "ok.jsonl"), limit=0)
+
+
+def test_mwe_pairs_without_a_chat_template_read_where_eval_scores():
+    """A base model (no chat template): the contrast text is the evaluation's input followed by
+    the answer, so the vector is read in the context it is evaluated in."""
+    from steerkern.eval import render
+
+    items = [MWEItem("Is the sky blue?", " Yes", " No"),
+             MWEItem("Pick one\n (A) x\n (B) y", " (B)", " (A)")]
+    pairs = mwe_pairs(items)
+    assert pairs[0] == (render(None, "Is the sky blue?") + " Yes", render(None, "Is the sky blue?") + " No")
+    question = items[1].question
+    assert pairs[1] == (render(None, question, "(") + "B", render(None, question, "(") + "A")
