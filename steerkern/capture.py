@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from steerkern.kvcache import cache_argument, empty_model_cache, filled_layers, positions_from_mask
-from steerkern.models import RESIDUAL, input_device, resolve_module
+from steerkern.models import RESIDUAL, check_layer, input_device, resolve_module
 from steerkern.prefix_tree import (
     build_prefix_tree,
     pack_by_length,
@@ -30,15 +30,61 @@ class _StopForward(Exception):
 # --- tokens and positions ---------------------------------------------------------------------
 
 
+def _check_texts(texts) -> list[str]:
+    """``texts`` as a non-empty list of strings, or a clear error (a bare string would otherwise
+    be read one character per text)."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, got a single str: wrap it as [text]")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts is empty: give at least one text to capture")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
+    return texts
+
+
 def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids per text; special tokens are added unless the text already starts with the BOS
-    string (a rendered chat template does)."""
+    string (a rendered chat template does). A text with no tokens (an empty string, with a
+    tokenizer that adds no BOS) has no state to read: a ``ValueError`` names it."""
     bos = getattr(tokenizer, "bos_token", None)
     ids = []
-    for text in texts:
+    for i, text in enumerate(texts):
         special = not (bos and text.startswith(bos))
-        ids.append(list(tokenizer(text, add_special_tokens=special)["input_ids"]))
+        seq = list(tokenizer(text, add_special_tokens=special)["input_ids"])
+        if not seq:
+            raise ValueError(f"texts[{i}]={text!r:.40} has no tokens: give non-empty texts")
+        ids.append(seq)
     return ids
+
+
+def _check_reads(ids: list[list[int]], last_n_tokens) -> int:
+    """``last_n_tokens`` as an int ``1 <= n <= len(shortest text)``, or a clear error."""
+    if isinstance(last_n_tokens, bool) or not isinstance(last_n_tokens, int) or last_n_tokens < 1:
+        raise ValueError(f"last_n_tokens must be a positive int, got {last_n_tokens!r}")
+    shortest = min(range(len(ids)), key=lambda i: len(ids[i]))
+    if len(ids[shortest]) < last_n_tokens:
+        raise ValueError(f"last_n_tokens={last_n_tokens} but texts[{shortest}] has only "
+                         f"{len(ids[shortest])} tokens: lower last_n_tokens")
+    return last_n_tokens
+
+
+def _check_batch_size(batch_size) -> int:
+    """``batch_size`` (rows per forward pass) as a positive int, or a clear error."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return batch_size
+
+
+def _layer_indices(model, layers) -> dict:
+    """``{layer as given: non-negative index}`` for an int or a non-empty list of layer indices
+    (negative ones count from the last layer)."""
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if not isinstance(layers, (list, tuple, range)) or len(layers) == 0:
+        raise ValueError(f"layers must be an int or a non-empty list of ints, got {layers!r}")
+    return {layer: check_layer(model, layer, "layers") for layer in layers}
 
 
 def _pad(seqs: list[list[int]], pad_id: int, side: str):
@@ -229,9 +275,11 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
             inputs=False, progress=True, desc="capture", share_prefixes=True):
     """Activations at the last ``last_n_tokens`` non-pad positions of each text.
 
-    Returns ``{layer: Tensor [n_texts, last_n_tokens, D]}`` (fp32, CPU), and with
+    Returns ``{layer: Tensor [n_texts, last_n_tokens, D]}`` (fp32, CPU), keyed by the layers
+    as given (an int or a list; negative indices count from the last layer), and with
     ``inputs=True`` also the module inputs ``{layer: [n_texts, last_n_tokens, D_in]}``.
     Only the requested modules are hooked; the forward pass stops after the deepest one.
+    ``texts`` is a list of strings, each with at least ``last_n_tokens`` tokens.
 
     With ``share_prefixes`` (default), token prefixes shared by several texts (the chat
     template and persona turn of persona pairs, the question of a CAA pair, a suffix cut at
@@ -242,14 +290,13 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
     padded length, quantised or recurrent caches).
     ``batch_size`` bounds the rows of every forward pass either way.
     """
-    if not texts:
-        raise ValueError("texts is empty: give at least one text to capture")
+    texts = _check_texts(texts)
+    given = _layer_indices(model, layers)
+    batch_size = _check_batch_size(batch_size)
     ids = _tokenize(tokenizer, texts)
-    shortest = min(len(seq) for seq in ids)
-    if shortest < last_n_tokens:
-        raise ValueError(f"last_n_tokens={last_n_tokens} but a text has only {shortest} tokens: "
-                         "lower last_n_tokens")
-    deepest = max(layers)
+    last_n_tokens = _check_reads(ids, last_n_tokens)
+    layers = sorted(set(given.values()))
+    deepest = layers[-1]  # compared after normalising: layers=[1, -1] must run to the last layer
     reads = _Reads(len(texts), last_n_tokens)
     outs, ins = {}, {}
 
@@ -262,10 +309,12 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
                 raise _StopForward
         return hook
 
+    modules = [resolve_module(model, layer, target) for layer in layers]  # may raise: hook nothing yet
     plan = _prefix_plan(model, ids, last_n_tokens) if share_prefixes else None
-    handles = [resolve_module(model, layer, target).register_forward_hook(make_hook(layer), with_kwargs=True)
-               for layer in layers]
+    handles = []
     try:
+        for layer, module in zip(layers, modules):
+            handles.append(module.register_forward_hook(make_hook(layer), with_kwargs=True))
         with torch.inference_mode():
             if plan is None:
                 _plain_passes(model, tokenizer, ids, last_n_tokens, batch_size, reads, progress, desc)
@@ -275,8 +324,9 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
     finally:
         for handle in handles:
             handle.remove()
+    outs = {layer: outs[index] for layer, index in given.items()}
     if inputs:
-        return outs, ins
+        return outs, {layer: ins[index] for layer, index in given.items()}
     return outs
 
 
@@ -286,8 +336,22 @@ def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=R
     ``last_n_tokens`` positions at the read-out layer ``L'``) with respect to a bias added to
     the steered module's output at every position of layer ``L`` — ``J_{L->L'}^T d`` summed
     over positions. One backward pass per batch for all layers; no Jacobian is built and no
-    parameter gradient is accumulated."""
-    runner = _Runner(model, tokenizer, _tokenize(tokenizer, texts), batch_size, progress, "grad")
+    parameter gradient is accumulated.
+
+    Each hooked module's output ``h`` is held and the model continues with a copy of it, so the
+    held tensor is exactly the module's output even where the model then updates it in place
+    (Falcon adds the attention output into its MLP output with ``+=``); at the shallowest layer
+    ``h`` is a fresh leaf, so nothing below it is differentiated. Runs with autograd on even
+    inside ``torch.no_grad()`` or ``torch.inference_mode()``."""
+    texts = _check_texts(texts)
+    batch_size = _check_batch_size(batch_size)
+    ids = _tokenize(tokenizer, texts)
+    last_n_tokens = _check_reads(ids, last_n_tokens)
+    if any(p.is_inference() for p in model.parameters()):
+        raise ValueError("method='grad' differentiates through the model, but its weights are "
+                         "inference tensors (created under torch.inference_mode()): load the model "
+                         "outside inference_mode")
+    runner = _Runner(model, tokenizer, ids, batch_size, progress, "grad")
     shallowest = min(layers)
     grads = {layer: [None] * len(texts) for layer in layers}
     held = {}
@@ -296,27 +360,29 @@ def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=R
         def hook(module, args, kwargs, output):
             out = _main_tensor(output)
             if layer == shallowest:
-                leaf = out.detach().requires_grad_(True)
-                held[layer] = leaf
-                if isinstance(output, tuple):
-                    return (leaf,) + tuple(output[1:])
-                if isinstance(output, list):
-                    return [leaf] + list(output[1:])
-                return leaf
+                out = out.detach().requires_grad_(True)
             held[layer] = out
-            return None
+            copy = out.clone()  # in-place updates downstream act on the copy, not on ``held``
+            if isinstance(output, tuple):
+                return (copy,) + tuple(output[1:])
+            if isinstance(output, list):
+                return [copy] + list(output[1:])
+            return copy
         return hook
 
     def readout_hook(module, args, kwargs, output):
         held["readout"] = _main_tensor(output)
         raise _StopForward
 
-    handles = [resolve_module(model, layer, target).register_forward_hook(make_hook(layer), with_kwargs=True)
-               for layer in layers]
-    handles.append(resolve_module(model, readout_layer, RESIDUAL).register_forward_hook(
-        readout_hook, with_kwargs=True))
+    modules = [resolve_module(model, layer, target) for layer in layers]  # may raise: hook nothing yet
+    readout = resolve_module(model, readout_layer, RESIDUAL)
+    handles = []
     try:
-        with torch.enable_grad():
+        for layer, module in zip(layers, modules):
+            handles.append(module.register_forward_hook(make_hook(layer), with_kwargs=True))
+        handles.append(readout.register_forward_hook(readout_hook, with_kwargs=True))
+        with torch.inference_mode(False), torch.enable_grad():
+            d = d.detach().clone()  # an inference tensor cannot be saved for backward
             for batch, ids, mask, positions in runner:
                 held.clear()
                 runner.forward(ids, mask, positions)

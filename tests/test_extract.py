@@ -366,6 +366,127 @@ def test_grad_matches_explicit_bias_gradient(tiny_model_factory):
     assert fisher.metadata["fisher_lambda"] == 0.5
 
 
+def _bias_gradients(model, tok, texts, layer, target, readout, d, n):
+    """Reference for ``vjp_gradients``: per text, d(sum of d·h_readout over the last n tokens) /
+    d(bias added to the output of ``target`` at ``layer``), one text at a time."""
+    grads = []
+    for text in texts:
+        bias = torch.zeros(d.shape[0], requires_grad=True)
+        top = {}
+
+        def add(module, args, output, bias=bias):
+            if isinstance(output, tuple):
+                return (output[0] + bias,) + tuple(output[1:])
+            return output + bias
+
+        def read(module, args, output, top=top):
+            top["h"] = output[0] if isinstance(output, tuple) else output
+
+        handles = [resolve_module(model, layer, target).register_forward_hook(add),
+                   resolve_module(model, readout, "residual").register_forward_hook(read)]
+        try:
+            model(torch.tensor([tok(text)["input_ids"]]))
+        finally:
+            for handle in handles:
+                handle.remove()
+        (grad,) = torch.autograd.grad((top["h"][0, -n:] @ d).sum(), bias)
+        grads.append(grad)
+    return torch.stack(grads)
+
+
+def test_grad_through_a_module_the_model_updates_in_place():
+    """Falcon adds the attention output into its MLP output in place (``mlp_output +=``): the
+    VJP must not hand the model a leaf tensor there, and must differentiate the module's own
+    output."""
+    from steerkern.capture import vjp_gradients
+    from tests.test_more_architectures import build
+
+    model = build("falcon")
+    texts = ["hello world", "hi", "a longer text than the others"]
+    d = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    got = vjp_gradients(model, CharTokenizer(), texts, [1, 2], 3, d, target="mlp.down_proj",
+                        last_n_tokens=2, batch_size=3, progress=False)
+    for layer in (1, 2):
+        want = _bias_gradients(model, CharTokenizer(), texts, layer, "mlp.down_proj", 3, d, 2)
+        torch.testing.assert_close(got[layer], want, rtol=1e-4, atol=1e-5)
+
+
+def test_grad_inside_inference_mode(tiny_model_factory):
+    """extract(method='grad') under torch.inference_mode() gives the same vector as outside it;
+    a model whose weights are inference tensors is a clear error."""
+    model = tiny_model_factory("llama")
+    options = dict(layers=[1], method="grad", readout_layer=3, progress=False)
+    want = extract(model, CharTokenizer(), PAIRS, **options).parts[(1, "residual")].bias
+    with torch.inference_mode():
+        got = extract(model, CharTokenizer(), PAIRS, **options).parts[(1, "residual")].bias
+    torch.testing.assert_close(got, want)
+    from tests.tiny_models import build_tiny_model
+
+    with torch.inference_mode():
+        frozen = build_tiny_model("llama")
+    with pytest.raises(ValueError, match="inference tensors"):
+        extract(frozen, CharTokenizer(), PAIRS, **options)
+
+
+class _NoBosTokenizer(CharTokenizer):
+    """Adds no special tokens: an empty string has no tokens."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return super().__call__(text, add_special_tokens=False)
+
+
+def test_capture_checks_texts_layers_and_sizes(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    tok = CharTokenizer()
+    with pytest.raises(TypeError, match="single str"):  # not one text per character
+        capture(model, tok, "hello", [1], progress=False)
+    with pytest.raises(TypeError, match=r"texts\[1\] must be a str"):
+        capture(model, tok, ["hello", None], [1], progress=False)
+    with pytest.raises(ValueError, match=r"texts\[1\]='' has no tokens"):
+        capture(model, _NoBosTokenizer(), ["hello", ""], [1], progress=False)
+    with pytest.raises(ValueError, match=r"last_n_tokens=3 but texts\[1\] has only 2 tokens"):
+        capture(model, tok, ["hello", "h"], [1], last_n_tokens=3, progress=False)
+    for bad in (dict(last_n_tokens=0), dict(batch_size=0), dict(batch_size=0, share_prefixes=False)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive int"):
+            capture(model, tok, ["hello", "hello there"], [1], progress=False, **bad)
+    with pytest.raises(ValueError, match="layers must be"):
+        capture(model, tok, ["hello"], [], progress=False)
+    # a negative index names a deeper layer than it compares as: the pass must reach it
+    texts = [t for pair in PAIRS for t in pair]
+    want = capture(model, tok, texts, [1, 3], last_n_tokens=2, progress=False)
+    for share in (True, False):
+        got = capture(model, tok, texts, [1, -1], last_n_tokens=2, progress=False, share_prefixes=share)
+        assert sorted(got) == [-1, 1]
+        torch.testing.assert_close(got[-1], want[3])
+        torch.testing.assert_close(got[1], want[1])
+    assert sorted(capture(model, tok, texts, 2, progress=False)) == [2]
+
+
+def test_a_target_missing_from_one_layer_leaves_no_hooks():
+    """Qwen2-MoE with ``mlp_only_layers=[0]``: only layer 0 has ``mlp.down_proj``. Asking for
+    layers 0 and 1 is an error, and the hook already placed on layer 0 must not stay behind
+    (it would break every later forward pass)."""
+    import transformers
+
+    from steerkern.capture import vjp_gradients
+    from tests.hooks import steerkern_hook_count
+    from tests.tiny_models import COMMON
+
+    config = transformers.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=48, shared_expert_intermediate_size=48,
+                                         mlp_only_layers=[0])
+    model = transformers.Qwen2MoeForCausalLM(config).eval()
+    tok = CharTokenizer()
+    with pytest.raises(ValueError, match="not a sub-module of layer 1"):
+        capture(model, tok, ["hello there"], [0, 1], target="mlp.down_proj", progress=False)
+    with pytest.raises(ValueError, match="not a sub-module of layer 1"):
+        vjp_gradients(model, tok, ["hello there"], [0, 1], 2, torch.ones(64),
+                      target="mlp.down_proj", progress=False)
+    assert steerkern_hook_count(model) == 0
+    with torch.no_grad():
+        model(torch.tensor([tok("hello")["input_ids"]]))
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 
