@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -61,8 +62,10 @@ def _layers(text: str | None) -> list[int] | None:
         piece = piece.strip()
         try:
             if "-" in piece[1:]:
-                start, stop = piece.split("-", 1)
-                layers.extend(range(int(start), int(stop) + 1))
+                start, stop = (int(end) for end in piece.split("-", 1))
+                if start > stop:
+                    raise CLIError(f"--layers: {piece!r} is an empty range: write it low-high, e.g. {stop}-{start}")
+                layers.extend(range(start, stop + 1))
             else:
                 layers.append(int(piece))
         except ValueError:
@@ -143,14 +146,45 @@ def _load_model(args):
         raise CLIError(f"--model: {error}") from None
 
 
-def _save_vector(vector, output: str) -> Path:
+def _check_writable(path: Path, flag: str, shown: str) -> None:
+    """Refuse, before any model is loaded, a ``path`` that cannot be created: an ancestor that
+    is a file, or a nearest existing directory that does not take new files."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CLIError(f"{flag}: cannot write {shown!r}: {str(ancestor)!r} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as error:
+        raise CLIError(f"{flag}: cannot write {shown!r}: {str(ancestor)!r} does not take new files "
+                       f"({error.strerror or error}); choose another location") from None
+
+
+def _output_file(output: str) -> Path:
+    """``-o/--output``, checked before any model is loaded: a .safetensors or .gguf name that
+    is not a directory, in a place that can be written (missing directories are created)."""
     path = Path(output).expanduser()
-    if path.suffix.lower() == ".gguf":
-        vector.to_gguf(path)
-    elif path.suffix.lower() == ".safetensors":
-        vector.save(path)
-    else:
+    if path.suffix.lower() not in (".safetensors", ".gguf"):
         raise CLIError(f"-o/--output: {output!r} must end in .safetensors or .gguf")
+    if path.is_dir():
+        raise CLIError(f"-o/--output: {output!r} is a directory; give a file name ending in .safetensors or .gguf")
+    _check_writable(path, "-o/--output", output)
+    return path
+
+
+def _save_vector(vector, output: str) -> Path:
+    from safetensors import SafetensorError
+
+    path = _output_file(output)
+    try:
+        if path.suffix.lower() == ".gguf":
+            vector.to_gguf(path)
+        else:
+            vector.save(path)
+    except (OSError, SafetensorError) as error:
+        raise CLIError(f"-o/--output: cannot write {output!r}: {' '.join(str(error).split())}") from None
     return path
 
 
@@ -161,8 +195,7 @@ def cmd_extract(args) -> int:
     from steerkern.data import concept_pairs, list_concepts, load_mwe, mwe_pairs
     from steerkern.extract import extract
 
-    if Path(args.output).suffix.lower() not in (".safetensors", ".gguf"):
-        raise CLIError(f"-o/--output: {args.output!r} must end in .safetensors or .gguf")
+    _output_file(args.output)
     if args.concept is not None and args.concept not in list_concepts():
         raise CLIError(f"--concept: {args.concept!r} is not shipped; choose from {list_concepts()}")
     layers = _layers(args.layers)
@@ -228,13 +261,14 @@ def _sweep_coeffs(values: list[str]) -> list[float]:
 
 
 def _output_dir(path: str | None, flag: str) -> Path | None:
-    """``flag``'s directory, refused up front when it names an existing file (the report would
-    otherwise be computed and then not written)."""
+    """``flag``'s directory, refused up front when it names an existing file or cannot be
+    created (the report would otherwise be computed and then not written)."""
     if path is None:
         return None
     directory = Path(path).expanduser()
     if directory.exists() and not directory.is_dir():
         raise CLIError(f"{flag}: {path!r} is a file; give a directory to write table.md, report.json and plot.png into")
+    _check_writable(directory / "report.json", flag, path)
     return directory
 
 
@@ -325,8 +359,21 @@ def side_by_side(prompts, coeffs, texts, width: int | None = None) -> str:
 # --- parser ---------------------------------------------------------------------------------
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs wrapped to the terminal line by line (their own line breaks
+    kept); every option's help ends with its default, unless the default is ``None`` (the help
+    then says what happens) or the help already states it."""
+
+    def _fill_text(self, text, width, indent):
+        return "\n".join(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         if line.strip() else "" for line in text.splitlines())
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or "default" in help or action.required:
+            return help
+        default = " ".join(action.default) if isinstance(action.default, list) else "%(default)s"
+        return f"{help} (default: {default})" if help else f"default: {default}"
 
 
 def _is_number_list(text: str) -> bool:
@@ -362,7 +409,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_flags(parser) -> None:
     parser.add_argument("--model", default=None,
-                        help="Hugging Face model id or local directory (default: embedded SmolLM2-135M-Instruct)")
+                        help="Hugging Face model id, or local directory with config.json, weights and "
+                             "tokenizer (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="weights dtype (default: the checkpoint's; float32 for the default model)")
 
@@ -383,8 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="extract a steering vector from contrast pairs",
                        description="Extract a steering vector from contrast pairs and write it as "
                                    ".safetensors (steerkern's format) or .gguf (llama.cpp control vector).",
-                       epilog="Pairs files: JSONL lines {\"chosen\": ..., \"rejected\": ...} or a JSON "
-                              "list of [chosen, rejected]. Extraction reads each text's last token.")
+                       epilog="Pairs files: JSONL lines {\"chosen\": ..., \"rejected\": ...} (or "
+                              "\"positive\"/\"negative\"), or a JSON list of such objects or of [chosen, "
+                              "rejected] lists (also under a \"pairs\" key). Extraction reads each "
+                              "text's last token.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--concept", help="a shipped concept (sentiment, honesty, formality, ...)")
     source.add_argument("--pairs", metavar="FILE", help="contrast pairs, .jsonl or .json")
@@ -392,9 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="mean_diff", choices=EXTRACT_METHODS, help="extraction method")
     p.add_argument("--layers", default=None, help="layers like 10-14 or 8,10,12 (default: a middle band)")
     p.add_argument("--rank", type=int, default=1, help="rank for lowrank / weight_svd")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many pairs / items")
-    p.add_argument("--max-suffixes", type=int, default=None, help="--concept: neutral suffixes to use")
-    p.add_argument("--name", default=None, help="concept name recorded in the vector's metadata")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many pairs / items (default: all)")
+    p.add_argument("--max-suffixes", type=int, default=None,
+                   help="--concept: neutral suffixes per persona pair (default: all)")
+    p.add_argument("--name", default=None,
+                   help="concept name recorded in the vector's metadata (default: the --concept, or the --mwe file's name)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="out.safetensors or out.gguf")
     _model_flags(p)
     p.set_defaults(run=cmd_extract)
@@ -408,8 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vector", required=True, metavar="FILE", help=".safetensors or .gguf vector")
     p.add_argument("--coeff", nargs="+", default=["0", "2"], metavar="C",
                    help="coefficient(s); 0 is the unsteered model")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--positions", default="all", choices=("all", "prompt", "generated"))
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate per text")
+    p.add_argument("--positions", default="all", choices=("all", "prompt", "generated"),
+                   help="tokens steered: all, only the prompt's, or only the generated ones")
     _model_flags(p)
     p.set_defaults(run=cmd_generate)
 
@@ -424,16 +477,18 @@ def build_parser() -> argparse.ArgumentParser:
                               "shipped concept prompts are used.")
     p.add_argument("--vector", required=True, metavar="FILE", help=".safetensors or .gguf vector")
     p.add_argument("--coeffs", nargs="+", default=["-2", "-1", "0", "1", "2"], metavar="C",
-                   help="coefficients to sweep (e.g. --coeffs -2 -1 0 1 2)")
+                   help="coefficients to sweep, space- or comma-separated")
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompts", metavar="FILE", help="labelled binary-choice prompts (.json/.jsonl)")
     prompts.add_argument("--mwe", metavar="FILE", help="model-written-evals JSONL (Yes/No or A/B)")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many prompts (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sample (0: skip ΔNLL)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows per forward pass (default: all rows in one, split only where memory asks)")
-    p.add_argument("--positions", default="all", choices=("all", "prompt", "generated"))
-    p.add_argument("--out", metavar="DIR", default=None, help="write table.md, report.json, plot.png here")
+    p.add_argument("--positions", default="all", choices=("all", "prompt", "generated"),
+                   help="tokens steered: all, only the prompt's, or only the generated ones")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="write table.md, report.json, plot.png here (default: print only)")
     _model_flags(p)
     p.set_defaults(run=cmd_eval)
 
@@ -443,9 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sweep coefficients in one batch, print the table, write the plot, "
                                    "and show steered generations side by side.")
     p.add_argument("--concept", default="sentiment", help="shipped concept")
-    p.add_argument("--method", default="mean_diff", choices=EXTRACT_METHODS)
-    p.add_argument("--coeffs", nargs="+", default=["-2", "-1", "0", "1", "2"], metavar="C")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--method", default="mean_diff", choices=EXTRACT_METHODS, help="extraction method")
+    p.add_argument("--coeffs", nargs="+", default=["-2", "-1", "0", "1", "2"], metavar="C",
+                   help="coefficients to sweep")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per generated sample")
     p.add_argument("--samples", type=int, default=3, help="generation prompts (1-4)")
     p.add_argument("--max-suffixes", type=int, default=8, help="neutral suffixes per persona pair")
     p.add_argument("--out", default="steerkern-demo", metavar="DIR", help="output directory")

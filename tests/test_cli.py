@@ -1,6 +1,8 @@
 """The ``steerkern`` command, run in-process through ``main([...])``."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +205,85 @@ def test_sweep_arguments_are_checked_before_the_model_loads(tiny_cli, tmp_path, 
         assert main(argv) == 2, argv
         assert message in _error_line(capsys)
     assert calls == []
+
+
+def test_output_locations_are_checked_before_the_model_loads(tiny_cli, tmp_path, capsys):
+    """An -o/--out under a file, in a place that takes no files, or a reversed --layers range
+    fails at once with one line naming the flag, not after the model is loaded and the vector
+    extracted (and a reversed range inside a list is not silently dropped)."""
+    vector, calls = tiny_cli
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    (tmp_path / "dir.safetensors").mkdir()
+    cases = [
+        (["extract", "--concept", "sentiment", "-o", str(a_file / "v.safetensors")], "-o/--output: cannot write"),
+        (["extract", "--concept", "sentiment", "-o", str(tmp_path / "dir.safetensors")], "is a directory"),
+        (["extract", "--concept", "sentiment", "--layers", "0,3-1", "-o", str(tmp_path / "v.gguf")],
+         "'3-1' is an empty range"),
+        (["eval", "--vector", str(vector), "--out", str(a_file / "report")], "--out: cannot write"),
+        (["demo", "--out", str(a_file / "demo")], "--out: cannot write"),
+    ]
+    if Path("/proc/self").is_dir():  # Linux: a directory that takes no new files
+        cases.append((["extract", "--concept", "sentiment", "-o", "/proc/v.safetensors"], "does not take new files"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in _error_line(capsys), argv
+    assert calls == []
+
+
+def test_a_failed_vector_write_is_one_line(tiny_cli, tmp_path, capsys, monkeypatch):
+    """A write that fails after extraction (disk full, a file system that refuses it) ends with
+    exit status 2 and a line naming -o, not a safetensors traceback."""
+    from safetensors import SafetensorError
+
+    def refuse(self, path):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device")
+
+    monkeypatch.setattr(SteeringVector, "save", refuse)
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text('[["I like cats", "I hate cats"]]')
+    assert main(["extract", "--pairs", str(pairs), "--layers", "1", "-o", str(tmp_path / "v.safetensors")]) == 2
+    assert "-o/--output: cannot write" in _error_line(capsys)
+
+
+def test_cli_on_own_checkpoint_directory(tmp_path, capsys):
+    """--model DIR, loaded for real: a tiny GPT-2 with a raw word tokenizer (no chat template)
+    extracts into a directory that does not exist yet (.gguf), generates and evaluates from it;
+    a directory without tokenizer files is refused at load with the fix, not as "has no
+    tokens" from inside extraction."""
+    from tests.test_models import save_checkpoint
+
+    model_dir = save_checkpoint(tmp_path / "my-gpt2")
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps({"pairs": [{"positive": "I like cats", "negative": "I hate cats"},
+                                           ["Are you happy ?", "Are you sad ?"]]}))
+    gguf = tmp_path / "new" / "dir" / "v.gguf"
+    assert main(["extract", "--model", str(model_dir), "--pairs", str(pairs), "--layers", "1-2",
+                 "-o", str(gguf)]) == 0
+    assert SteeringVector.from_gguf(gguf).layers == [1, 2]
+    assert main(["generate", "--model", str(model_dir), "--vector", str(gguf), "--coeff", "0", "2",
+                 "--max-new-tokens", "2", "I like cats"]) == 0
+    assert "coeff +2:" in capsys.readouterr().out
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Are you happy ?", "label": 1}\n')
+    assert main(["eval", "--model", str(model_dir), "--vector", str(gguf), "--prompts", str(prompts),
+                 "--coeffs", "-1", "1", "--max-new-tokens", "0", "--dtype", "bfloat16"]) == 0
+    assert "| coeff |" in capsys.readouterr().out
+
+    bare = save_checkpoint(tmp_path / "no-tokenizer", tokenizer=False)
+    assert main(["extract", "--model", str(bare), "--pairs", str(pairs), "-o", str(tmp_path / "w.safetensors")]) == 2
+    assert "tokenizer.save_pretrained" in _error_line(capsys)
+
+
+def test_help_states_each_default_once(capsys):
+    """Options' help shows a real default once: never "(default: None)", never a second
+    "(default: ...)" after one the help already gives; options with a default show it."""
+    for command in ("extract", "generate", "eval", "demo"):
+        assert main([command, "--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text, command
+        assert not re.search(r"\(default: [^)]*\) \(default:", text), command
+    assert main(["demo", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "coefficients to sweep (default: -2 -1 0 1 2)" in text
+    assert "tokens per generated sample (default: 32)" in text
