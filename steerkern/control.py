@@ -13,21 +13,24 @@ slots once per forward pass: pad tokens (``attention_mask == 0``) and tokens out
 ``positions`` get slot -1 and are left bitwise untouched. Nothing is copied from the host and
 nothing synchronises with it inside the hooks.
 
-Positions under the KV cache: the first forward pass with an empty cache is the prompt; its
-length ``P`` is remembered, and a token at absolute position ``p`` is *prompt* when ``p < P``
-and *generated* otherwise. A pass of several tokens on top of a non-empty cache is more prompt
-(``P`` grows to its end): generate's chunked prefill (``prefill_chunk_size``), or a
-conversation continued from the cache of an earlier ``generate`` (``past_key_values=``); only
-assisted decoding's draft checks (``logits_to_keep`` equal to the pass length) count as
-generated. A last prefill chunk of a single token looks like a decode step and counts as
-generated: pick a ``prefill_chunk_size`` that leaves at least two tokens to the last chunk, or
-pass an explicit positions mask. Generation that expands rows (``num_return_sequences``, beams)
-repeats each row's slot and coefficient for its copies, as ``generate`` orders them.
+Positions: a token at absolute position ``p`` is *prompt* when ``p < P`` and *generated*
+otherwise. Inside ``model.generate`` (wrapped while a bank with positions "prompt"/"generated"
+is attached) ``P`` is the length of the ``input_ids`` (or ``inputs_embeds``) it was given, so
+chunked prefill (``prefill_chunk_size``), a conversation continued from an earlier call's cache
+(``past_key_values=``, the whole conversation as ``input_ids``) and assisted decoding's drafts
+are told apart exactly. Outside ``generate`` (direct forward calls) ``P`` is read from the
+passes: a pass with an empty cache is the prompt; a pass of several tokens on top of a
+non-empty cache is more prompt (``P`` grows to its end) unless it asks for the logits of every
+token (``logits_to_keep`` equal to its length: a draft check); a pass without a cache that
+repeats the last one plus one token is a decode step (models that re-run the whole sequence).
+Generation that expands rows (``num_return_sequences``, beams) repeats each row's slot and
+coefficient for its copies, as ``generate`` orders them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import numbers
 import weakref
@@ -127,6 +130,7 @@ class SteeringBank:
         self._token_shape: tuple[int, int] | None = None
         self._handles: list = []
         self._positional = _positional_names(model)
+        self._generate_prompt: int | None = None  # P of the generate call under way
 
     # --- building ------------------------------------------------------------------------------
 
@@ -245,11 +249,14 @@ class SteeringBank:
                 self._handles.append(
                     site.module.register_forward_hook(self._site_hook(site), with_kwargs=True)
                 )
+            if self.positions in ("prompt", "generated"):
+                _track_generate(self.model, self)
         except BaseException:
             self.detach()
             raise
 
     def detach(self) -> None:
+        _untrack_generate(self.model, self)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -283,6 +290,8 @@ class SteeringBank:
                 # more prompt on top of the cache: a prefill chunk, or a continued conversation
                 self._prompt_len = past + length
             self._last_length = length
+            if self._generate_prompt is not None:  # inside generate: its input is the prompt
+                self._prompt_len = self._generate_prompt
             steer_here = self._positions_steered(batch, past, length, tokens.device)
         if mask is not None:
             valid = mask[:, -length:].to(torch.bool)
@@ -438,6 +447,58 @@ def _cache_of(kwargs):
     """The cache object a forward call was given (``None`` without one)."""
     return next((kwargs[k] for k in ("cache", "past_key_values", "cache_params")
                  if kwargs.get(k) is not None), None)
+
+
+_MISSING = object()
+_GENERATE = "_steerkern_generate"  # (banks, replaced instance attribute) while any is attached
+
+
+def _track_generate(model: nn.Module, bank: SteeringBank) -> None:
+    """While ``bank`` is attached, ``model.generate`` tells it the prompt length ``P`` of each
+    call (the length of its ``input_ids`` / ``inputs_embeds``). One wrapper per model, an
+    instance attribute over the class's method, serves every attached bank; it is removed when
+    the last one detaches, in whatever order they detach."""
+    state = model.__dict__.get(_GENERATE)
+    if state is None:
+        inner = getattr(model, "generate", None)
+        if inner is None:
+            return
+        banks: list = []
+
+        @functools.wraps(inner)
+        def generate(*args, **kwargs):
+            prompt = kwargs.get("inputs_embeds")
+            if prompt is None:
+                prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+            length = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
+            outer = [b._generate_prompt for b in banks]
+            for b in banks:
+                b._generate_prompt = length
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                for b, value in zip(banks, outer):
+                    b._generate_prompt = value
+
+        state = (banks, model.__dict__.get("generate", _MISSING))
+        object.__setattr__(model, _GENERATE, state)
+        object.__setattr__(model, "generate", generate)
+    state[0].append(bank)
+
+
+def _untrack_generate(model: nn.Module, bank: SteeringBank) -> None:
+    state = model.__dict__.get(_GENERATE)
+    if state is None or not any(b is bank for b in state[0]):
+        return
+    banks, replaced = state
+    banks[:] = [b for b in banks if b is not bank]
+    bank._generate_prompt = None
+    if not banks:
+        del model.__dict__[_GENERATE]
+        if replaced is _MISSING:
+            model.__dict__.pop("generate", None)
+        else:
+            object.__setattr__(model, "generate", replaced)
 
 
 def _checks_drafts(kwargs, length: int) -> bool:

@@ -573,3 +573,60 @@ def test_positions_when_a_conversation_continues_without_a_cache(tiny_model_fact
         plain = model.generate(turn, **run)
     assert torch.equal(second.scores[0], plain.scores[0])
     assert not torch.equal(second.scores[1], plain.scores[1])
+
+
+def test_positions_inside_generate_follow_its_prompt_length(tiny_model_factory):
+    """Inside ``generate`` the prompt is what it was given: a chunked prefill whose last chunk
+    is one token (11 tokens in chunks of 5) is all prompt, and assisted decoding's draft tokens
+    (prompt lookup) are generated, exactly as an explicit positions mask says."""
+    from transformers import GenerationConfig
+
+    model = tiny_model_factory("llama")
+    vector = random_vector(model, [1, 2], 0, scale=4.0)
+    ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(7))
+    if hasattr(GenerationConfig(), "prefill_chunk_size"):
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), prefill_chunk_size=5)
+        plain = _first_scores(model, None, None, **kwargs)
+        assert torch.equal(_first_scores(model, vector, "generated", **kwargs), plain)
+        torch.testing.assert_close(_first_scores(model, vector, "prompt", **kwargs),
+                                   _first_scores(model, vector, "all", **kwargs))
+    # prompt lookup drafts from a repeated prompt; the main model checks them in one pass
+    repeated = torch.cat([ids[:1, :5]] * 3, dim=1)
+    run = dict(input_ids=repeated, attention_mask=torch.ones_like(repeated), max_new_tokens=8,
+               do_sample=False, pad_token_id=0, eos_token_id=None, prompt_lookup_num_tokens=3)
+    width = repeated.shape[1]
+    for positions in ("generated", "prompt"):
+        mask = torch.zeros(1, width + 8, dtype=torch.bool)
+        if positions == "generated":
+            mask[:, width:] = True
+        else:
+            mask[:, :width] = True
+        with torch.no_grad():
+            with steer(model, vector, positions=positions):
+                by_name = model.generate(**run)
+            with steer(model, vector, positions=mask):
+                by_mask = model.generate(**run)
+        assert torch.equal(by_name, by_mask), positions
+
+
+def test_generate_is_restored_whatever_order_banks_detach_in(tiny_model_factory):
+    from steerkern.control import SteeringBank
+
+    model = tiny_model_factory("gpt2")
+    assert "generate" not in model.__dict__
+    vector = random_vector(model, [1], 0)
+    outer = SteeringBank(model, [vector], positions="generated")
+    inner = SteeringBank(model, [vector], positions="prompt")
+    outer.attach()
+    inner.attach()
+    outer.detach()  # out of order
+    assert "generate" in model.__dict__  # inner still attached
+    inner.detach()
+    assert "generate" not in model.__dict__ and steerkern_hook_count(model) == 0
+    with steer(model, vector, positions="generated"):
+        raise_inside = pytest.raises(RuntimeError, match="boom")
+        with raise_inside:
+            with steer(model, vector, positions="prompt"):
+                raise RuntimeError("boom")
+        assert "generate" in model.__dict__
+    assert "generate" not in model.__dict__ and steerkern_hook_count(model) == 0
