@@ -445,7 +445,8 @@ def _greedy_config(model, tokenizer, max_new_tokens: int):
             setattr(config, name, None)
     config.max_new_tokens = max_new_tokens
     config.min_new_tokens = None
-    config.min_length = 0  # a checkpoint's min_length would hold rows past their EOS
+    if config.min_length:  # a checkpoint's min_length would hold rows past their EOS
+        config.min_length = 0
     config.max_length = None
     config.pad_token_id = _pad_id(tokenizer)
     return config
