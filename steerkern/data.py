@@ -110,12 +110,25 @@ def as_pairs(pairs, argument: str = "pairs") -> PairSet:
 # --- rendering -------------------------------------------------------------------------------
 
 
-def render_prompt(tokenizer, user: str, *, system: str | None = None) -> str:
+# What opens the answer after a question when the tokenizer has no chat template (a base model),
+# in extraction (``mwe_pairs``) and in evaluation (``steerkern.eval.render``) alike.
+ANSWER_CUE = "Answer:"
+
+
+def render_prompt(tokenizer, user: str, *, system: str | None = None, answer_cue: bool = False) -> str:
     """The text of a chat whose user turn is ``user`` with the assistant turn opened (nothing
-    after it), through ``tokenizer.apply_chat_template``; plain ``user + "\\n"`` when the
-    tokenizer is None or has no chat template."""
+    after it), through ``tokenizer.apply_chat_template``. Without a chat template (the tokenizer
+    is None or has none): plain ``user + "\\n"``, or with ``answer_cue`` the base-model context
+    that opens an answer, ``user + "\\nAnswer:"`` (:data:`ANSWER_CUE`; ``user`` alone, right
+    spaces cut, when it already ends with the cue, as many model-written-evals questions do).
+    ``system`` goes first, followed by a blank line."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        return (f"{system}\n\n" if system else "") + user + "\n"
+        head = f"{system}\n\n" if system else ""
+        if not answer_cue:
+            return head + user + "\n"
+        if user.rstrip().endswith(ANSWER_CUE):
+            return head + user.rstrip()
+        return head + f"{user}\n{ANSWER_CUE}"
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": user}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -219,11 +232,14 @@ class MWEItem:
 
 
 def load_mwe(path, *, limit: int | None = None) -> list[MWEItem]:
-    """Read a model-written-evals JSONL file (persona Yes/No statements or A/B questions).
+    """Read model-written-evals items (persona Yes/No statements or A/B questions).
 
-    Each line needs ``question``, ``answer_matching_behavior`` and
-    ``answer_not_matching_behavior``. Raises ``FileNotFoundError`` / ``ValueError`` naming the
-    path and the line.
+    The file is JSONL, one item per line, as in Anthropic's evals repository, or one JSON array
+    of items, as in CAA's ``datasets/*/*.json`` (UTF-8, a byte-order mark allowed). Each item
+    needs ``question``, ``answer_matching_behavior`` and ``answer_not_matching_behavior``
+    (``" Yes"`` / ``" No"``, ``" (A)"`` / ``"(B)"`` / ``" (C)"`` ..., or lists of those: the first
+    is read). Raises ``FileNotFoundError`` / ``ValueError`` naming the path and the line (JSONL)
+    or item (array).
     """
     path = Path(os.fspath(path))
     if not path.is_file():
@@ -231,25 +247,43 @@ def load_mwe(path, *, limit: int | None = None) -> list[MWEItem]:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     items = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                item = MWEItem(row["question"], _first(row["answer_matching_behavior"]),
-                               _first(row["answer_not_matching_behavior"])).check()
-            except (ValueError, KeyError, TypeError, IndexError) as error:
-                raise ValueError(
-                    f"{str(path)!r} line {number} is not a model-written-evals item (needs "
-                    f"question, answer_matching_behavior, answer_not_matching_behavior): {error}"
-                ) from None
-            items.append(item)
-            if limit is not None and len(items) >= limit:
-                break
+    for where, parse in _json_records(path):
+        try:
+            row = parse()
+            item = MWEItem(row["question"], _first(row["answer_matching_behavior"]),
+                           _first(row["answer_not_matching_behavior"])).check()
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            raise ValueError(
+                f"{str(path)!r} {where} is not a model-written-evals item (needs "
+                f"question, answer_matching_behavior, answer_not_matching_behavior): {error}"
+            ) from None
+        items.append(item)
+        if limit is not None and len(items) >= limit:
+            break
     if not items:
         raise ValueError(f"{str(path)!r} holds no items")
     return items
+
+
+def _json_records(path: Path):
+    """``(where, parse)`` per record of a JSONL file (``where = "line N"``, blank lines skipped)
+    or of a file holding one JSON array (``where = "item N"``); ``parse()`` decodes the record,
+    so that a bad line is reported with its number. Raises ``ValueError`` naming ``path`` for
+    text that is not UTF-8 or an array that is not valid JSON."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: drop a byte-order mark
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text ({error}): save it as UTF-8") from None
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"{str(path)!r} starts a JSON array but is not valid JSON: {error}") from None
+        return [(f"item {number}", lambda row=row: row) for number, row in enumerate(rows, 1)]
+    # split("\n"), not splitlines(): a JSON string may hold U+2028, U+0085, ... raw, and
+    # splitlines() would break the line there
+    return [(f"line {number}", lambda line=line: json.loads(line))
+            for number, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
 def _as_item(entry, index: int) -> MWEItem:
@@ -305,27 +339,23 @@ def answer_text(answer: str) -> str:
     return f"({letter.group(1)}" if letter else answer.strip()
 
 
-# What opens the answer after a question when the tokenizer has no chat template (a base model),
-# in extraction (``mwe_pairs``) and in evaluation (``steerkern.eval.render``) alike.
-ANSWER_CUE = "Answer:"
-
-
 def mwe_pairs(items: list[MWEItem], tokenizer=None, *, system: str | None = None,
               concept: str | None = None) -> PairSet:
     """CAA contrast pairs: ``render(question) + matching answer`` vs ``render(question) +
     non-matching answer``, each ending at its answer token.
 
     With a chat template the answer opens the assistant turn; without one (a base model, or no
-    tokenizer) it follows ``"question\nAnswer: "``, the context ``steerkern.eval`` scores the
-    same items in, so that a vector is read where it will be evaluated."""
+    tokenizer) it follows ``"question\nAnswer: "`` (``render_prompt(..., answer_cue=True)``), the
+    context ``steerkern.eval`` scores the same items in, so that a vector is read where it will
+    be evaluated."""
     if not items:
         raise ValueError("items is empty: give at least one model-written-evals item")
     pairs = []
     for index, item in enumerate(items):
         item = _as_item(item, index)
-        head = render_prompt(tokenizer, item.question, system=system)
+        head = render_prompt(tokenizer, item.question, system=system, answer_cue=True)
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            head += ANSWER_CUE + " "
+            head += " "
         pairs.append((head + answer_text(item.matching), head + answer_text(item.not_matching)))
     return PairSet(pairs, concept, "mwe")
 

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from steerkern.data import ANSWER_CUE
+from steerkern.data import render_prompt
 from steerkern.eval_report import (
     ComparisonReport,
     EvalReport,
@@ -251,15 +251,13 @@ def _item(entry, variants) -> BinaryItem:
 def render(tokenizer, text: str, prefix: str = "", *, answer: bool = True) -> str:
     """The model input for ``text``: the chat template's user turn and the assistant's turn
     opened (plus ``prefix``). Without a chat template: ``"{text}\\nAnswer:"`` (+ ``" " + prefix``)
-    when ``answer`` (``steerkern.data.ANSWER_CUE``, as ``mwe_pairs`` extracts), else
-    ``"{text}\\n"``."""
+    when ``answer`` (``steerkern.data.render_prompt(..., answer_cue=True)``, the context
+    ``mwe_pairs`` extracts in), else ``"{text}\\n"``."""
     if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-        return rendered + prefix
+        return render_prompt(tokenizer, text) + prefix
     if not answer:
-        return f"{text}\n"
-    return f"{text}\n{ANSWER_CUE}" + (f" {prefix}" if prefix else "")
+        return render_prompt(tokenizer, text)
+    return render_prompt(tokenizer, text, answer_cue=True) + (f" {prefix}" if prefix else "")
 
 
 # --- batched model calls --------------------------------------------------------------------

@@ -17,12 +17,23 @@ Formats:
 - interop: the GGUF ``controlvector`` format read and written by llama.cpp, repeng and EasySteer:
   ``general.architecture = "controlvector"``, ``controlvector.model_hint`` (the model type, e.g.
   ``"llama"``), ``controlvector.layer_count`` (the number of direction tensors, as repeng writes
-  it), and one F32 tensor ``direction.<N>`` of shape ``[hidden]`` per layer. llama.cpp adds
-  ``direction.N`` to the output of its decoder layer ``N`` (0-based: ``build_cvec(cur, il)`` at
-  the end of layer ``il`` reads ``tensors[il]``, loaded from ``direction.il``) and rejects
-  ``direction.0``; repeng writes ``direction.<i>`` for the output of ``model.layers[i]``. So
-  ``direction.N`` is steerkern's residual part at layer ``N``; layer 0 cannot be exported.
-  Only additive residual parts fit this format.
+  it), and one F32 tensor ``direction.<N>`` of shape ``[hidden]`` per layer. Every tool puts
+  ``direction.N`` on the output of decoder layer ``N`` (0-based), which is steerkern's residual
+  part at layer ``N``:
+
+  - llama.cpp adds it at the end of layer ``il = N`` (``build_cvec(cur, il)`` reads
+    ``tensors[il]``, loaded from ``direction.il``). Its loader refuses a file holding
+    ``direction.0``, any tensor not named ``direction.N``, a non-F32 tensor or one of more than
+    one dimension (trailing size-1 dimensions allowed), and sums files given together.
+  - repeng writes ``direction.<i>`` for the output of ``model.layers[i]`` (read from
+    ``hidden_states[i + 1]``; its ``ControlModule`` wraps ``model.layers[i]``).
+  - EasySteer writes the same (plus keys such as ``controlvector.method``), with directions for
+    every decoder layer from 0 on, and adds ``direction.N`` to layer ``N``'s output.
+
+  So :meth:`SteeringVector.from_gguf` reads ``direction.0`` as layer 0 (with a warning that
+  llama.cpp would refuse the file), and :meth:`SteeringVector.to_gguf` writes only what
+  llama.cpp loads: layer 0 cannot be exported. Directions stored in another dtype (F16, BF16,
+  F64, quantized) are read as float32 values. Only additive residual parts fit this format.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import math
 import numbers
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +68,14 @@ def package_version() -> str:
 
 
 def _check_tensor(value, name: str, ndim: int) -> torch.Tensor | None:
+    """``value`` as a finite floating-point tensor of ``ndim`` dimensions (a numpy array, as
+    repeng keeps its directions, becomes a tensor of the same dtype), or None."""
     if value is None:
         return None
+    if type(value).__module__ == "numpy" and hasattr(value, "__array__"):
+        value = torch.tensor(value)  # a copy: repeng's GGUF directions are read-only memory maps
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, a numpy array or None, got {type(value).__name__}")
     if value.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
     if not value.is_floating_point():
@@ -138,16 +154,28 @@ def _check_key(key) -> tuple[int, str]:
     if not (isinstance(key, tuple) and len(key) == 2):
         raise TypeError(f"parts keys must be (layer, target) tuples, got {key!r}")
     layer, target = key
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 0:
         raise ValueError(f"layer in parts key {key!r} must be a non-negative int")
     if not isinstance(target, str) or not target:
         raise ValueError(f"target in parts key {key!r} must be a non-empty module name")
     return int(layer), target
 
 
+def _plain(value):
+    """``json.dumps`` hook: numpy / torch scalars and arrays as Python numbers and lists."""
+    if isinstance(value, torch.Tensor) and not value.is_complex():
+        return value.detach().cpu().tolist()
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        plain = value.tolist()
+        if not isinstance(plain, complex):
+            return plain
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def _jsonable(metadata: dict) -> dict:
+    """``metadata`` as plain JSON types (numpy / torch numbers become Python numbers and lists)."""
     try:
-        return json.loads(json.dumps(metadata))
+        return json.loads(json.dumps(metadata, default=_plain))
     except (TypeError, ValueError) as error:
         raise ValueError(f"metadata must be JSON-serialisable (str, int, float, list, dict): {error}") from None
 
@@ -309,7 +337,7 @@ class SteeringVector:
             return NotImplemented
         self._require_additive("+")
         other._require_additive("+")
-        for key in ("model", "hidden_size"):
+        for key in ("model", "model_type", "hidden_size"):
             a, b = self.metadata.get(key), other.metadata.get(key)
             if a is not None and b is not None and a != b:
                 raise ValueError(f"cannot combine vectors with different {key}: {a!r} and {b!r}")
@@ -377,8 +405,9 @@ class SteeringVector:
             index.append({"layer": layer, "target": target, "source": part.source})
             for name in ("bias", "A", "B"):
                 value = getattr(part, name)
-                if value is not None:
-                    tensors[f"parts.{i}.{name}"] = value.detach().to("cpu").contiguous()
+                if value is not None:  # a copy: parts may share one tensor, which safetensors refuses
+                    tensors[f"parts.{i}.{name}"] = value.detach().to("cpu").clone(
+                        memory_format=torch.contiguous_format)
         header = {"format": FORMAT_VERSION, "parts": index, "metadata": self.metadata}
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={_HEADER_KEY: json.dumps(header)})
@@ -386,10 +415,13 @@ class SteeringVector:
 
     @classmethod
     def load(cls, path, device="cpu") -> SteeringVector:
-        """Read a vector written by :meth:`save`. A missing, truncated, corrupt or foreign file
-        raises ``ValueError`` (``FileNotFoundError`` when absent) naming ``path``."""
+        """Read a vector written by :meth:`save`, its tensors in their saved dtypes on ``device``
+        (a ``torch.device``, ``"cuda:1"``, or a CUDA index). A missing, truncated, corrupt or
+        foreign file raises ``ValueError`` (``FileNotFoundError`` when absent) naming ``path``; a
+        device that does not exist here raises ``ValueError`` naming ``device``."""
         from safetensors import safe_open
 
+        device = _check_device(device)
         path = Path(os.fspath(path))
         if not path.is_file():
             raise FileNotFoundError(f"SteeringVector.load: no such file {str(path)!r}")
@@ -400,7 +432,7 @@ class SteeringVector:
         if len(magic) < 8 or struct.unpack("<Q", magic)[0] > path.stat().st_size:
             raise ValueError(f"{str(path)!r} is not a safetensors file (truncated or corrupt header)")
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
                 raw = (handle.metadata() or {}).get(_HEADER_KEY)
                 if raw is None:
                     raise ValueError(
@@ -427,9 +459,16 @@ class SteeringVector:
                     B=tensors.get(f"parts.{i}.B"),
                     source=entry.get("source", "output"),
                 )
-            return cls(parts, header.get("metadata", {}))
+            vector = cls(parts, header.get("metadata", {}))
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"{str(path)!r} has a damaged steerkern header: {error}") from None
+        if device.type == "cpu":
+            return vector
+        try:
+            return vector.to(device)
+        except (RuntimeError, AssertionError, NotImplementedError) as error:  # e.g. no CUDA here
+            raise ValueError(f"SteeringVector.load: device={str(device)!r} is not usable here: "
+                             f"{' '.join(str(error).split())}") from None
 
     # --- GGUF controlvector ---------------------------------------------------------------
 
@@ -512,27 +551,77 @@ class SteeringVector:
         hint = field(f"{_GGUF_ARCH}.model_hint")
         if hint is not None:
             meta["model_hint"] = hint
+        method = field(f"{_GGUF_ARCH}.method")  # EasySteer records its extraction method
+        if isinstance(method, str) and "method" not in meta:
+            meta["method"] = method
         directions = {}
         for tensor in reader.tensors:
             prefix, _, index = tensor.name.partition(".")
             if prefix != "direction" or not index.isdigit():
                 continue
             layer = int(index)
-            if layer == 0:
-                raise ValueError(f"{str(path)!r} has 'direction.0', which llama.cpp rejects: corrupt control vector")
-            if len(tensor.shape) != 1 or layer in directions:
-                raise ValueError(
-                    f"{str(path)!r}: tensor {tensor.name!r} of shape {list(tensor.shape)} is not the "
-                    "one 1-D [hidden] direction of its layer that llama.cpp expects: corrupt control vector"
-                )
-            values = torch.from_numpy(tensor.data.astype("float32").reshape(-1).copy())
-            directions[layer] = values
+            if layer in directions:
+                raise ValueError(f"{str(path)!r} holds two directions for layer {layer}: corrupt control vector")
+            directions[layer] = _gguf_direction(tensor, path)
         if not directions:
             raise ValueError(f"{str(path)!r} is a controlvector GGUF without any 'direction.N' tensor")
+        if 0 in directions:
+            warnings.warn(
+                f"{str(path)!r} steers layer 0 ('direction.0', as repeng and EasySteer write it): "
+                "steerkern and those tools apply it to decoder layer 0's output, but llama.cpp "
+                "refuses such a file", stacklevel=2)
         meta.pop("layers", None)
         meta.pop("targets", None)
         meta.update(metadata)
-        return cls({(layer, RESIDUAL): SteeringPart(bias=v) for layer, v in directions.items()}, meta)
+        try:
+            parts = {(layer, RESIDUAL): SteeringPart(bias=v) for layer, v in directions.items()}
+            return cls(parts, meta)
+        except ValueError as error:  # NaN / Inf values, directions of different widths
+            raise ValueError(f"{str(path)!r} is not a usable control vector: {error}") from None
+
+
+def _gguf_direction(tensor, path) -> torch.Tensor:
+    """One ``direction.N`` tensor of a GGUF reader as float32 ``[hidden]``.
+
+    GGUF dimensions are listed innermost first; like llama.cpp, a direction must have one
+    dimension apart from trailing dimensions of size 1 (``ne = [hidden, 1]``, a numpy
+    ``[1, hidden]``). F16 / F64 data are cast; BF16 and quantized blocks, which the reader hands
+    over as raw bytes, are dequantised."""
+    import gguf
+
+    shape = [int(n) for n in tensor.shape]
+    if not shape or any(n != 1 for n in shape[1:]):
+        raise ValueError(
+            f"{str(path)!r}: tensor {tensor.name!r} of shape {shape} is not the one 1-D [hidden] "
+            "direction of its layer that llama.cpp expects: corrupt control vector"
+        )
+    data = tensor.data
+    try:
+        if data.dtype.kind != "f":
+            data = gguf.quants.dequantize(data, tensor.tensor_type)
+    except (NotImplementedError, ValueError, KeyError) as error:
+        raise ValueError(
+            f"{str(path)!r}: tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, which "
+            f"cannot be read as numbers ({error}): write control vectors in F32"
+        ) from None
+    values = torch.from_numpy(data.astype("float32").reshape(-1).copy())
+    if values.numel() != shape[0]:
+        raise ValueError(f"{str(path)!r}: tensor {tensor.name!r} holds {values.numel()} values for "
+                         f"{shape[0]} features: corrupt control vector")
+    return values
+
+
+def _check_device(device) -> torch.device:
+    """``device`` as a ``torch.device`` (an int is a CUDA index); ``ValueError`` naming it."""
+    try:
+        if isinstance(device, bool):
+            raise TypeError
+        return torch.device(device)
+    except (TypeError, RuntimeError, ValueError):
+        raise ValueError(
+            f"device={device!r} is not a device: give a torch.device, 'cpu', 'cuda', 'cuda:1' or a "
+            "CUDA index"
+        ) from None
 
 
 def _scalar(value) -> float | None:

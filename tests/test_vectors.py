@@ -2,6 +2,7 @@
 
 import json
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -314,3 +315,239 @@ def test_validate_rejects_a_vector_from_another_architecture(tiny_model_factory)
     with pytest.raises(ValueError, match="extracted from a 'llama' model.*'qwen2' model"):
         vector.validate(qwen)
     additive(dim=64).validate(qwen)  # no model_type recorded (from_directions, GGUF): widths only
+
+
+# --- interop with repeng / EasySteer / llama.cpp ------------------------------------------------
+#
+# What each tool does with a ``controlvector`` GGUF (read from their public sources):
+# - repeng ``ControlVector.export_gguf``: ``GGUFWriter(path, "controlvector")``, string
+#   ``controlvector.model_hint`` (the HF model_type), uint32 ``controlvector.layer_count`` (number of
+#   directions), one tensor ``direction.{layer}`` per entry of ``directions``, where ``layer`` indexes
+#   ``model.layers`` (its ``ControlModule`` adds the direction to that decoder layer's output; its
+#   extraction reads ``hidden_states[layer + 1]``, the same output). Nothing stops layer 0.
+# - EasySteer ``StatisticalControlVector.export_gguf``: the same plus ``controlvector.method`` and
+#   float metadata, with directions for every captured decoder layer from 0 on; its engine adds
+#   ``direction.{layer}`` to decoder layer ``layer``'s output (a forward hook).
+# - llama.cpp ``common_control_vector_load_one``: every tensor must be ``direction.N`` with N >= 1,
+#   F32, one dimension (trailing size-1 dimensions allowed); ``direction.N`` is added to the output
+#   of layer N (``build_cvec(cur, il)`` at the end of layer ``il``).
+
+
+def _write_tool_gguf(path, directions, *, hint="llama", extra=None, raw_dtype=None):
+    """A control vector as repeng / EasySteer write it, with the ``gguf`` package."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", hint)
+    for key, value in (extra or {}).items():
+        if isinstance(value, str):
+            writer.add_string(f"controlvector.{key}", value)
+        else:
+            writer.add_float32(f"controlvector.{key}", float(value))
+    writer.add_uint32("controlvector.layer_count", len(directions))
+    for layer, value in directions.items():
+        if raw_dtype is None:
+            writer.add_tensor(f"direction.{layer}", value)
+        else:
+            writer.add_tensor(f"direction.{layer}", gguf.quants.quantize(value, raw_dtype), raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_reads_easysteer_files_that_steer_layer_0(tmp_path):
+    """EasySteer exports a direction for every decoder layer from 0 (repeng does too when asked
+    for layer 0), and both apply ``direction.0`` to the output of ``model.layers[0]``. Reading
+    such a file used to fail ("corrupt control vector"); now ``direction.0`` is layer 0, with a
+    warning that llama.cpp itself would refuse the file."""
+    rng = np.random.default_rng(0)
+    directions = {layer: rng.standard_normal(16).astype(np.float32) for layer in range(4)}
+    path = _write_tool_gguf(tmp_path / "easysteer.gguf", directions, hint="qwen2",
+                            extra={"method": "diffmean", "explained_variance": 0.5})
+    with pytest.warns(UserWarning, match="llama.cpp"):
+        vector = SteeringVector.from_gguf(path)
+    assert vector.layers == [0, 1, 2, 3] and vector.metadata["model_hint"] == "qwen2"
+    assert vector.metadata["method"] == "diffmean"
+    for layer, value in directions.items():
+        assert torch.equal(vector.parts[(layer, "residual")].bias, torch.from_numpy(value))
+
+
+def test_gguf_reads_directions_stored_in_other_dtypes_and_shapes(tmp_path):
+    """A BF16 or quantized direction used to be read as its raw bytes (a vector of the wrong
+    width and garbage values); F16/F64 directions and a ``[1, hidden]`` array (which llama.cpp
+    counts as one dimension) are read as the same values in float32."""
+    import gguf
+
+    x = np.linspace(-2.0, 2.0, 64).astype(np.float32)
+    for raw, atol in ((gguf.GGMLQuantizationType.BF16, 2e-2), (gguf.GGMLQuantizationType.Q8_0, 2e-2)):
+        path = _write_tool_gguf(tmp_path / f"{raw.name}.gguf", {3: x}, raw_dtype=raw)
+        got = SteeringVector.from_gguf(path).parts[(3, "residual")].bias
+        assert got.dtype == torch.float32 and got.shape == (64,)
+        torch.testing.assert_close(got, torch.from_numpy(x), atol=atol, rtol=0)
+    mixed = _write_tool_gguf(tmp_path / "mixed.gguf", {1: x.astype(np.float16), 2: x.astype(np.float64),
+                                                       3: x.reshape(1, 64)})
+    vector = SteeringVector.from_gguf(mixed)
+    for layer in (1, 2, 3):
+        torch.testing.assert_close(vector.parts[(layer, "residual")].bias, torch.from_numpy(x), atol=1e-3, rtol=0)
+    column = _write_tool_gguf(tmp_path / "column.gguf", {1: x.reshape(64, 1)})
+    with pytest.raises(ValueError, match="column.gguf.*'direction.1'"):
+        SteeringVector.from_gguf(column)
+
+
+def _llama_cpp_layers(path) -> dict[int, np.ndarray]:
+    """What llama.cpp's loader makes of a control vector file: ``{layer il: vector added to the
+    output of layer il}``, or an AssertionError where it would refuse the file."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    width, layers = None, {}
+    for tensor in reader.tensors:
+        head, _, index = tensor.name.partition(".")
+        assert head == "direction" and index.isdigit(), f"llama.cpp rejects tensor {tensor.name!r}"
+        assert int(index) >= 1, "llama.cpp rejects direction.0"
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.F32, "llama.cpp needs F32 directions"
+        assert all(int(n) == 1 for n in tensor.shape[1:]), "llama.cpp needs 1-D directions"
+        assert width in (None, tensor.n_elements), "llama.cpp needs one width"
+        width = tensor.n_elements
+        layers[int(index)] = layers.get(int(index), 0) + np.asarray(tensor.data, dtype=np.float32).reshape(-1)
+    return layers
+
+
+def test_files_written_here_put_each_direction_on_the_same_decoder_layer_in_every_tool(tmp_path, tiny_model_factory):
+    """A repeng file read here steers the same decoder layer repeng would (the output of
+    ``model.layers[N]`` for ``direction.N``), and a file written here passes llama.cpp's loader
+    rules with ``direction.N`` holding steerkern's layer-N part."""
+    from steerkern.control import steer
+
+    model = tiny_model_factory("llama")
+    g = torch.Generator().manual_seed(3)
+    directions = {1: torch.randn(64, generator=g), 3: torch.randn(64, generator=g)}
+    source = _write_tool_gguf(tmp_path / "repeng.gguf", {k: v.numpy() for k, v in directions.items()})
+    vector = SteeringVector.from_gguf(source)
+
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    layers = model.model.layers
+
+    def add(direction):
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                return (output[0] + direction,) + tuple(output[1:])
+            return output + direction
+        return hook
+
+    handles = [layers[layer].register_forward_hook(add(d)) for layer, d in directions.items()]
+    try:
+        with torch.no_grad():
+            expected = model(ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad(), steer(model, vector, coeff=1.0):
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    written = _llama_cpp_layers(vector.to(dtype=torch.bfloat16).to_gguf(tmp_path / "out.gguf"))
+    assert sorted(written) == [1, 3]
+    for layer in (1, 3):
+        assert np.array_equal(written[layer], vector.parts[(layer, "residual")].bias.to(torch.bfloat16).float().numpy())
+
+
+def test_save_a_vector_whose_layers_share_one_tensor(tmp_path):
+    """One direction applied to several layers (``{layer: d for layer in 10..14}``) used to fail in
+    safetensors ("Some tensors share memory")."""
+    direction = torch.randn(16)
+    vector = SteeringVector.from_directions({layer: direction for layer in (2, 3, 4)})
+    loaded = SteeringVector.load(vector.save(tmp_path / "shared.safetensors"))
+    assert loaded.layers == [2, 3, 4]
+    for layer in (2, 3, 4):
+        assert torch.equal(loaded.parts[(layer, "residual")].bias, direction)
+
+
+def test_load_device_argument(tmp_path):
+    """A bad ``device`` used to be reported as a truncated or corrupt file."""
+    path = additive().save(tmp_path / "v.safetensors")
+    loaded = SteeringVector.load(path, device=torch.device("cpu"))
+    assert all(p.bias.device.type == "cpu" for p in loaded.parts.values())
+    for bad in ("nonsense", 3.5):
+        with pytest.raises(ValueError, match="device") as error:
+            SteeringVector.load(path, device=bad)
+        assert "corrupt" not in str(error.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda'") as error:
+            SteeringVector.load(path, device="cuda")
+        assert "corrupt" not in str(error.value)
+
+
+def test_metadata_with_numpy_and_torch_values_round_trips(tmp_path):
+    """numpy / torch scalars and arrays in metadata (an explained variance from numpy, a count
+    from a tensor) used to be refused as not JSON-serialisable; they are stored as plain numbers
+    and lists, nested dicts, lists and None included."""
+    meta = {"explained_variance": np.float32(0.25), "n": np.int64(7), "flag": np.bool_(True),
+            "scores": np.array([1.5, 2.5]), "norm": torch.tensor(3.0),
+            "nested": {"a": [np.int32(1), None, {"b": np.float16(0.5)}]}, "none": None}
+    vector = additive(**meta)
+    expected = {"explained_variance": 0.25, "n": 7, "flag": True, "scores": [1.5, 2.5], "norm": 3.0,
+                "nested": {"a": [1, None, {"b": 0.5}]}, "none": None}
+    for key, value in expected.items():
+        assert vector.metadata[key] == value and type(vector.metadata[key]) is type(value)
+    assert SteeringVector.load(vector.save(tmp_path / "m.safetensors")).metadata == vector.metadata
+    with pytest.raises(ValueError, match="JSON"):
+        additive(bad=torch.zeros(2, 2, dtype=torch.complex64))
+
+
+def test_arithmetic_refuses_vectors_of_different_architectures():
+    """Adding a Llama vector to a Qwen2 one used to drop ``model_type`` from the result, so
+    ``validate`` no longer caught a model of the wrong architecture."""
+    with pytest.raises(ValueError, match="different model_type"):
+        additive(model_type="llama") + additive(model_type="qwen2")
+    mixed = additive(model_type="llama") + additive(1)
+    assert mixed.metadata["model_type"] == "llama"
+
+
+def test_arithmetic_mixes_dtypes_targets_and_layer_sets():
+    a = additive(0, layers=(1, 2)).to(dtype=torch.bfloat16)
+    b = SteeringVector.from_directions({2: torch.ones(64), 3: torch.ones(64)}, concept="x")
+    c = SteeringVector.from_directions({2: torch.ones(64)}, target="mlp.down_proj")
+    total = a - 2 * b + c / 4
+    assert total.targets == ["mlp.down_proj", "residual"] and total.layers == [1, 2, 3]
+    assert total.parts[(2, "residual")].bias.dtype == torch.float32
+    torch.testing.assert_close(total.parts[(2, "residual")].bias,
+                               a.parts[(2, "residual")].bias.float() - 2)
+    torch.testing.assert_close(total.parts[(2, "mlp.down_proj")].bias, torch.full((64,), 0.25))
+    assert total.metadata["method"] == "arithmetic" and total.metadata["concept"] == "x"
+    assert total.metadata["layers"] == [1, 2, 3]
+
+
+def test_from_directions_takes_repeng_style_numpy_directions_and_numpy_layers():
+    """repeng's ``ControlVector.directions`` is ``{int: np.ndarray}`` and layer lists often come
+    from ``np.arange``: both used to be refused (``bias must be a torch.Tensor``, ``layer ...
+    must be a non-negative int``)."""
+    rng = np.random.default_rng(1)
+    directions = {np.int64(layer): rng.standard_normal(8).astype(np.float32) for layer in np.arange(2, 5)}
+    vector = SteeringVector.from_directions(directions)
+    assert vector.layers == [2, 3, 4] and all(type(layer) is int for layer, _ in vector.parts)
+    for layer, value in directions.items():
+        assert torch.equal(vector.parts[(int(layer), "residual")].bias, torch.from_numpy(value))
+    with pytest.raises(ValueError, match="non-negative int"):
+        SteeringVector.from_directions({np.float32(2.0): torch.zeros(8)})
+    with pytest.raises(TypeError, match="floating-point"):
+        SteeringVector.from_directions({1: np.arange(8)})
+
+
+def test_gguf_with_unusable_directions_names_the_file(tmp_path):
+    ragged = _write_tool_gguf(tmp_path / "ragged.gguf", {1: np.ones(8, np.float32), 2: np.ones(16, np.float32)})
+    with pytest.raises(ValueError, match="ragged.gguf.*different widths"):
+        SteeringVector.from_gguf(ragged)
+    nan = _write_tool_gguf(tmp_path / "nan.gguf", {1: np.full(8, np.nan, np.float32)})
+    with pytest.raises(ValueError, match="nan.gguf.*NaN"):
+        SteeringVector.from_gguf(nan)
+    import gguf
+
+    directions = {1: np.ones(8, np.float32)}
+    path = _write_tool_gguf(tmp_path / "mm.gguf", directions)
+    memmapped = {int(t.name.split(".")[1]): t.data for t in gguf.GGUFReader(str(path)).tensors}
+    with warnings.catch_warnings():  # repeng's import_gguf hands over read-only memory maps
+        warnings.simplefilter("error")
+        assert SteeringVector.from_directions(memmapped).layers == [1]
