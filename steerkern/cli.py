@@ -85,20 +85,29 @@ def _existing_file(path: str, flag: str) -> Path:
 
 
 def _read_records(path: Path, flag: str) -> list:
-    """A JSON list (or ``{"pairs"|"prompts": [...]}``) or JSONL file -> list of records."""
+    """The records of a JSON file (a list, ``{"pairs"|"prompts": [...]}`` or one record) or of a
+    JSONL file (one record per line), whatever its extension; UTF-8, a byte-order mark allowed.
+    A bad JSONL line is named by its number."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise CLIError(f"{flag}: {str(path)!r} is not a UTF-8 text file") from None
     try:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-            if isinstance(records, dict):
-                records = records.get("pairs", records.get("prompts"))
-    except json.JSONDecodeError as error:
-        raise CLIError(f"{flag}: {str(path)!r} is not valid JSON/JSONL ({error})") from None
+        records = json.loads(text)
+    except json.JSONDecodeError:
+        records = []
+        for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 in strings
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise CLIError(f"{flag}: {str(path)!r} is not valid JSON or JSONL (line {number}: {error}): "
+                               "give one JSON list or one JSON object per line") from None
+    else:
+        if isinstance(records, dict):
+            wrapped = records.get("pairs", records.get("prompts"))
+            records = wrapped if wrapped is not None else [records]
     if not isinstance(records, list) or not records:
         raise CLIError(f"{flag}: {str(path)!r} holds no records: expected a JSON list or one JSON object per line")
     return records

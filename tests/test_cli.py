@@ -96,6 +96,36 @@ def test_bad_values_and_files_exit_2(tmp_path, capsys):
     assert "--layers" in _error_line(capsys)
 
 
+def test_records_files_are_read_by_content_not_extension(tmp_path):
+    """JSON lines in a .json file, a list in a .jsonl file, one object in a .txt file and a
+    byte-order mark used to be refused; a bad line is named by its number."""
+    from steerkern.cli import CLIError, _read_pairs, _read_records
+
+    rows = [{"chosen": "I love it", "rejected": "I hate it"}, {"chosen": "yes\u2028", "rejected": "no"}]
+    expected = [(r["chosen"], r["rejected"]) for r in rows]
+    lines = tmp_path / "lines.json"
+    lines.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n", encoding="utf-8")
+    array = tmp_path / "array.jsonl"
+    array.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + lines.read_bytes())
+    one = tmp_path / "one.txt"
+    one.write_text(json.dumps(rows[0], indent=2))
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"pairs": rows}))
+    for path in (lines, array, bom, wrapped):
+        assert _read_pairs(path) == expected, path.name
+    assert _read_pairs(one) == expected[:1]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(rows[0]) + "\n" + '{"chosen": "a", \n')
+    with pytest.raises(CLIError, match=r"--prompts: .*broken.jsonl.*\(line 2"):
+        _read_records(broken, "--prompts")
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(CLIError, match="holds no records"):
+        _read_records(empty, "--pairs")
+
+
 def test_cli_end_to_end(tmp_path, capsys, use_default_model):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps({"chosen": c, "rejected": r}) for c, r in [
