@@ -125,7 +125,10 @@ def _steer_kernel(
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    slots = tl.load(slot_ptr + rows * s_slot, mask=rmask, other=-1).to(tl.int32)
+    # clamped to [-1, K] in the slot's own dtype first, so an int64 slot >= 2**31 cannot wrap
+    # into the bank when narrowed to int32
+    raw = tl.load(slot_ptr + rows * s_slot, mask=rmask, other=-1)
+    slots = tl.minimum(tl.maximum(raw, -1), K).to(tl.int32)
     active = (slots >= 0) & (slots < K)  # slot >= K (unvalidated input) is left untouched
     if tl.max(active.to(tl.int32), axis=0) > 0:
         c = tl.load(coeff_ptr + rows * s_coeff, mask=active, other=0.0).to(tl.float32)

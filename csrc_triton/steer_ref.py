@@ -31,7 +31,7 @@ def steering_term(slot, bias, A, B, src, num_rows: int, dim: int, dtype) -> tupl
     :func:`steered_rows`). Returns ``(v [N, D], z [N, R] or None)``, ``z[n] = A[k]^T src[n]``.
     The low-rank loop visits each bank entry's rows (``nonzero``: a host sync on CUDA)."""
     num_entries = bias.shape[0] if bias is not None else A.shape[0] if A is not None else 0
-    if bias is not None:
+    if bias is not None and num_entries > 0:  # an empty bank (K = 0) steers no row
         v = bias.to(dtype)[slot.clamp(0, num_entries - 1)]  # bias[slot[n]]
     else:
         v = torch.zeros(num_rows, dim, dtype=dtype, device=slot.device)

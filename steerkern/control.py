@@ -408,7 +408,8 @@ class SteeringBank:
             )
             if differentiable or not hidden.is_contiguous():
                 steered = ops.steer(hidden.reshape(-1, width), slot, token_coeff, site.bias,
-                                    site.A, site.B, src, self.normalize).view_as(hidden)
+                                    site.A, site.B, src, self.normalize,
+                                    validate=False).view_as(hidden)
                 if isinstance(output, tuple):
                     return (steered,) + tuple(output[1:])
                 return steered

@@ -75,8 +75,9 @@ def _check_float(name: str, t, out: torch.Tensor) -> None:
         raise ValueError(f"steer_: {name} is on {t.device} but out is on {out.device}; move it with .to(out.device)")
 
 
-def _validate_steer(out, slot, coeff, bias, A, B, src, check_slots: bool, in_place: bool = True) -> None:
-    """Shape / dtype / device checks of steer_ / steer (no host sync unless ``check_slots``)."""
+def _validate_steer(out, slot, coeff, bias, A, B, src, check_values: bool, in_place: bool = True) -> None:
+    """Shape / dtype / device checks of steer_ / steer; with ``check_values`` also the values
+    (:func:`_check_values`: slots < K, finite coefficients and bank, one host sync)."""
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"steer_: out must be a 2-D tensor [N, D] (reshape [B, T, D] hidden states with .view(-1, D)), got {got}")
@@ -124,13 +125,33 @@ def _validate_steer(out, slot, coeff, bias, A, B, src, check_slots: bool, in_pla
         if num_entries is not None and num_entries != K:
             raise ValueError(f"steer_: bias has K = {num_entries} entries but A/B have K = {K}; every bank tensor needs the same K")
         num_entries = K
-    if check_slots and N > 0 and num_entries is not None:
-        top = int(slot.max())
-        if top >= num_entries:
-            raise ValueError(f"steer_: slot holds {top} but the bank has K = {num_entries} entries; slots must be -1 or in [0, {num_entries})")
+    if check_values and N > 0 and num_entries is not None:
+        _check_values(slot, coeff, num_entries, bias=bias, A=A, B=B)
     for name, t in (("out", out), ("coeff", coeff), ("bias", bias), ("A", A), ("B", B), ("src", src)):
         if in_place and t is not None and t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"steer_: {name} requires grad; steer_ is in place and not differentiable, use steerkern.ops.steer() for training")
+
+
+def _check_values(slot, coeff, num_entries: int, **bank) -> None:
+    """Value checks of steer_ / steer, one host sync for all of them: every slot is ``< K``,
+    every steered row's coefficient is finite, every bank tensor (bias, A, B) is finite.
+
+    slot [N], coeff [N], num_entries = K, bank: name -> [K, ...] tensor or None."""
+    steered = slot >= 0
+    bad_coeff = steered & ~torch.isfinite(coeff)
+    named = [(name, t) for name, t in bank.items() if t is not None]
+    flags = [slot.max().to(torch.int64), bad_coeff.any().to(torch.int64)]
+    flags += [(~torch.isfinite(t)).any().to(torch.int64) for _, t in named]
+    top, coeff_bad, *bank_bad = torch.stack(flags).tolist()
+    if top >= num_entries:
+        raise ValueError(f"steer_: slot holds {top} but the bank has K = {num_entries} entries; slots must be -1 or in [0, {num_entries})")
+    if coeff_bad:
+        row = int(bad_coeff.nonzero()[0, 0])
+        raise ValueError(f"steer_: coeff[{row}] is {coeff[row].item()} on a steered row (slot {int(slot[row])}); coefficients must be finite, fix the value or set that row's slot to -1")
+    for (name, t), bad in zip(named, bank_bad):
+        if bad:
+            entry = int((~torch.isfinite(t)).flatten(1).any(1).nonzero()[0, 0])
+            raise ValueError(f"steer_: {name}[{entry}] holds NaN or Inf values; every bank entry must be finite (check the vector that filled entry {entry})")
 
 
 def _dtype(t):
@@ -177,14 +198,15 @@ def steer_(
         src: ``[N, D_src]`` input of the low-rank term; default ``out`` read before the update.
         preserve_norm: rescale every steered row to its pre-steering L2 norm.
         validate: ``True`` checks shapes, dtypes and devices (no host sync) and, for CPU
-            tensors only, that every slot is ``< K``; ``"full"`` also checks slots on CUDA (one
-            host sync); ``False`` skips all checks (hot path after a first validated call).
-            Without the slot check, a row with ``slot >= K`` is left untouched by the Triton
-            kernel (never read out of bounds).
+            tensors only, the values: every slot is ``< K``, every steered row's coefficient
+            and every bank entry (bias, A, B) is finite (NaN/Inf raise ValueError);
+            ``"full"`` also checks the values on CUDA (one host sync); ``False`` skips all
+            checks (hot path after a first validated call). Without the slot check, a row
+            with ``slot >= K`` is left untouched (never read out of bounds).
 
-    Dispatch: CUDA tensors run the fused Triton kernel (any float64 input runs the torch
-    reference); CPU tensors run the torch reference, or the kernel under Triton's interpreter
-    inside ``use_backend("triton")``.
+    Dispatch: CUDA tensors run the fused Triton kernel (a float64 out, bias, A, B or src runs
+    the torch reference); CPU tensors run the torch reference, or the kernel under Triton's
+    interpreter inside ``use_backend("triton")``.
 
     Example::
 
@@ -192,12 +214,12 @@ def steer_(
         steer_(h2, slot_per_token, coeff_per_token, bias=bank_bias)
     """
     if validate:
-        check_slots = validate == "full" or not out.is_cuda
-        _validate_steer(out, slot, coeff, bias, A, B, src, check_slots)
+        check_values = validate == "full" or not out.is_cuda
+        _validate_steer(out, slot, coeff, bias, A, B, src, check_values)
     if bias is None and A is None:
         return out
     bias, A, B, src = (_unit_last_stride(t) for t in (bias, A, B, src))
-    if _use_triton(out) and torch.float64 not in (out.dtype, _dtype(bias), _dtype(A), _dtype(src)):
+    if _use_triton(out) and torch.float64 not in (out.dtype, _dtype(bias), _dtype(A), _dtype(B), _dtype(src)):
         if out.is_cuda and torch.compiler.is_compiling():
             # Opaque to dynamo and inductor: no graph break, CUDA-graph safe.
             torch.ops.steerkern.steer_cuda_(out, slot, coeff, bias, A, B, src, bool(preserve_norm))
@@ -283,8 +305,8 @@ def steer(
     temporaries and loops over the K bank entries.
     """
     if validate:
-        check_slots = validate == "full" or not out.is_cuda
-        _validate_steer(out, slot, coeff, bias, A, B, src, check_slots, in_place=False)
+        check_values = validate == "full" or not out.is_cuda
+        _validate_steer(out, slot, coeff, bias, A, B, src, check_values, in_place=False)
     return _Steer.apply(out, slot, coeff, bias, A, B, src, bool(preserve_norm))
 
 

@@ -230,15 +230,15 @@ def test_unvalidated_out_of_range_slot_leaves_row_untouched(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("form", ["bias", "lowrank_src", "lowrank_self", "all_norm"])
+@pytest.mark.parametrize("form", ["bias", "lowrank_src", "lowrank_self", "all_norm", "all_src_norm"])
 def test_steer_gradcheck_float64(backend, form):
-    case = make_case(6, 7, 3, 2, torch.float64, d_src=5 if form == "lowrank_src" else None,
-                     bias=form in ("bias", "all_norm"), seed=8)
+    case = make_case(6, 7, 3, 2, torch.float64, d_src=5 if "src" in form else None,
+                     bias=form in ("bias", "all_norm", "all_src_norm"), seed=8)
     if form == "bias":
         case["A"] = case["B"] = None
     case["coeff"] = case["coeff"].double()
     names = [k for k in ("out", "coeff", "bias", "A", "B", "src") if case[k] is not None]
-    pn = form == "all_norm"
+    pn = form.endswith("norm")
 
     def f(*tensors):
         kw = dict(case)
@@ -275,3 +275,111 @@ def test_steer_accepts_any_layout_of_out():
     with ops.use_backend("triton"):
         y = ops.steer(col_major, case["slot"], case["coeff"], case["bias"], case["A"], case["B"])
     assert_close64(y, reference64(case), torch.float32)
+
+
+def loop_reference64(out, slot, coeff, bias=None, A=None, B=None, src=None, preserve_norm=False):
+    """SPEC section 1 written row by row in float64, independent of ``steer_ref``."""
+    result = out.double().clone()
+    num_entries = next((t.shape[0] for t in (bias, A) if t is not None), 0)
+    for n in range(out.shape[0]):
+        k = int(slot[n])
+        if not 0 <= k < num_entries:
+            continue
+        x = out[n].double()
+        v = torch.zeros_like(x)
+        if bias is not None:
+            v += bias[k].double()
+        if A is not None:
+            s = (out[n] if src is None else src[n]).double()
+            v += B[k].double() @ (A[k].double().T @ s)
+        y = x + float(coeff[n]) * v
+        if preserve_norm and y.norm() > 0:
+            y = y * (x.norm() / y.norm())
+        result[n] = y
+    return result
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pn", [False, True])
+def test_reference_and_kernel_match_a_row_loop(backend, pn):
+    """steer_ref and both backends against a per-row float64 loop, in every form: bias only,
+    low-rank only, both, with src of another width, and mixed dtypes between out and bank."""
+    N, D, K, R = 11, 37, 4, 5
+    forms = [
+        dict(bias=True, R=0, d_src=None, dtypes=(torch.float32,) * 3),
+        dict(bias=False, R=R, d_src=None, dtypes=(torch.float32,) * 3),
+        dict(bias=True, R=R, d_src=23, dtypes=(torch.float32,) * 3),
+        dict(bias=True, R=R, d_src=23, dtypes=(torch.float32, torch.bfloat16, torch.float16)),
+        dict(bias=True, R=R, d_src=None, dtypes=(torch.bfloat16, torch.float32, torch.float32)),
+    ]
+    for i, form in enumerate(forms):
+        out_dt, bank_dt, src_dt = form["dtypes"]
+        case = make_case(N, D, K, form["R"], torch.float32, d_src=form["d_src"], bias=form["bias"], seed=20 + i)
+        case["out"] = case["out"].to(out_dt)
+        for name in ("bias", "A", "B"):
+            if case[name] is not None:
+                case[name] = case[name].to(bank_dt)
+        if case["src"] is not None:
+            case["src"] = case["src"].to(src_dt)
+        expected = loop_reference64(**case, preserve_norm=pn)
+        ref = steer_ref(**case, preserve_norm=pn)
+        assert_close64(ref, expected, out_dt)
+        assert_close64(run_op(case, backend, pn), expected, out_dt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_bank_steers_nothing(backend):
+    """K = 0 (a bank with no entries): every row is unsteered, forward and backward."""
+    N, D = 5, 8
+    out = torch.randn(N, D)
+    slot = torch.full((N,), -1)
+    bias = torch.zeros(0, D, requires_grad=True)
+    x = out.clone().requires_grad_()
+    with ops.use_backend(backend):
+        assert torch.equal(ops.steer_(out.clone(), slot, torch.ones(N), bias.detach()), out)
+        y = ops.steer(x, slot, torch.ones(N), bias)
+        y.backward(torch.ones_like(y))
+        # unvalidated slot 0 with K = 0 is out of range: left untouched, never an IndexError
+        assert torch.equal(ops.steer_(out.clone(), torch.zeros(N, dtype=torch.long), torch.ones(N),
+                                      bias.detach(), validate=False), out)
+    assert torch.equal(y, out)
+    assert torch.equal(x.grad, torch.ones(N, D)) and bias.grad.shape == (0, D)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unvalidated_int64_slot_beyond_int32_leaves_row_untouched(backend):
+    """slot 2**32 must not wrap to entry 0 (nor -2**32 + 1 to entry 1) inside the kernel."""
+    case = make_case(6, 20, 2, 2, torch.float32, seed=12, unsteered=0.0)
+    case["slot"][:3] = torch.tensor([2**32, 2**32 + 1, -(2**32) + 1])
+    got = run_op(case, backend, validate=False)
+    assert torch.equal(got[:3], case["out"][:3])
+    case["slot"][:3] = -1
+    assert_close64(got, reference64(case), torch.float32)
+
+
+def test_non_finite_coeff_and_bank_are_refused():
+    """NaN / Inf in a steered row's coefficient or in a bank tensor: a ValueError naming the
+    argument, and out left as it was (SPEC section 9); a NaN coefficient on a slot -1 row is
+    never read, so it is accepted."""
+    case = make_case(8, 16, 2, 2, torch.float32, seed=13, unsteered=0.0)
+    args = {k: case[k] for k in ("out", "slot", "coeff", "bias", "A", "B")}
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        coeff = case["coeff"].clone()
+        coeff[3] = bad
+        out = case["out"].clone()
+        for fn in (ops.steer_, ops.steer):
+            with pytest.raises(ValueError, match=r"coeff\[3\] is .* coefficients must be finite"):
+                fn(**{**args, "out": out, "coeff": coeff})
+        assert torch.equal(out, case["out"])
+        for name in ("bias", "A", "B"):
+            poisoned_bank = case[name].clone()
+            poisoned_bank[1].view(-1)[3] = bad
+            with pytest.raises(ValueError, match=rf"{name}\[1\] holds NaN or Inf"):
+                ops.steer_(**{**args, "out": out, name: poisoned_bank})
+            assert torch.equal(out, case["out"])
+    slot = case["slot"].clone()
+    slot[3] = -1
+    coeff = case["coeff"].clone()
+    coeff[3] = float("nan")
+    got = ops.steer_(**{**args, "out": case["out"].clone(), "slot": slot, "coeff": coeff})
+    assert torch.equal(got[3], case["out"][3]) and torch.isfinite(got).all()
