@@ -593,7 +593,8 @@ def test_positions_inside_generate_follow_its_prompt_length(tiny_model_factory):
     # prompt lookup drafts from a repeated prompt; the main model checks them in one pass
     repeated = torch.cat([ids[:1, :5]] * 3, dim=1)
     run = dict(input_ids=repeated, attention_mask=torch.ones_like(repeated), max_new_tokens=8,
-               do_sample=False, pad_token_id=0, eos_token_id=None, prompt_lookup_num_tokens=3)
+               min_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=2,
+               prompt_lookup_num_tokens=3)  # an EOS id: transformers 4.50's prompt lookup needs one
     width = repeated.shape[1]
     for positions in ("generated", "prompt"):
         mask = torch.zeros(1, width + 8, dtype=torch.bool)
