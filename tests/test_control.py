@@ -489,8 +489,17 @@ def test_positions_when_generate_continues_a_cache_or_prefills_in_chunks(tiny_mo
 
 def test_positional_attention_mask_keeps_pads_unsteered(tiny_model_factory):
     """``model(ids, mask)``: the mask is read from the positional arguments (their order is the
-    architecture's own: GPT-2 takes the cache second)."""
-    for arch, call in (("llama", lambda m, i, a: m(i, a)), ("gpt2", lambda m, i, a: m(i, None, a))):
+    architecture's own and the release's: GPT-2 takes the cache second, and in transformers
+    4.53 also ``cache_position`` before the mask)."""
+    import inspect
+
+    def call(model, ids, mask):
+        names = list(inspect.signature(model.forward).parameters)
+        args = [None] * names.index("attention_mask")
+        args[names.index("input_ids")] = ids
+        return model(*args, mask)
+
+    for arch in ("llama", "gpt2"):
         model = tiny_model_factory(arch)
         vector = random_vector(model, [1], 0, scale=4.0)
         ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(6))
