@@ -12,6 +12,7 @@ full.
 from __future__ import annotations
 
 import inspect
+import sys
 
 import torch
 
@@ -66,10 +67,13 @@ def empty_model_cache(model, max_length: int):
     ``max_length`` columns; ``None`` otherwise (no cache argument, windows shorter than
     ``max_length``, other cache layers; models whose ``forward`` takes no ``position_ids``:
     they place tokens by column (MPT's ALiBi), so the padding gap between a shared prefix and
-    each row's rest would move them). Before 4.56 a dynamic cache does not know the model's
+    each row's rest would move them; models inside a ``steer`` context that steers by position,
+    :func:`steers_by_position`). Before 4.56 a dynamic cache does not know the model's
     sliding windows, and some models of that era expect a windowed cache: those qualify only
     while ``max_length`` is shorter than the config's ``sliding_window``."""
     if cache_argument(model) is None or "position_ids" not in inspect.signature(model.forward).parameters:
+        return None
+    if steers_by_position(model):
         return None
     if getattr(model, "_supports_cache_class", True) is False:
         return None  # models that still take tuples (GPT-2 before transformers 4.53)
@@ -85,6 +89,24 @@ def empty_model_cache(model, max_length: int):
         if window is not None and not max_length < window:
             return None
     return cache if is_gatherable(cache, max_length) else None
+
+
+def steers_by_position(model) -> bool:
+    """Whether a ``steer`` context attached to ``model`` (or to one of its sub-modules) steers
+    only some positions (``positions="prompt"`` / ``"generated"`` or a mask). Such a context
+    tells prompt from generated tokens by the forward passes it sees (a one-token pass on top of
+    a cache is a generated token), and sharing splits a prompt into other passes than the plain
+    batch's (the last prompt token alone on top of the shared cache): its tokens would be
+    steered differently, so callers run the plain batch instead."""
+    control = sys.modules.get("steerkern.control")
+    if control is None:  # never imported: no steering context can be attached
+        return False
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            bank = getattr(hook, "__self__", None)
+            if isinstance(bank, control.SteeringBank) and bank.positions != "all":
+                return True
+    return False
 
 
 def _config_sliding_window(config) -> int | None:

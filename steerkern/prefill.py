@@ -40,7 +40,9 @@ The caller then runs columns ``[cached, T)`` (and generates) for all ``R`` rows 
 returned cache, under its own per-row steering. :func:`shared_prefill` returns ``None`` when
 nothing would be saved, or when the model's cache cannot be shared
 (:func:`steerkern.kvcache.is_gatherable`: quantised, recurrent or static caches, or sliding
-windows shorter than prompt plus generation), so the caller falls back to the plain batch.
+windows shorter than prompt plus generation), or when the sweep runs inside a ``steer`` context
+that steers by position (:func:`steerkern.kvcache.steers_by_position`: it would see other passes
+than the plain batch's), so the caller falls back to the plain batch.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from steerkern.kvcache import (
     positions_from_mask,
     select_rows,
 )
-from steerkern.trunk import bottom_layers, run_bottom, skip_bottom
+from steerkern.trunk import bottom_layers, run_bottom, select_sequences, skip_bottom
 
 
 @dataclass
@@ -249,7 +251,7 @@ def _run_rows(model, cache_arg, ids, mask, cache, start: int, row_seq: torch.Ten
             return _run(model, cache_arg, ids_r, mask_r, cache, start)
     hidden, layout = ran
     # with no cache yet the model builds its own, as in a plain pass: the caller checks it
-    with skip_bottom(bottom, hidden.index_select(0, row_seq.to(hidden.device)), layout), steering():
+    with skip_bottom(bottom, select_sequences(hidden, row_seq), layout), steering():
         cache = _run(model, cache_arg, ids_r, mask_r, cache, start)
     if not is_gatherable(cache, max_length):
         return cache

@@ -86,9 +86,10 @@ def run_bottom(model: nn.Module, layers: list[nn.Module], call) -> tuple[torch.T
     """Run ``call()`` (a forward pass of ``model``) only through ``layers`` (the bottom ones).
 
     Returns:
-        ``(hidden, layout)``: the last bottom layer's output ``[B, L, D]`` and how the layers
-        return it (see :func:`skip_bottom`); ``None`` when the pass never reached that layer or
-        its output carries more than the hidden states.
+        ``(hidden, layout)``: the last bottom layer's output ``[B, L, D]`` (``[S, B, L, D]``
+        for a residual stream kept in ``S`` copies, Gemma 3n) and how the layers return it (see
+        :func:`skip_bottom`); ``None`` when the pass never reached that layer or its output
+        carries more than the hidden states.
     """
     seen: dict = {}
 
@@ -107,13 +108,24 @@ def run_bottom(model: nn.Module, layers: list[nn.Module], call) -> tuple[torch.T
     layout = _layout(output) if output is not None else None
     if layout is None:
         return None
-    return (output if layout == 0 else output[0]).detach(), layout
+    hidden = output if layout == 0 else output[0]
+    if hidden.dim() < 3:
+        return None
+    return hidden.detach(), layout
+
+
+def select_sequences(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (``[R]`` indices of sequences) of a bottom output: along its batch axis,
+    the third from last (``[B, L, D]`` -> ``[R, L, D]``; a residual stream kept in ``S`` copies,
+    Gemma 3n's ``[S, B, L, D]`` -> ``[S, R, L, D]``)."""
+    return hidden.index_select(hidden.dim() - 3, rows.to(hidden.device))
 
 
 @contextlib.contextmanager
 def skip_bottom(layers: list[nn.Module], hidden: torch.Tensor, layout: int):
     """Within the context, ``layers`` (the bottom ones) do not compute: the last returns
-    ``hidden`` (``[B, L, D]``, the rows and columns of the pass to come), the others return
+    ``hidden`` (``[B, L, D]`` or ``[S, B, L, D]``, the rows and columns of the pass to come,
+    :func:`select_sequences`), the others return
     their input, each in ``layout`` (a tensor, or a tuple padded with ``None``). Their own
     ``forward`` is restored on exit, exceptions included."""
 

@@ -610,3 +610,33 @@ def test_greedy_config_drops_a_checkpoints_min_length(tiny_model_factory):
     finally:
         model.generation_config.min_length = saved
     assert config.min_length == 0 and config.max_new_tokens == 5 and not config.do_sample
+
+
+@pytest.mark.parametrize("outer_positions", ["prompt", "generated"])
+def test_sweeps_inside_a_positional_steer_context_equal_the_plain_batch(tiny_sweep, outer_positions):
+    """An outer ``steer`` context that steers only prompt or only generated tokens tells them
+    apart by the passes it sees; sharing would split the prompt (its last token alone on top of
+    the shared cache, read as a generated one), so the sweep runs the plain batch and scores
+    and texts equal it."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from steerkern.control import steer
+    from steerkern.eval import score_rows, sweep_generate
+
+    model, vector, ids, mask, index, slots, coeffs = tiny_sweep
+    outer = SteeringVector.from_directions({3: 3 * torch.randn(64, generator=torch.Generator().manual_seed(9))})
+    config = GenerationConfig(do_sample=False, max_new_tokens=3, min_new_tokens=3, pad_token_id=0,
+                              eos_token_id=2)
+    tokenizer = word_tokenizer()
+    items = binary_items(tokenizer, TINY_PROMPTS[:2])
+    with steer(model, outer, coeff=2.0, positions=outer_positions), torch.no_grad():
+        for positions in ("all", "generated"):
+            shared, plain = (sweep_generate(model, SimpleNamespace(pad_token_id=0), [vector], ids, mask,
+                                            index, slots, coeffs, config=config, positions=positions,
+                                            share_prefill=share) for share in (True, False))
+            assert torch.equal(shared, plain), positions
+            shared, plain = (score_rows(model, tokenizer, [vector], items, [(0, -2.0), (0, 3.0)],
+                                        positions=positions, share_prefill=share) for share in (True, False))
+            np.testing.assert_allclose(shared, plain, rtol=1e-5, atol=1e-5)

@@ -243,3 +243,35 @@ def test_low_rank_parts_above_the_shared_bottom():
     got, want, unsteered = _answer_logits(model, shared, ids, mask, index, vectors, slots, coeffs)
     assert (want - unsteered).abs().max() > 1e-2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_residual_stream_kept_in_copies_is_gathered_along_its_batch_axis():
+    """Gemma 3n keeps the residual stream as ``[S, B, L, D]`` (AltUp copies): the bottom's
+    output is gathered per row along B, not along the copies; the answer logits equal whole
+    per-row passes."""
+    import contextlib
+
+    import transformers
+
+    if not hasattr(transformers, "Gemma3nForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 3n")
+    config = transformers.Gemma3nTextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, vocab_size_per_layer_input=128,
+        hidden_size_per_layer_input=16, sliding_window=64, laurel_rank=8, altup_num_inputs=2,
+        activation_sparsity_pattern=[0.0] * 4, num_kv_shared_layers=0,
+        layer_types=["sliding_attention", "full_attention"] * 2)
+    torch.manual_seed(0)
+    model = transformers.Gemma3nForCausalLM(config).eval()
+    skip_unless_rows_can_share_a_cache(model, 32, models_own=True)
+    ids, mask = _prompts(seed=2)
+    index = torch.tensor([0, 1, 2, 0, 1, 2])
+    unsteered = lambda *rows: contextlib.nullcontext()  # noqa: E731
+    with torch.no_grad():
+        shared = shared_prefill(model, ids, mask, index, pad_id=0, groups=list(range(6)),
+                                steer_prefix=unsteered, steer_rows=unsteered, unsteered_layers=2)
+        assert shared is not None and shared.cached == ids.shape[1] - 1
+        got = forward_rest(model, shared, shared.ids, shared.mask, keep=1)[:, -1]
+        want = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
