@@ -475,6 +475,8 @@ def sweep_generate(model, tokenizer, vectors, ids, mask, prompt_index, slots: li
         early are padded as ``generate`` pads them).
     """
     greedy = not config.do_sample and (config.num_beams or 1) == 1
+    if max(config.num_beams or 1, config.num_return_sequences or 1) > 1:
+        share_prefill = False  # generate expands the rows it is given, not a cache passed in
     if share_prefill and positions == "generated" and greedy:
         new = _sweep_sharing_first_token(model, tokenizer, vectors, ids, mask, prompt_index, slots,
                                          coeffs, config, logits_processor)
@@ -498,9 +500,20 @@ def sweep_generate(model, tokenizer, vectors, ids, mask, prompt_index, slots: li
             where = torch.zeros(shared.ids.shape[0], prompt_len + config.max_new_tokens,
                                 dtype=torch.bool, device=shared.ids.device)
             where[:, prompt_len:] = True
+        config = _for_a_given_cache(config)
     with _steering(model, vectors, slots, coeffs, where):
         out = model.generate(**inputs, generation_config=config, logits_processor=logits_processor)
     return out[:, prompt_len:]
+
+
+def _for_a_given_cache(config):
+    """``config`` for a ``generate`` call handed a cache: without ``cache_implementation``
+    (a checkpoint's ``"static"``, say), which generate refuses next to a cache."""
+    if getattr(config, "cache_implementation", None) is None:
+        return config
+    config = copy.deepcopy(config)
+    config.cache_implementation = None
+    return config
 
 
 def _sweep_sharing_first_token(model, tokenizer, vectors, ids, mask, prompt_index, slots, coeffs,
@@ -521,7 +534,7 @@ def _sweep_sharing_first_token(model, tokenizer, vectors, ids, mask, prompt_inde
         inputs = dict(input_ids=ids[used, -width:], attention_mask=mask[used, -width:])
     else:
         inputs = {"input_ids": shared.ids, "attention_mask": shared.mask, shared.cache_arg: shared.cache}
-    first_config = copy.deepcopy(config)
+    first_config = copy.deepcopy(_for_a_given_cache(config) if shared is not None else config)
     first_config.max_new_tokens = 1
     first_config.return_dict_in_generate = True
     if config.min_new_tokens:
@@ -546,7 +559,7 @@ def _sweep_sharing_first_token(model, tokenizer, vectors, ids, mask, prompt_inde
     select_rows(cache, rows)
     rest_ids = torch.cat([prompt_ids[rows], token[rows, None]], dim=1)
     rest_mask = torch.cat([prompt_mask[rows], torch.ones_like(prompt_mask[rows, :1])], dim=1)
-    rest_config = copy.deepcopy(config)
+    rest_config = copy.deepcopy(_for_a_given_cache(config))
     rest_config.max_new_tokens = config.max_new_tokens - 1
     if config.min_new_tokens:
         rest_config.min_new_tokens = config.min_new_tokens - 1

@@ -640,3 +640,29 @@ def test_sweeps_inside_a_positional_steer_context_equal_the_plain_batch(tiny_swe
             shared, plain = (score_rows(model, tokenizer, [vector], items, [(0, -2.0), (0, 3.0)],
                                         positions=positions, share_prefill=share) for share in (True, False))
             np.testing.assert_allclose(shared, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("expansion", [dict(cache_implementation="static"), dict(num_beams=2),
+                                       dict(do_sample=True, num_return_sequences=2)])
+def test_sweeps_with_a_cache_type_or_expanded_rows_equal_the_plain_batch(tiny_sweep, expansion):
+    """A checkpoint naming a cache type (``"static"``, the usual compile recipe) made the shared
+    sweep hand generate a cache next to it, which generate refuses; beam search and several
+    returned sequences expand the rows generate is given but not a cache passed in."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from steerkern.eval import sweep_generate
+
+    model, vector, ids, mask, index, slots, coeffs = tiny_sweep
+    config = GenerationConfig(max_new_tokens=3, min_new_tokens=3, pad_token_id=0, eos_token_id=2,
+                              **expansion)
+    with torch.no_grad():
+        for positions in ("all", "generated"):
+            outputs = []
+            for share in (True, False):
+                torch.manual_seed(0)
+                outputs.append(sweep_generate(model, SimpleNamespace(pad_token_id=0), [vector], ids, mask,
+                                              index, slots, coeffs, config=config, positions=positions,
+                                              share_prefill=share))
+            assert torch.equal(*outputs), positions
