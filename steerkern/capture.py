@@ -6,7 +6,9 @@ per-example vector-Jacobian products for the ``grad`` method. Never ``output_hid
 
 Read positions come from the attention mask and position ids count non-pad tokens, so left and
 right padding, and padding between a shared prefix and a row's own tokens, give the same
-activations.
+activations. Whole-text passes pad on the right whatever the tokenizer's ``padding_side``: a
+causal model's states at real tokens then never depend on the pads (which come after them),
+even in a model that ignores the attention mask or the position ids (RWKV ignores the mask).
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from __future__ import annotations
 import torch
 
 from steerkern.kvcache import cache_argument, empty_model_cache, filled_layers, positions_from_mask
-from steerkern.models import RESIDUAL, check_layer, input_device, resolve_module
+from steerkern.models import (
+    RESIDUAL,
+    check_layer,
+    input_device,
+    residual_stream_index,
+    resolve_module,
+    token_states,
+)
 from steerkern.prefix_tree import (
     build_prefix_tree,
     pack_by_length,
@@ -122,13 +131,15 @@ def _main_tensor(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _as_btd(tensor: torch.Tensor, batch: int, width: int) -> torch.Tensor:
-    """Module outputs are ``[B, T, D]``; some (MoE internals) are flattened ``[B*T, D]``."""
-    if tensor.dim() == 2 and tensor.shape[0] == batch * width:
-        return tensor.view(batch, width, -1)
-    if tensor.dim() != 3:
-        raise ValueError(f"cannot read per-token activations from an output of shape {tuple(tensor.shape)}")
-    return tensor
+def _as_btd(tensor: torch.Tensor, batch: int, width: int, stream: int = 0) -> torch.Tensor:
+    """A module output as ``[B, T, D]``: as it is, unflattened from ``[B*T, D]`` (MoE internals),
+    or copy ``stream`` of parallel residual streams ``[S, B, T, D]`` (Gemma 3n;
+    :func:`steerkern.models.token_states`)."""
+    states = token_states(tensor, batch, width, stream)
+    if states is None:
+        raise ValueError(f"cannot read per-token activations of a {batch} x {width}-token pass from "
+                         f"an output of shape {tuple(getattr(tensor, 'shape', ()))}")
+    return states
 
 
 # --- capture ----------------------------------------------------------------------------------
@@ -142,13 +153,14 @@ def _pad_id(tokenizer) -> int:
 
 
 class _Runner:
-    """Runs the model over tokenized texts in length-sorted, padded batches."""
+    """Runs the model over tokenized texts in length-sorted batches, padded on the right (pads
+    after every real token, so that no model can let them change a real token's state)."""
 
     def __init__(self, model, tokenizer, ids, batch_size, progress, desc):
         self.model, self.ids = model, ids
         self.batches = _length_batches([len(s) for s in ids], batch_size)
         self.pad_id = _pad_id(tokenizer)
-        self.side = getattr(tokenizer, "padding_side", "left") or "left"
+        self.side = "right"
         self.progress, self.desc = progress, desc
 
     def __iter__(self):
@@ -174,8 +186,8 @@ class _Reads:
     ``js[i]`` of text ``texts[i]``; ``take(store, layer, tensor)`` copies them (fp32, CPU) into
     ``store[layer] [n_texts, n_reads, D]``."""
 
-    def __init__(self, n_texts: int, n_reads: int):
-        self.n_texts, self.n_reads = n_texts, n_reads
+    def __init__(self, n_texts: int, n_reads: int, stream: int = 0):
+        self.n_texts, self.n_reads, self.stream = n_texts, n_reads, stream
         self.where, self.shape = None, None
 
     def set(self, rows, cols, texts, js, shape):
@@ -184,7 +196,7 @@ class _Reads:
 
     def take(self, store: dict, layer: int, tensor: torch.Tensor):
         rows, cols, texts, js = self.where
-        tensor = _as_btd(tensor, *self.shape)
+        tensor = _as_btd(tensor, *self.shape, self.stream)
         picked = tensor[rows.to(tensor.device), cols.to(tensor.device)].detach().float().cpu()
         if layer not in store:
             store[layer] = torch.full((self.n_texts, self.n_reads, picked.shape[-1]), float("nan"))
@@ -297,7 +309,7 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
     last_n_tokens = _check_reads(ids, last_n_tokens)
     layers = sorted(set(given.values()))
     deepest = layers[-1]  # compared after normalising: layers=[1, -1] must run to the last layer
-    reads = _Reads(len(texts), last_n_tokens)
+    reads = _Reads(len(texts), last_n_tokens, residual_stream_index(model))
     outs, ins = {}, {}
 
     def make_hook(layer):
@@ -353,6 +365,7 @@ def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=R
                          "outside inference_mode")
     runner = _Runner(model, tokenizer, ids, batch_size, progress, "grad")
     shallowest = min(layers)
+    stream = residual_stream_index(model)
     grads = {layer: [None] * len(texts) for layer in layers}
     held = {}
 
@@ -386,7 +399,7 @@ def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=R
             for batch, ids, mask, positions in runner:
                 held.clear()
                 runner.forward(ids, mask, positions)
-                top = _as_btd(held["readout"], len(batch), ids.shape[1])
+                top = _as_btd(held["readout"], len(batch), ids.shape[1], stream)
                 pos = last_positions(mask, last_n_tokens).to(top.device)
                 rows = torch.arange(len(batch), device=top.device)[:, None]
                 objective = (top[rows, pos].float() @ d.to(top.device, torch.float32)).sum()
@@ -395,7 +408,7 @@ def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=R
                 for layer, tensor, grad in zip(layers, tensors, found):
                     if grad is None:
                         grad = torch.zeros_like(tensor)
-                    grad = _as_btd(grad, len(batch), ids.shape[1])
+                    grad = _as_btd(grad, len(batch), ids.shape[1], stream)
                     summed = (grad.float() * mask.to(grad.device)[..., None]).sum(1).cpu()
                     for row, index in enumerate(batch):
                         grads[layer][index] = summed[row]

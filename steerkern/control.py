@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from steerkern import ops
-from steerkern.models import execution_device, resolve_module
+from steerkern.models import execution_device, residual_stream_index, resolve_module, token_states
 from steerkern.vectors import SteeringVector
 
 POSITIONS = ("all", "prompt", "generated")
@@ -130,6 +130,7 @@ class SteeringBank:
         self._token_shape: tuple[int, int] | None = None
         self._handles: list = []
         self._positional = _positional_names(model)
+        self._stream = residual_stream_index(model)  # Gemma 3n: the active residual copy
         self._generate_prompt: int | None = None  # P of the generate call under way
 
     # --- building ------------------------------------------------------------------------------
@@ -375,24 +376,26 @@ class SteeringBank:
                 and tokens.shape[1] > prompt.shape[1] and tokens.shape[2:] == prompt.shape[2:]
                 and torch.equal(tokens[:, :prompt.shape[1]], prompt.to(tokens.device)))
 
-    def _is_per_token(self, hidden: torch.Tensor) -> bool:
-        """``hidden`` is ``[B, T, D]`` for this pass's tokens, or flattened ``[B*T, D]`` (OPT's
-        feed-forward, MoE internals)."""
+    def _states(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """This pass's per-token states ``[B, T, D]`` in ``hidden`` (a view when ``hidden`` is
+        contiguous): ``hidden`` itself, or its flattened ``[B*T, D]`` form (OPT's feed-forward,
+        MoE internals), or the active copy of a residual stream kept as ``[S, B, T, D]`` (Gemma
+        3n); ``None`` when ``hidden`` is not per token of this pass."""
         if self._token_shape is None:
-            return False
-        batch, length = self._token_shape
-        if hidden.dim() == 2:
-            return hidden.shape[0] == batch * length
-        return tuple(hidden.shape[:2]) == self._token_shape
+            return None
+        return token_states(hidden, *self._token_shape, self._stream)
 
     def _site_hook(self, site: _Site):
         def hook(module, args, kwargs, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            if not self._is_per_token(hidden):
+            states = self._states(hidden)
+            if states is None:
                 raise RuntimeError(
-                    f"steer: {type(module).__name__} saw hidden states of shape "
-                    f"{tuple(hidden.shape)} but the model's forward pass had batch x length "
-                    f"{self._token_shape}; call the model itself, not one of its sub-modules"
+                    f"steer: {type(module).__name__} returned hidden states of shape "
+                    f"{tuple(getattr(hidden, 'shape', ()))}, not one state per token of the model's "
+                    f"forward pass (batch x length {self._token_shape}): call the model itself, not "
+                    "one of its sub-modules; a model whose layers return other shapes cannot be "
+                    "steered there"
                 )
             token_slot, token_coeff = self._token_state[site.device]
             # token_slot is -1 for unsteered tokens; index K of slot_map holds -1.
@@ -401,23 +404,34 @@ class SteeringBank:
             if site.source == "input":
                 source = args[0] if args else next(iter(kwargs.values()))
                 src = source.reshape(-1, source.shape[-1])
-            width = hidden.shape[-1]
+            width = states.shape[-1]
             differentiable = torch.is_grad_enabled() and (
                 hidden.requires_grad or any(t is not None and t.requires_grad
                                             for t in (site.bias, site.A, site.B))
             )
             if differentiable or not hidden.is_contiguous():
-                steered = ops.steer(hidden.reshape(-1, width), slot, token_coeff, site.bias,
+                steered = ops.steer(states.reshape(-1, width), slot, token_coeff, site.bias,
                                     site.A, site.B, src, self.normalize,
-                                    validate=False).view_as(hidden)
+                                    validate=False).view_as(states)
+                steered = _put_states(hidden, steered, self._stream)
                 if isinstance(output, tuple):
                     return (steered,) + tuple(output[1:])
                 return steered
-            ops.steer_(hidden.view(-1, width), slot, token_coeff, site.bias, site.A, site.B, src,
+            # hidden is contiguous, so ``states`` is a view of it: steer in place
+            ops.steer_(states.view(-1, width), slot, token_coeff, site.bias, site.A, site.B, src,
                        self.normalize, validate=False)
             return output
 
         return hook
+
+
+def _put_states(hidden: torch.Tensor, steered: torch.Tensor, stream: int) -> torch.Tensor:
+    """``hidden`` with its per-token states (``steerkern.models.token_states``) replaced by
+    ``steered [B, T, D]``, out of place: ``steered`` in ``hidden``'s shape, or for parallel
+    residual streams ``[S, B, T, D]`` the other copies unchanged around copy ``stream``."""
+    if hidden.dim() == 4:
+        return torch.cat([hidden[:stream], steered[None], hidden[stream + 1:]], dim=0)
+    return steered.reshape(hidden.shape)
 
 
 def _past_length(kwargs, mask, length, recurrent_seen) -> int | torch.Tensor:
@@ -426,22 +440,31 @@ def _past_length(kwargs, mask, length, recurrent_seen) -> int | torch.Tensor:
     (left as a tensor so that a CUDA graph capture never waits on the host); legacy tuple
     caches give their keys' length. A recurrent cache (Mamba-style state, no sequence length)
     is counted in ``recurrent_seen``: 0 while it holds no state, then the tokens this context
-    has fed it. Last, ``cache_position`` (older transformers' recurrent models)."""
+    has fed it; every pass is counted, also those that come with a mask (Mamba 2 and Falcon
+    Mamba get the mask for the prompt only, not for the decode steps). Last,
+    ``cache_position`` (older transformers' recurrent models)."""
+    cache = _cache_of(kwargs)
+    counted = _recurrent_past(cache, length, recurrent_seen) if _is_recurrent(cache) else None
     if mask is not None:
         return mask.shape[1] - length
-    cache = _cache_of(kwargs)
     if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)):
         return int(cache[0][0].shape[-2])  # legacy tuples: ((keys [B, H, S, d], values), ...)
     if cache is not None and hasattr(cache, "get_seq_length"):
         try:
             past = cache.get_seq_length()
-        except ValueError:
-            return _recurrent_past(cache, length, recurrent_seen)
+        except ValueError:  # recurrent layers only: no sequence length to ask
+            return counted if counted is not None else _recurrent_past(cache, length, recurrent_seen)
         return past if isinstance(past, torch.Tensor) else int(past)
     position = kwargs.get("cache_position")
     if isinstance(position, torch.Tensor) and position.numel():
         return position.reshape(-1)[0]
     return 0
+
+
+def _is_recurrent(cache) -> bool:
+    """Whether ``cache`` has recurrent layers (a state that records whether it holds tokens,
+    ``has_previous_state``, but not how many)."""
+    return any(hasattr(layer, "has_previous_state") for layer in getattr(cache, "layers", None) or ())
 
 
 def _cache_of(kwargs):

@@ -49,22 +49,28 @@ LAYER_PATHS = (
 
 # Canonical sub-module name -> spellings tried in order inside one decoder layer.
 # GPT-2 (attn.c_*, mlp.c_*), GPT-NeoX (attention.*, mlp.dense_*), Phi (self_attn.dense,
-# mlp.fc*), GPT-J (attn.out_proj, mlp.fc_*), OPT (self_attn.out_proj, fc* in the layer), Falcon
-# and Bloom (self_attention.*), MPT (attn.Wqkv, attn.out_proj, ffn.*).
+# mlp.fc*), GPT-J (attn.out_proj, mlp.fc_*), OPT, XGLM, BioGPT (self_attn.out_proj, fc* in the
+# layer), Falcon and Bloom (self_attention.*), MPT (attn.Wqkv, attn.out_proj, ffn.*), Llama 4,
+# Jamba, Bamba, Falcon-H1 (feed_forward.*), LFM2 (feed_forward.w1/w3/w2: gate/up/down),
+# RecurrentGemma (temporal_block.o_proj in its attention layers, mlp_block.*).
 MODULE_ALIASES = {
     "self_attn": ("self_attn", "attn", "attention", "self_attention"),
     "self_attn.o_proj": ("self_attn.o_proj", "attn.c_proj", "attention.dense", "self_attn.dense",
-                         "attn.out_proj", "self_attn.out_proj", "self_attention.dense"),
+                         "attn.out_proj", "self_attn.out_proj", "self_attention.dense",
+                         "temporal_block.o_proj"),
     "self_attn.q_proj": ("self_attn.q_proj", "attention.query_key_value", "attn.c_attn",
                          "attn.q_proj", "self_attention.query_key_value", "attn.Wqkv"),
     "self_attn.k_proj": ("self_attn.k_proj", "attn.k_proj"),
     "self_attn.v_proj": ("self_attn.v_proj", "attn.v_proj"),
-    "mlp": ("mlp", "block_sparse_moe", "ffn"),
+    "mlp": ("mlp", "block_sparse_moe", "ffn", "feed_forward", "mlp_block"),
     "mlp.down_proj": ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2", "mlp.fc_out",
-                      "fc2", "ffn.down_proj"),
+                      "fc2", "ffn.down_proj", "feed_forward.down_proj", "feed_forward.w2",
+                      "mlp_block.down_proj"),
     "mlp.up_proj": ("mlp.up_proj", "mlp.gate_up_proj", "mlp.c_fc", "mlp.dense_h_to_4h", "mlp.fc1",
-                    "mlp.fc_in", "fc1", "ffn.up_proj"),
-    "mlp.gate_proj": ("mlp.gate_proj",),
+                    "mlp.fc_in", "fc1", "ffn.up_proj", "feed_forward.up_proj", "feed_forward.w3",
+                    "mlp_block.up_proj"),
+    "mlp.gate_proj": ("mlp.gate_proj", "feed_forward.gate_proj", "feed_forward.w1",
+                      "mlp_block.gate_proj"),
 }
 
 RESIDUAL = "residual"
@@ -517,21 +523,72 @@ def resolve_module(model: nn.Module, layer: int, target: str = RESIDUAL) -> nn.M
     is the residual stream); otherwise ``target`` is a canonical sub-module name
     (``MODULE_ALIASES``), translated for this architecture, or any dotted path inside the layer."""
     index = check_layer(model, layer)
-    block = decoder_layers(model)[index]
+    layers = decoder_layers(model)
+    block = layers[index]
     if target == RESIDUAL:
-        return block
+        return _own_module(layers, index, block, target)
     if not isinstance(target, str) or not target:
         raise ValueError(f"target must be 'residual' or a sub-module name, got {target!r}")
     for spelling in MODULE_ALIASES.get(target, (target,)):
         found = _get_path(block, spelling)
         if isinstance(found, nn.Module):
-            return found
+            return _own_module(layers, index, found, target)
     known = sorted(name for name in MODULE_ALIASES if any(
         isinstance(_get_path(block, s), nn.Module) for s in MODULE_ALIASES[name]))
     raise ValueError(
         f"target={target!r} is not a sub-module of layer {index} ({type(block).__name__}): use "
         f"'residual', one of {known}, or a dotted path from named_modules() of that layer"
     )
+
+
+def _own_module(layers: nn.ModuleList, index: int, module: nn.Module, target: str) -> nn.Module:
+    """``module`` (found in layer ``index``) if no other decoder layer holds it too; a module
+    shared between layers (Zamba's shared transformer block, a layer repeated in the list) runs
+    once per layer that calls it, so a hook on it would steer or read all of them."""
+    others = [i for i, block in enumerate(layers)
+              if i != index and any(inner is module for inner in block.modules())]
+    if not others:
+        return module
+    where = "is listed again" if target == RESIDUAL else "is shared with"
+    raise ValueError(
+        f"target={target!r} at layer {index} {where} layer(s) {others} (weights shared between "
+        f"layers): a hook on it would act at all of them. Choose a module of layer {index}'s own: "
+        "the residual stream (target='residual') of a layer that is not repeated, or a sub-module "
+        "that only this layer holds"
+    )
+
+
+def residual_stream_index(model: nn.Module) -> int:
+    """Which copy of the residual stream a decoder layer's output ``[S, B, T, D]`` carries the
+    model's own stream in, for architectures that keep ``S`` parallel copies of it (Gemma 3n's
+    AltUp): the *active* one (``altup_active_idx``, default 0), which every layer attends from
+    and the final norm reads. Steering adds to it, capture reads it; the other copies then
+    take the change through the layers' learned mixing, as they take any layer's update."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    index = getattr(config, "altup_active_idx", 0)
+    return index if isinstance(index, int) and not isinstance(index, bool) else 0
+
+
+def token_states(tensor: torch.Tensor, batch: int, length: int, stream: int = 0) -> torch.Tensor | None:
+    """A module output as per-token states ``[B, T, D]`` of a pass over ``batch x length``
+    tokens (a view of ``tensor`` when it is contiguous); ``None`` when it is none of these forms:
+
+    - ``[B, T, D]``: as it is;
+    - ``[B*T, D]``: flattened tokens (OPT's feed-forward, MoE internals);
+    - ``[S, B, T, D]``: ``S`` parallel copies of the residual stream (Gemma 3n): copy ``stream``
+      (:func:`residual_stream_index`).
+    """
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    if tensor.dim() == 2 and tensor.shape[0] == batch * length:
+        return tensor.view(batch, length, tensor.shape[-1]) if tensor.is_contiguous() \
+            else tensor.reshape(batch, length, tensor.shape[-1])
+    if tensor.dim() == 3 and tuple(tensor.shape[:2]) == (batch, length):
+        return tensor
+    if tensor.dim() == 4 and tuple(tensor.shape[1:3]) == (batch, length) and 0 <= stream < tensor.shape[0]:
+        return tensor[stream]
+    return None
 
 
 def module_weight(module: nn.Module) -> torch.Tensor:

@@ -2,7 +2,9 @@
 layer discovery (known paths, or the one ModuleList as long as the config's layer count),
 canonical sub-module names, per-row steering against rows run alone (residual and sub-module), positions="generated"
 inside generate (KV caches and Mamba's recurrent state), and prefix-shared capture against
-whole-text passes (including MPT, whose ALiBi places tokens by column: it must fall back)."""
+whole-text passes (including MPT, whose ALiBi places tokens by column: it must fall back).
+Then what some layouts need of their own: Gemma 3n's parallel residual copies, Mamba 2's mask
+given for the prompt pass only, RWKV ignoring the attention mask, modules shared between layers."""
 
 import pytest
 import torch
@@ -46,13 +48,33 @@ MORE = {
             dict(IDS, vocab_size=128, d_model=64, n_layers=4, n_heads=4, max_seq_len=256), "oud"),
     "mamba": ("MambaConfig", "MambaForCausalLM",
               dict(IDS, vocab_size=128, hidden_size=64, num_hidden_layers=4, state_size=8), ""),
+    # 2025-26 layouts: feed_forward.* with a MoE (Llama 4), conv + attention layers with
+    # feed_forward.w1/w3/w2 (LFM2), Mamba 2 (a recurrent cache), Gemma 3n (the residual stream
+    # kept as [S, B, T, D] copies). StarCoder2, GLM-4, XGLM, OLMo 3, SmolLM3, Cohere 2, EXAONE 4,
+    # Seed-OSS, Apertus, CodeGen, BioGPT, Qwen3-Next, Bamba, Falcon-H1, Jamba took the same paths
+    # as the layouts above when checked by hand (transformers 5.24).
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
+               dict(COMMON, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                    intermediate_size_mlp=96, attention_chunk_size=64), "o"),
+    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM",
+             dict(COMMON, layer_types=["conv", "full_attention", "conv", "full_attention"],
+                  block_ff_dim=96, block_auto_adjust_ff_dim=False), "oud"),
+    "mamba2": ("Mamba2Config", "Mamba2ForCausalLM",
+               dict(IDS, vocab_size=128, hidden_size=64, num_hidden_layers=4, num_heads=8, head_dim=16,
+                    state_size=8, n_groups=1, chunk_size=16, expand=2), ""),
+    "gemma3n": ("Gemma3nTextConfig", "Gemma3nForCausalLM",
+                dict(COMMON, head_dim=16, sliding_window=64, laurel_rank=8, altup_num_inputs=2,
+                     num_kv_shared_layers=0, hidden_size_per_layer_input=8,
+                     vocab_size_per_layer_input=128, intermediate_size=[96] * 4,
+                     activation_sparsity_pattern=[0.0] * 4,
+                     layer_types=["sliding_attention", "full_attention"] * 2), "oud"),
 }
 SUBMODULES = {"o": "self_attn.o_proj", "u": "mlp.up_proj", "d": "mlp.down_proj"}
 
 
 def build(name):
     config_name, model_name, kwargs, _ = MORE[name]
-    if not hasattr(transformers, model_name):
+    if not (hasattr(transformers, model_name) and hasattr(transformers, config_name)):
         pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
     torch.manual_seed(0)
     return getattr(transformers, model_name)(getattr(transformers, config_name)(**kwargs)).eval()
@@ -115,3 +137,128 @@ def test_steering_extraction_and_generation(name):
     shared = capture(model, tokenizer, texts, [1, 2], last_n_tokens=2, progress=False)
     for layer in (1, 2):
         torch.testing.assert_close(shared[layer], whole[layer], atol=1e-5, rtol=1e-5)
+
+
+def test_feed_forward_spellings_resolve():
+    """Canonical names find the feed-forward of layouts that call it ``feed_forward`` (Llama 4,
+    Jamba, Bamba, Falcon-H1, LFM2 with w1/w3/w2 as gate/up/down)."""
+    model = build("lfm2")
+    layer = decoder_layers(model)[1]
+    assert resolve_module(model, 1, "mlp") is layer.feed_forward
+    assert resolve_module(model, 1, "mlp.down_proj") is layer.feed_forward.w2
+    assert resolve_module(model, 1, "mlp.up_proj") is layer.feed_forward.w3
+    assert resolve_module(model, 1, "mlp.gate_proj") is layer.feed_forward.w1
+    assert resolve_module(model, 1, "self_attn.o_proj") is layer.self_attn.out_proj
+    llama4 = build("llama4")
+    assert resolve_module(llama4, 0, "mlp") is decoder_layers(llama4)[0].feed_forward
+
+
+def test_parallel_residual_streams_are_read_and_steered_on_the_active_copy():
+    """Gemma 3n's layers return the residual stream as ``[S, B, T, D]`` copies (AltUp): capture
+    reads the active copy (what ``output_hidden_states`` holds there), and a residual vector
+    changes that copy only, by exactly ``coeff * bias``."""
+    model = build("gemma3n")
+    stream = model.config.altup_active_idx
+    tokenizer = CharTokenizer("left")
+    texts = ["hello world", "hi"]
+    got = capture(model, tokenizer, texts, [1], progress=False, share_prefixes=False)[1][:, -1]
+    bias = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    vector = SteeringVector.from_directions({1: bias})
+
+    def layer_output(ids):  # hooked last: after any steering hook
+        seen = []
+        handle = decoder_layers(model)[1].register_forward_hook(
+            lambda module, args, output: seen.append(output.clone()))
+        try:
+            model(ids)
+        finally:
+            handle.remove()
+        return seen[0]
+
+    with torch.no_grad():
+        for row, text in enumerate(texts):
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            hidden = model(ids, output_hidden_states=True).hidden_states[2]
+            assert hidden.dim() == 4
+            torch.testing.assert_close(got[row], hidden[stream, 0, -1], atol=1e-5, rtol=1e-5)
+            plain = layer_output(ids)
+            with steer(model, vector, coeff=2.0):
+                steered = layer_output(ids)
+            torch.testing.assert_close(steered[stream] - plain[stream],
+                                       (2.0 * bias).expand_as(plain[stream]), atol=1e-5, rtol=1e-5)
+            others = [s for s in range(plain.shape[0]) if s != stream]
+            assert torch.equal(steered[others], plain[others])
+    assert steerkern_hook_count(model) == 0
+
+
+def test_recurrent_cache_generated_positions_with_a_padded_batch():
+    """Mamba 2 gets an attention mask for the prompt pass only: positions="generated" must still
+    steer the decode steps (its recurrent state's token count includes the masked prompt pass),
+    as the explicit mask of the generated columns does, and leave the first token alone."""
+    model = build("mamba2")
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 100, (2, 6), generator=generator)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0  # row 1 is left-padded
+    vector = SteeringVector.from_directions({1: 4 * torch.randn(64, generator=generator)})
+    options = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                   pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    columns = torch.zeros(2, 6 + 3, dtype=torch.bool)
+    columns[:, 6:] = True
+    with torch.no_grad():
+        plain = model.generate(**options)
+        with steer(model, vector, coeff=1.0, positions="generated"):
+            steered = model.generate(**options)
+        with steer(model, vector, coeff=1.0, positions=columns):
+            explicit = model.generate(**options)
+    assert torch.equal(steered.scores[0], plain.scores[0])
+    assert (steered.scores[1] - plain.scores[1]).abs().max() > 1e-3
+    assert torch.equal(steered.sequences, explicit.sequences)
+    for ours, theirs in zip(steered.scores, explicit.scores):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_capture_of_a_model_that_ignores_the_attention_mask():
+    """RWKV ignores the attention mask, so left pads would flow into its state: capture pads
+    after the real tokens, and a batch of texts of several lengths reads what each text alone
+    gives."""
+    if not hasattr(transformers, "RwkvForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no RwkvForCausalLM")
+    torch.manual_seed(0)
+    config = transformers.RwkvConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                     attention_hidden_size=64, intermediate_size=96,
+                                     context_length=64, **IDS)
+    model = transformers.RwkvForCausalLM(config).eval()
+    tokenizer = CharTokenizer("left")
+    texts = ["hello world", "hi", "hello there world"]
+    batched = capture(model, tokenizer, texts, [0, 1], last_n_tokens=2, progress=False)
+    for row, text in enumerate(texts):
+        alone = capture(model, tokenizer, [text], [0, 1], last_n_tokens=2, progress=False)
+        for layer in (0, 1):
+            torch.testing.assert_close(batched[layer][row], alone[layer][0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared", ["layer", "mlp"])
+def test_modules_shared_between_layers_are_refused(shared):
+    """A module that several decoder layers call (a layer listed twice, a block shared between
+    layers as Zamba's attention block was) would be hooked at all of them: steering or reading
+    it at one layer is refused with a message naming the layers, before any hook is attached."""
+    from tests.tiny_models import build_tiny_model
+
+    model = build_tiny_model("llama")
+    layers = decoder_layers(model)
+    if shared == "layer":
+        layers[2] = layers[1]
+        target = "residual"
+    else:
+        layers[2].mlp = layers[1].mlp
+        target = "mlp.down_proj"
+    width = resolve_module(model, 0, target).weight.shape[0] if target != "residual" else 64
+    vector = SteeringVector.from_directions({1: torch.ones(width)}, target=target)
+    with pytest.raises(ValueError, match=r"layer\(s\) \[2\]"):
+        with steer(model, vector):
+            pass
+    with pytest.raises(ValueError, match=r"layer\(s\) \[2\]"):
+        capture(model, CharTokenizer(), ["hello"], [1], target=target, progress=False)
+    assert steerkern_hook_count(model) == 0
+    resolve_module(model, 0, target)  # layer 0 is its own

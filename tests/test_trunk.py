@@ -149,7 +149,8 @@ def test_steered_prompt_sweeps_share_the_bottom_layers(kind, name, monkeypatch):
     def counting(self, *args, **kwargs):
         for i in rows_seen:
             if self is layers[i]:
-                rows_seen[i].append((args[0] if args else kwargs["hidden_states"]).shape[0])
+                # the batch axis: third from last (Gemma 3n's residual copies come first)
+                rows_seen[i].append((args[0] if args else kwargs["hidden_states"]).shape[-3])
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(layer_class, "forward", counting)
