@@ -230,8 +230,8 @@ def extract(model, tokenizer, pairs, *, layers=None, method: str = "pca_diff", r
 
     Args:
         model, tokenizer: a Hugging Face causal LM (possibly sharded with ``device_map``) and its
-            tokenizer (its ``padding_side`` is honoured; the read positions come from the
-            attention mask, so either side gives the same vector).
+            tokenizer (whatever its ``padding_side``, batches are padded on the right and
+            read where the attention mask says, so either side gives the same vector).
         pairs: ``[(chosen, rejected), ...]`` strings, ``(chosen_list, rejected_list)``, or a
             :class:`~steerkern.data.PairSet` from :func:`~steerkern.data.make_pairs`.
         layers: layer index or list; default :func:`~steerkern.models.default_layers` (middle band).
