@@ -303,6 +303,12 @@ def _load_pretrained(source, name: str | None, options: dict):
     shared = {key: options[key] for key in _TOKENIZER_OPTIONS if key in options}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **shared)
+    except ImportError as error:  # e.g. protobuf / sentencepiece, to convert a slow tokenizer
+        raise ModelLoadError(
+            f"{call}: cannot load the tokenizer ({_first_line(error)}): install the library it "
+            "names; a directory without tokenizer files needs one saved next to the weights with "
+            "tokenizer.save_pretrained(directory)"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         if not local:
             raise ModelLoadError(f"{call}: cannot load it ({_first_line(error)}): {_HUB_HINT}") from None
@@ -313,6 +319,9 @@ def _load_pretrained(source, name: str | None, options: dict):
         ) from None
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **options)
+    except ImportError as error:  # remote code or an attention backend needing another package
+        raise ModelLoadError(f"{call}: cannot load the model ({_first_line(error)}): install the "
+                             "library it names") from None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         given = {key: value for key, value in options.items()
                  if key not in ("dtype", "torch_dtype") or value not in ("auto", torch.float32)}

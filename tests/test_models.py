@@ -401,3 +401,22 @@ def test_unwritable_cache_directory_is_named(small_gguf, monkeypatch, tmp_path):
         load_model()
     monkeypatch.setenv("STEERKERN_CACHE", "~/steerkern-cache")
     assert models.cache_dir() == Path.home() / "steerkern-cache"
+
+
+def test_a_missing_library_is_named_as_the_fix(own_checkpoint, monkeypatch):
+    """transformers 4.5x builds a Llama tokenizer through protobuf when it has no fast one, and
+    remote code may import packages that are not installed: an ImportError used to escape
+    load_model instead of a ModelLoadError saying what to install."""
+    import transformers
+
+    def missing(*args, **kwargs):
+        raise ImportError("\nLlamaConverter requires the protobuf library but it was not found")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.AutoTokenizer, "from_pretrained", missing)
+        with pytest.raises(ModelLoadError, match="tokenizer .*protobuf.*install the library"):
+            load_model(own_checkpoint)
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", missing)
+        with pytest.raises(ModelLoadError, match="model .*protobuf.*install the library"):
+            load_model(own_checkpoint)
