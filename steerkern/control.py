@@ -33,6 +33,7 @@ import contextlib
 import functools
 import inspect
 import numbers
+import types
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -250,7 +251,7 @@ class SteeringBank:
                 self._handles.append(
                     site.module.register_forward_hook(self._site_hook(site), with_kwargs=True)
                 )
-            if self.positions in ("prompt", "generated"):
+            if self.positions in ("prompt", "generated") or _chunking_skips_hooks(self.model):
                 _track_generate(self.model, self)
         except BaseException:
             self.detach()
@@ -499,7 +500,8 @@ def _track_generate(model: nn.Module, bank: SteeringBank) -> None:
             for b in banks:
                 b._generate_prompt = length
             try:
-                return inner(*args, **kwargs)
+                with _chunks_through_hooks(model):
+                    return inner(*args, **kwargs)
             finally:
                 for b, value in zip(banks, outer):
                     b._generate_prompt = value
@@ -508,6 +510,66 @@ def _track_generate(model: nn.Module, bank: SteeringBank) -> None:
         object.__setattr__(model, _GENERATE, state)
         object.__setattr__(model, "generate", generate)
     state[0].append(bank)
+
+
+_SKIPS_HOOKS: dict[type, bool] = {}
+
+
+def _chunking_skips_hooks(model: nn.Module) -> bool:
+    """Whether ``generate(prefill_chunk_size=...)`` runs the chunks through ``self.forward``,
+    past the model's forward hooks (transformers 4.53-4.57's ``_prefill_chunking``; 5.x calls
+    the model itself)."""
+    cls = type(model)
+    if cls not in _SKIPS_HOOKS:
+        method = getattr(cls, "_prefill_chunking", None)
+        try:
+            source = inspect.getsource(method) if method is not None else ""
+        except (OSError, TypeError):
+            source = ""
+        _SKIPS_HOOKS[cls] = "= self.forward" in source
+    return _SKIPS_HOOKS[cls]
+
+
+@contextlib.contextmanager
+def _chunks_through_hooks(model: nn.Module):
+    """Inside the context, the prefill chunks of a ``generate`` call go through the model's
+    forward hooks (where the steering bank learns each pass's tokens) when the installed
+    transformers calls ``self.forward`` for them: ``_prefill_chunking`` is wrapped so that,
+    while it runs, ``model.forward`` enters ``model.__call__`` once (hooks run once, then the
+    real forward)."""
+    if not _chunking_skips_hooks(model) or "_prefill_chunking" in model.__dict__:
+        yield
+        return
+    chunking = model._prefill_chunking
+
+    def prefill_chunking(*args, **kwargs):
+        own = model.__dict__.get("forward")  # accelerate's device hooks, if any
+        real = own if own is not None else types.MethodType(type(model).forward, model)
+        inside = []
+
+        def forward(*f_args, **f_kwargs):
+            if inside:  # called back by __call__: the real forward
+                return real(*f_args, **f_kwargs)
+            inside.append(True)
+            try:
+                return model(*f_args, **f_kwargs)
+            finally:
+                inside.pop()
+
+        object.__setattr__(model, "forward", forward)
+        try:
+            return chunking(*args, **kwargs)
+        finally:
+            if own is None:
+                model.__dict__.pop("forward", None)
+            else:
+                object.__setattr__(model, "forward", own)
+
+    object.__setattr__(model, "_prefill_chunking", prefill_chunking)
+    try:
+        yield
+    finally:
+        model.__dict__.pop("_prefill_chunking", None)
 
 
 def _untrack_generate(model: nn.Module, bank: SteeringBank) -> None:
