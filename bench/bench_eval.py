@@ -2,9 +2,14 @@
 paired table alone: ``uv run python bench/bench_eval.py [rounds]``.
 
 On the default model (SmolLM2-135M-Instruct), 16 prompts (the shipped sentiment eval
-questions, chat-rendered) x 5 coefficients, greedy, exactly ``NEW_TOKENS`` new tokens per row
-(``min_new_tokens = max_new_tokens``, so every variant does the same decode work), for each
-steering ``positions`` setting ("generated": only new tokens steered; "all": prompt too):
+questions, chat-rendered) x 5 coefficients, greedy, up to ``NEW_TOKENS`` new tokens per row with
+the generation config ``evaluate`` uses (``_greedy_config``: a call stops when all its rows have
+ended), for each steering ``positions`` setting ("generated": only new tokens steered; "all":
+prompt too). ``STEERKERN_BENCH_FORCE_LENGTH=1`` adds ``min_new_tokens = max_new_tokens`` (the
+setting of the notes before 2026-11-30 session 7): every call then decodes exactly
+``NEW_TOKENS`` steps, but generate's two min-length logits processors copy and rewrite the
+whole ``[rows, vocab]`` score matrix at every step, work ``evaluate`` does not do and that costs
+the 80-row batch more per row than 16-row calls whose scores stay in cache:
 
 - ``shared``: what ``steerkern.evaluate`` does — ``steerkern.eval.sweep_generate``: one
   ``generate`` of 80 rows, each row with its own coefficient (``steer(model, [v],
@@ -46,6 +51,7 @@ PROMPTS = 16
 NEW_TOKENS = int(os.environ.get("STEERKERN_BENCH_TOKENS", "16"))
 ROUNDS = int(os.environ.get("STEERKERN_BENCH_ROUNDS", "3"))
 POSITIONS = ("generated", "all")
+FORCE_LENGTH = os.environ.get("STEERKERN_BENCH_FORCE_LENGTH", "0") == "1"
 
 
 def make_setup():
@@ -60,7 +66,8 @@ def make_setup():
     direction = torch.randn(576, generator=generator)
     vector = SteeringVector.from_directions({12: 6.0 * direction / direction.norm()})
     config = _greedy_config(model, tokenizer, NEW_TOKENS)
-    config.min_new_tokens = NEW_TOKENS
+    if FORCE_LENGTH:
+        config.min_new_tokens = NEW_TOKENS
     return model, tokenizer, vector, ids, mask, config
 
 
@@ -89,7 +96,22 @@ def per_coeff(setup, positions):
             with steer(model, vector, coeff=c, positions=positions):
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             outs.append(out[:, ids.shape[1]:])
-    return torch.cat(outs)
+    return _stack(outs, config.pad_token_id)
+
+
+def _stack(outputs: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+    """Rows of calls that stopped after different numbers of steps, right-padded as
+    ``generate`` pads rows that ended early."""
+    width = max(out.shape[1] for out in outputs)
+    return torch.cat([torch.nn.functional.pad(out, (0, width - out.shape[1]), value=pad_id)
+                      for out in outputs])
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor, pad_id: int) -> float:
+    """Fraction of equal token ids, the shorter output right-padded."""
+    width = max(a.shape[1], b.shape[1])
+    a, b = (torch.nn.functional.pad(out, (0, width - out.shape[1]), value=pad_id) for out in (a, b))
+    return (a == b).float().mean().item()
 
 
 def paired_rounds(setup, positions, rounds=ROUNDS) -> dict:
@@ -112,13 +134,15 @@ def paired_rounds(setup, positions, rounds=ROUNDS) -> dict:
             times[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
             outputs.setdefault(name, out)
-    agree = {f"shared_vs_{k}": (outputs["shared"] == outputs[k]).float().mean().item()
+    pad_id = setup[5].pad_token_id
+    agree = {f"shared_vs_{k}": _agreement(outputs["shared"], outputs[k], pad_id)
              for k in ("plain", "per_coeff")}
     vs_per_coeff = [b / s for b, s in zip(times["per_coeff"], times["shared"])]
     vs_plain = [p / s for p, s in zip(times["plain"], times["shared"])]
     plain_vs_per_coeff = [b / p for b, p in zip(times["per_coeff"], times["plain"])]
     cpu_ratio = [b / s for b, s in zip(cpu["per_coeff"], cpu["shared"])]
     return {"times": times, "cpu": cpu, "agreement": agree,
+            "steps": {k: int(v.shape[1]) for k, v in outputs.items()},
             "cpu_median_s": {k: statistics.median(v) for k, v in cpu.items()},
             "cpu_speedup": statistics.median(cpu_ratio), "cpu_speedup_range": (min(cpu_ratio), max(cpu_ratio)), "median_s": {k: statistics.median(v) for k, v in times.items()},
             "speedup": statistics.median(vs_per_coeff), "speedup_range": (min(vs_per_coeff), max(vs_per_coeff)),
@@ -136,7 +160,8 @@ def test_sweep_batched_vs_per_coefficient(benchmark, setup, positions):
     benchmark.extra_info.update({
         "device": "cuda" if CUDA else f"cpu ({torch.get_num_threads()} thread)",
         "positions": positions, "rows": len(COEFFS) * PROMPTS, "new_tokens": NEW_TOKENS,
-        "token_agreement": agree, "rounds": ROUNDS, **{f"{k}_s": v for k, v in result["median_s"].items()},
+        "token_agreement": agree, "rounds": ROUNDS, "force_length": FORCE_LENGTH,
+        "new_tokens_per_variant": result["steps"], **{f"{k}_s": v for k, v in result["median_s"].items()},
         "speedup": result["speedup"], "speedup_range": result["speedup_range"],
         "shared_vs_plain": result["shared_vs_plain"], "cpu_speedup": result["cpu_speedup"],
         **{f"{k}_cpu_s": v for k, v in result["cpu_median_s"].items()},
@@ -164,6 +189,7 @@ if __name__ == "__main__":
     for pos in chosen:
         res = paired_rounds(state, pos, rounds)
         print(_line(pos, res), flush=True)
-        print("token agreement:", res["agreement"], flush=True)
+        print("token agreement:", res["agreement"], "new tokens (widest row):", res["steps"],
+              "forced length:", FORCE_LENGTH, flush=True)
         print("per-round wall seconds:", {k: [round(x, 2) for x in v] for k, v in res["times"].items()}, flush=True)
         print("per-round CPU seconds:", {k: [round(x, 2) for x in v] for k, v in res["cpu"].items()}, flush=True)
