@@ -77,6 +77,8 @@ def empty_model_cache(model, max_length: int):
         return None
     if getattr(model, "_supports_cache_class", True) is False:
         return None  # models that still take tuples (GPT-2 before transformers 4.53)
+    if _has_own_cache_class(model):
+        return None
     try:
         from transformers.cache_utils import DynamicCache
     except ImportError:  # pragma: no cover - transformers without the Cache classes
@@ -89,6 +91,16 @@ def empty_model_cache(model, max_length: int):
         if window is not None and not max_length < window:
             return None
     return cache if is_gatherable(cache, max_length) else None
+
+
+def _has_own_cache_class(model) -> bool:
+    """Whether the model's modeling module defines a cache class of its own (LFM2's
+    ``Lfm2HybridConvCache`` before transformers 5): the model expects that cache, not a
+    dynamic one."""
+    module = sys.modules.get(type(model).__module__)
+    return module is not None and any(
+        isinstance(value, type) and name.endswith("Cache") and value.__module__ == module.__name__
+        for name, value in vars(module).items())
 
 
 def steers_by_position(model) -> bool:

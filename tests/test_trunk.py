@@ -276,3 +276,18 @@ def test_a_residual_stream_kept_in_copies_is_gathered_along_its_batch_axis():
         got = forward_rest(model, shared, shared.ids, shared.mask, keep=1)[:, -1]
         want = _forward_logits(model, ids[index], mask[index], keep=1)[:, -1]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_with_a_cache_class_of_its_own_is_not_handed_a_dynamic_cache(monkeypatch):
+    """LFM2 before transformers 5 defines ``Lfm2HybridConvCache`` in its modeling module and
+    fails on a ``DynamicCache`` ("no attribute 'conv_cache'"): such models build their own."""
+    import sys
+
+    from steerkern.kvcache import empty_model_cache
+
+    model = build_tiny_model("llama")
+    assert empty_model_cache(model, 16) is not None
+    module = sys.modules[type(model).__module__]
+    own = type("LlamaHybridCache", (), {"__module__": module.__name__})
+    monkeypatch.setattr(module, "LlamaHybridCache", own, raising=False)
+    assert empty_model_cache(model, 16) is None
