@@ -95,6 +95,11 @@ def test_steering_extraction_and_generation(name):
     slots, coeffs = [0, 1, -1], [1.0, -2.0, 1.0]
     with torch.no_grad():
         base = model(ids).logits
+        alone = model(ids[2:]).logits[0]
+        if not torch.allclose(alone, base[2], atol=1e-4, rtol=1e-4):  # Llama 4 under 4.55
+            pytest.skip(f"{name} under transformers {transformers.__version__} couples the rows of "
+                        f"a batch ({(alone - base[2]).abs().max():.1e} between a row alone and in "
+                        "the batch): steering one row moves the others")
         with steer(model, vectors, slots=slots, coeff=coeffs):
             batched = model(ids).logits
         torch.testing.assert_close(batched[2], base[2], atol=1e-6, rtol=1e-6)  # slot -1
@@ -168,7 +173,8 @@ def test_parallel_residual_streams_are_read_and_steered_on_the_active_copy():
     def layer_output(ids):  # hooked last: after any steering hook
         seen = []
         handle = decoder_layers(model)[1].register_forward_hook(
-            lambda module, args, output: seen.append(output.clone()))
+            lambda module, args, output: seen.append(
+                (output[0] if isinstance(output, tuple) else output).clone()))  # a tuple before 5
         try:
             model(ids)
         finally:
