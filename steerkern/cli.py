@@ -15,7 +15,6 @@ a one-line message on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -85,29 +84,17 @@ def _existing_file(path: str, flag: str) -> Path:
 
 
 def _read_records(path: Path, flag: str) -> list:
-    """The records of a JSON file (a list, ``{"pairs"|"prompts": [...]}`` or one record) or of a
-    JSONL file (one record per line), whatever its extension; UTF-8, a byte-order mark allowed.
-    A bad JSONL line is named by its number."""
+    """The records of a JSON or JSONL file (``steerkern.data.json_records``, whatever the
+    extension); a JSON object ``{"pairs"|"prompts": [...]}`` holds its list."""
+    from steerkern.data import json_records
+
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise CLIError(f"{flag}: {str(path)!r} is not a UTF-8 text file") from None
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError:
-        records = []
-        for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 in strings
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise CLIError(f"{flag}: {str(path)!r} is not valid JSON or JSONL (line {number}: {error}): "
-                               "give one JSON list or one JSON object per line") from None
-    else:
-        if isinstance(records, dict):
-            wrapped = records.get("pairs", records.get("prompts"))
-            records = wrapped if wrapped is not None else [records]
+        records = [record for _, record in json_records(path)]
+    except ValueError as error:
+        raise CLIError(f"{flag}: {error}") from None
+    if len(records) == 1 and isinstance(records[0], dict):
+        wrapped = records[0].get("pairs", records[0].get("prompts"))
+        records = wrapped if wrapped is not None else records
     if not isinstance(records, list) or not records:
         raise CLIError(f"{flag}: {str(path)!r} holds no records: expected a JSON list or one JSON object per line")
     return records

@@ -247,9 +247,8 @@ def load_mwe(path, *, limit: int | None = None) -> list[MWEItem]:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     items = []
-    for where, parse in _json_records(path):
+    for where, row in json_records(path):
         try:
-            row = parse()
             item = MWEItem(row["question"], _first(row["answer_matching_behavior"]),
                            _first(row["answer_not_matching_behavior"])).check()
         except (ValueError, KeyError, TypeError, IndexError) as error:
@@ -265,11 +264,13 @@ def load_mwe(path, *, limit: int | None = None) -> list[MWEItem]:
     return items
 
 
-def _json_records(path: Path):
-    """``(where, parse)`` per record of a JSONL file (``where = "line N"``, blank lines skipped)
-    or of a file holding one JSON array (``where = "item N"``); ``parse()`` decodes the record,
-    so that a bad line is reported with its number. Raises ``ValueError`` naming ``path`` for
-    text that is not UTF-8 or an array that is not valid JSON."""
+def json_records(path) -> list[tuple[str, object]]:
+    """The records of a JSON file (a list of records, or one record over several lines) or of a
+    JSONL file (one record per line, blank lines skipped), whatever its extension: ``(where,
+    record)`` pairs, ``where`` being ``"item N"`` or ``"line N"`` for error messages. UTF-8, a
+    byte-order mark allowed; lines are split on ``"\\n"`` only (a JSON string may hold U+2028 raw). Raises
+    ``ValueError`` naming ``path`` (and the line) for text that is not UTF-8 or not JSON."""
+    path = Path(os.fspath(path))
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: drop a byte-order mark
     except UnicodeDecodeError as error:
@@ -279,11 +280,20 @@ def _json_records(path: Path):
             rows = json.loads(text)
         except ValueError as error:
             raise ValueError(f"{str(path)!r} starts a JSON array but is not valid JSON: {error}") from None
-        return [(f"item {number}", lambda row=row: row) for number, row in enumerate(rows, 1)]
-    # split("\n"), not splitlines(): a JSON string may hold U+2028, U+0085, ... raw, and
-    # splitlines() would break the line there
-    return [(f"line {number}", lambda line=line: json.loads(line))
-            for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+        return [(f"item {number}", row) for number, row in enumerate(rows, 1)]
+    records = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"line {number}", json.loads(line)))
+        except ValueError as error:
+            try:  # one record written over several lines
+                return [("item 1", json.loads(text))]
+            except ValueError:
+                raise ValueError(f"{str(path)!r} is not valid JSON or JSONL (line {number}: {error}): "
+                                 "give one JSON list or one JSON object per line") from None
+    return records
 
 
 def _as_item(entry, index: int) -> MWEItem:
