@@ -17,7 +17,9 @@ the 80-row batch more per row than 16-row calls whose scores stay in cache:
   ``steerkern.prefill``: the chat template's common prefix is run once per coefficient
   ("all") or once in all, and under "generated" each prompt but its last token once for all
   coefficients; under "all" the layers below the vector's (0-11) run the prefix once and each
-  prompt's suffix once (``steerkern.trunk``); its KV cache is copied to the 80 rows;
+  prompt's suffix once (``steerkern.trunk``); its KV cache is copied to the 80 rows, into
+  buffers with room for every generated column (``steerkern.kvcache.reserve_columns``: no
+  reallocating concatenation per layer and step);
 - ``plain``: the same 80-row ``generate`` with every row's whole prompt (``share_prefill=False``,
   what ``evaluate`` did before);
 - ``per_coeff``: what a library that steers a whole batch with one scalar coefficient must

@@ -78,6 +78,7 @@ from steerkern.kvcache import (
     empty_model_cache,
     is_gatherable,
     positions_from_mask,
+    reserve_columns,
     select_rows,
 )
 from steerkern.memory import rows_per_pass
@@ -490,7 +491,7 @@ def sweep_generate(model, tokenizer, vectors, ids, mask, prompt_index, slots: li
     else:
         prompt_len = shared.ids.shape[1]
         inputs = {"input_ids": shared.ids, "attention_mask": shared.mask,
-                  shared.cache_arg: shared.cache}
+                  shared.cache_arg: reserve_columns(shared.cache, prompt_len + config.max_new_tokens)}
         where = positions
         if positions == "prompt":  # every prompt column of the new layout; pads stay unsteered
             where = torch.ones_like(shared.mask, dtype=torch.bool)
@@ -556,7 +557,7 @@ def _sweep_sharing_first_token(model, tokenizer, vectors, ids, mask, prompt_inde
     if config.max_new_tokens == 1 or not bool(live.any()):
         return new[:, :1]
     rows = row_prompt[live]
-    select_rows(cache, rows)
+    reserve_columns(select_rows(cache, rows), width + config.max_new_tokens)
     rest_ids = torch.cat([prompt_ids[rows], token[rows, None]], dim=1)
     rest_mask = torch.cat([prompt_mask[rows], torch.ones_like(prompt_mask[rows, :1])], dim=1)
     rest_config = copy.deepcopy(_for_a_given_cache(config))

@@ -7,6 +7,11 @@ layer): its rows can be gathered and its columns grow by concatenation. Sliding-
 qualify while the sequence fits their window (they then behave as full layers); quantised,
 offloaded, static or recurrent caches do not, and callers fall back to running every row in
 full.
+
+:func:`reserve_columns` makes such a cache write new columns in place instead of concatenating:
+a dynamic layer's ``torch.cat`` reallocates and copies the whole layer at every decode step,
+which for a batch of many rows costs more per row than for a small one (a fresh multi-megabyte
+allocation per layer and step, outside the CPU caches).
 """
 
 from __future__ import annotations
@@ -50,15 +55,112 @@ def is_gatherable(cache, max_length: int = 0) -> bool:
         return isinstance(getattr(cache, "key_cache", None), list)
     import transformers.cache_utils as cache_utils
 
-    full = cache_utils.DynamicLayer
+    full = (cache_utils.DynamicLayer, _reserved_layer_class())
     sliding = getattr(cache_utils, "DynamicSlidingWindowLayer", None)  # transformers >= 4.56
     for layer in layers:
         if sliding is not None and type(layer) is sliding:
             if not max_length < layer.sliding_window:
                 return False
-        elif type(layer) is not full:
+        elif type(layer) not in full:
             return False
     return True
+
+
+def reserve_columns(cache, columns: int):
+    """Turn every full dynamic layer of ``cache`` into one that keeps its keys and values in
+    buffers of ``columns`` columns (``[B, H, columns, head_dim]``, the filled ones copied in):
+    each ``update`` then writes its new columns in place and the layer's ``keys`` / ``values``
+    are views ``buffer[:, :, :used]``, the same values a concatenating layer would hold. A
+    layer that outgrows its buffer, or whose keys were replaced (rows gathered, beams
+    reordered, moved to another device), gets a new buffer at its next update (twice the
+    columns when it outgrew it). Layers the cache adds later are reserved too. Sliding-window
+    layers, offloaded caches and caches of other kinds (or of transformers before 4.54, which
+    keeps lists) are left as they are. Returns ``cache``."""
+    layers = getattr(cache, "layers", None)
+    reserved = _reserved_layer_class()
+    if reserved is None or not isinstance(layers, list) or getattr(cache, "offloading", False):
+        return cache  # an offloaded layer's keys move to the host and back at every step
+    import transformers.cache_utils as cache_utils
+
+    for index, layer in enumerate(layers):
+        if type(layer) is cache_utils.DynamicLayer:
+            layers[index] = reserved.replacing(layer, columns)
+    # layers a dynamic cache adds on the fly: `layer_class_to_replicate()` (transformers >=
+    # 4.57) or `layer_classes(**kwargs)` (4.55-4.56)
+    for attribute in ("layer_class_to_replicate", "layer_classes"):
+        if getattr(cache, attribute, None) is cache_utils.DynamicLayer:
+            setattr(cache, attribute, lambda **kwargs: reserved.replacing(
+                cache_utils.DynamicLayer(**kwargs), columns))
+    return cache
+
+
+_RESERVED_LAYER = []
+
+
+def _reserved_layer_class():
+    """The ``DynamicLayer`` subclass behind :func:`reserve_columns` (built on first use, as
+    its base exists only in transformers >= 4.54); ``None`` without it."""
+    if _RESERVED_LAYER:
+        return _RESERVED_LAYER[0]
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        _RESERVED_LAYER.append(None)
+        return None
+
+    class ReservedColumnsLayer(DynamicLayer):
+        """A dynamic cache layer whose keys and values are prefixes of preallocated buffers
+        (:func:`reserve_columns`)."""
+
+        @classmethod
+        def replacing(cls, layer, columns: int):
+            new = cls.__new__(cls)
+            new.__dict__.update(layer.__dict__)
+            new.columns, new._buffers = max(int(columns), 1), None
+            return new
+
+        def _backs(self, tensor, buffer) -> bool:
+            """Whether ``tensor`` is a prefix ``buffer[:, :, :n]``."""
+            return (isinstance(tensor, torch.Tensor) and tensor.dim() == 4
+                    and tensor.device == buffer.device and tensor.dtype == buffer.dtype
+                    and tensor.data_ptr() == buffer.data_ptr() and tensor.stride() == buffer.stride()
+                    and tensor.shape[:2] == buffer.shape[:2] and tensor.shape[3] == buffer.shape[3])
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = getattr(self, "keys", None), getattr(self, "values", None)
+            filled = (getattr(self, "is_initialized", True) and isinstance(keys, torch.Tensor)
+                      and keys.dim() == 4 and keys.numel() > 0)
+            used = keys.shape[2] if filled else 0
+            needed = used + key_states.shape[2]
+            buffers = self._buffers
+            fits = buffers is not None and needed <= buffers[0].shape[2] and all(
+                buffer.shape[:2] == states.shape[:2] and buffer.shape[3] == states.shape[3]
+                and buffer.dtype == states.dtype and buffer.device == states.device
+                for buffer, states in zip(buffers, (key_states, value_states)))
+            if filled and fits:
+                fits = self._backs(keys, buffers[0]) and self._backs(values, buffers[1])
+            if not fits:
+                grown = buffers is not None and needed > buffers[0].shape[2]
+                capacity = max(needed, 2 * buffers[0].shape[2] if grown else self.columns)
+                buffers = tuple(states.new_empty(*states.shape[:2], capacity, states.shape[3])
+                                for states in (key_states, value_states))
+                if filled:
+                    buffers[0][:, :, :used].copy_(keys)
+                    buffers[1][:, :, :used].copy_(values)
+                self._buffers = buffers
+            buffers[0][:, :, used:needed].copy_(key_states)
+            buffers[1][:, :, used:needed].copy_(value_states)
+            self.keys, self.values = buffers[0][:, :, :needed], buffers[1][:, :, :needed]
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.is_initialized = True
+            return self.keys, self.values
+
+        def reset(self) -> None:
+            self._buffers = None
+            super().reset()
+
+    _RESERVED_LAYER.append(ReservedColumnsLayer)
+    return ReservedColumnsLayer
 
 
 def empty_model_cache(model, max_length: int):

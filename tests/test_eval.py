@@ -383,6 +383,42 @@ def test_sweep_generate_shared_matches_plain_tiny(tiny_sweep, positions):
     assert not torch.equal(plain[:3], plain[3:])  # the coefficients give different texts
 
 
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_shared_sweeps_decode_into_reserved_columns(tiny_sweep, positions, monkeypatch):
+    """The decoding ``generate`` of a shared sweep gets a cache whose layers write new columns
+    in place (``kvcache.reserve_columns``), sized for prompt plus generation: the layers still
+    view their first buffers when generation ends."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from steerkern.eval import sweep_generate
+    from steerkern.kvcache import cache_argument
+
+    cache_utils = pytest.importorskip("transformers.cache_utils")
+    if not hasattr(cache_utils, "DynamicLayer"):
+        pytest.skip("transformers before 4.54 keeps key/value lists: nothing to reserve")
+    model, vector, ids, mask, index, slots, coeffs = tiny_sweep
+    caches, generate = [], model.generate
+
+    def recording(*args, **kwargs):
+        caches.append(kwargs.get(cache_argument(model)))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recording)
+    config = GenerationConfig(do_sample=False, max_new_tokens=5, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        new = sweep_generate(model, SimpleNamespace(pad_token_id=0), [vector], ids, mask, index,
+                             slots, coeffs, config=config, positions=positions)
+    assert new.shape == (6, 5)
+    layers = caches[-1].layers
+    assert {type(layer).__name__ for layer in layers} == {"ReservedColumnsLayer"}
+    for layer in layers:
+        buffer = layer._buffers[0]
+        assert buffer.shape[2] == ids.shape[1] + 5 > layer.keys.shape[2]
+        assert layer.keys.data_ptr() == buffer.data_ptr()
+
+
 @pytest.mark.parametrize("max_new", [1, 4])
 def test_generated_sweep_shares_the_first_token_and_ends_rows_at_eos(tiny_sweep, max_new):
     """Under positions="generated" with greedy decoding, each prompt's prefill and first token
