@@ -437,7 +437,8 @@ def _put_states(hidden: torch.Tensor, steered: torch.Tensor, stream: int) -> tor
 
 def _past_length(kwargs, mask, length, recurrent_seen) -> int | torch.Tensor:
     """Tokens already in the KV cache: from the attention mask's shape when there is one (no
-    host sync), else from the cache, where a static cache answers with a 0-dim device tensor
+    host sync), else from generate's ``cache_position`` (the column the pass starts at), else
+    from the cache, where a static cache answers with a 0-dim device tensor
     (left as a tensor so that a CUDA graph capture never waits on the host); legacy tuple
     caches give their keys' length. A recurrent cache (Mamba-style state, no sequence length)
     is counted in ``recurrent_seen``: 0 while it holds no state, then the tokens this context
@@ -450,6 +451,12 @@ def _past_length(kwargs, mask, length, recurrent_seen) -> int | torch.Tensor:
         return mask.shape[1] - length
     if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)):
         return int(cache[0][0].shape[-2])  # legacy tuples: ((keys [B, H, S, d], values), ...)
+    position = kwargs.get("cache_position")
+    if (cache is not None and counted is None and isinstance(position, torch.Tensor)
+            and position.numel()):
+        # the column this pass starts at; a static cache's get_seq_length counts the non-zero
+        # keys of row 0 (transformers 4.5x: short of the prompt when row 0 starts with pads)
+        return position.reshape(-1)[0]
     if cache is not None and hasattr(cache, "get_seq_length"):
         try:
             past = cache.get_seq_length()

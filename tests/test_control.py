@@ -487,6 +487,34 @@ def test_positions_when_generate_continues_a_cache_or_prefills_in_chunks(tiny_mo
         assert not torch.allclose(everywhere, plain)
 
 
+def test_positions_under_a_static_cache_with_left_padding(tiny_model_factory):
+    """With ``cache_implementation="static"`` generate passes a 4-D mask, so the cache length
+    comes from elsewhere: transformers 4.5x's static ``get_seq_length`` counts the non-zero keys
+    of row 0, which fall short of the prompt when row 0 is left-padded, and decode steps were
+    taken for prompt tokens (left unsteered under "generated"). Every setting must give what
+    the dynamic cache gives."""
+    model = tiny_model_factory("llama")
+    vector = random_vector(model, [1, 2], 0, scale=4.0)
+    ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    ids[mask == 0] = 0  # the pad id: its embedding row is zero, so are the pads' keys
+    run = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def tokens(positions, **extra):
+        with torch.no_grad():
+            if positions is None:
+                return model.generate(input_ids=ids, attention_mask=mask, **run, **extra)
+            with steer(model, vector, coeff=1.0, positions=positions):
+                return model.generate(input_ids=ids, attention_mask=mask, **run, **extra)
+
+    plain = tokens(None)
+    for positions in ("all", "prompt", "generated"):
+        assert torch.equal(tokens(positions, cache_implementation="static"), tokens(positions)), positions
+    assert not torch.equal(tokens("generated"), plain)
+
+
 def test_positional_attention_mask_keeps_pads_unsteered(tiny_model_factory):
     """``model(ids, mask)``: the mask is read from the positional arguments (their order is the
     architecture's own and the release's: GPT-2 takes the cache second, and in transformers

@@ -70,3 +70,17 @@ def skip_unless_rows_can_share_a_cache(model, max_length: int = 16, *, models_ow
             reason = f"builds a {type(own).__name__}, not gatherable by rows"
     if reason:
         pytest.skip(f"transformers {transformers.__version__}: {type(model).__name__} {reason}")
+
+
+def skip_if_rows_couple(model, name: str) -> None:
+    """Skip when ``model`` does not compute the rows of a batch independently (Llama 4 under
+    transformers 4.55: 1.2e-2 between a row alone and in a batch of 3, no steering attached):
+    checks that compare a row across batch compositions cannot hold there."""
+    ids = torch.randint(3, 100, (3, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        batch = model(ids).logits[2]
+        alone = model(ids[2:]).logits[0]
+    if not torch.allclose(alone, batch, atol=1e-4, rtol=1e-4):
+        pytest.skip(f"{name} under transformers {transformers.__version__} couples the rows of "
+                    f"a batch ({(alone - batch).abs().max():.1e} between a row alone and in "
+                    "the batch): steering one row moves the others")
