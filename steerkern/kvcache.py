@@ -16,6 +16,7 @@ allocation per layer and step, outside the CPU caches).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 
@@ -94,18 +95,13 @@ def reserve_columns(cache, columns: int):
     return cache
 
 
-_RESERVED_LAYER = []
-
-
+@functools.cache
 def _reserved_layer_class():
     """The ``DynamicLayer`` subclass behind :func:`reserve_columns` (built on first use, as
     its base exists only in transformers >= 4.54); ``None`` without it."""
-    if _RESERVED_LAYER:
-        return _RESERVED_LAYER[0]
     try:
         from transformers.cache_utils import DynamicLayer
     except ImportError:
-        _RESERVED_LAYER.append(None)
         return None
 
     class ReservedColumnsLayer(DynamicLayer):
@@ -159,7 +155,6 @@ def _reserved_layer_class():
             self._buffers = None
             super().reset()
 
-    _RESERVED_LAYER.append(ReservedColumnsLayer)
     return ReservedColumnsLayer
 
 
