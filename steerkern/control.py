@@ -452,21 +452,18 @@ def _past_length(kwargs, mask, length, recurrent_seen) -> int | torch.Tensor:
     if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)):
         return int(cache[0][0].shape[-2])  # legacy tuples: ((keys [B, H, S, d], values), ...)
     position = kwargs.get("cache_position")
-    if (cache is not None and counted is None and isinstance(position, torch.Tensor)
-            and position.numel()):
+    start = position.reshape(-1)[0] if isinstance(position, torch.Tensor) and position.numel() else None
+    if cache is not None and counted is None and start is not None:
         # the column this pass starts at; a static cache's get_seq_length counts the non-zero
         # keys of row 0 (transformers 4.5x: short of the prompt when row 0 starts with pads)
-        return position.reshape(-1)[0]
+        return start
     if cache is not None and hasattr(cache, "get_seq_length"):
         try:
             past = cache.get_seq_length()
         except ValueError:  # recurrent layers only: no sequence length to ask
             return counted if counted is not None else _recurrent_past(cache, length, recurrent_seen)
         return past if isinstance(past, torch.Tensor) else int(past)
-    position = kwargs.get("cache_position")
-    if isinstance(position, torch.Tensor) and position.numel():
-        return position.reshape(-1)[0]
-    return 0
+    return start if start is not None else 0
 
 
 def _is_recurrent(cache) -> bool:
