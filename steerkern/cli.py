@@ -15,6 +15,7 @@ a one-line message on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -112,8 +113,9 @@ def _read_pairs(path: Path) -> list[tuple[str, str]]:
             chosen, rejected = record
         else:
             chosen = rejected = None
-        if not (isinstance(chosen, str) and isinstance(rejected, str)):
-            raise CLIError(f"--pairs: record {i + 1} of {str(path)!r} is not a pair: use "
+        if not (isinstance(chosen, str) and isinstance(rejected, str)
+                and chosen.strip() and rejected.strip()):
+            raise CLIError(f"--pairs: record {i + 1} of {str(path)!r} is not a pair of non-empty texts: use "
                            '{"chosen": "...", "rejected": "..."} or ["chosen", "rejected"]')
         pairs.append((chosen, rejected))
     return pairs
@@ -191,19 +193,23 @@ def cmd_extract(args) -> int:
     from steerkern.data import concept_pairs, list_concepts, load_mwe, mwe_pairs
     from steerkern.extract import extract
 
-    _output_file(args.output)
+    output = _output_file(args.output)
     if args.concept is not None and args.concept not in list_concepts():
         raise CLIError(f"--concept: {args.concept!r} is not shipped; choose from {list_concepts()}")
     layers = _layers(args.layers)
+    if output.suffix.lower() == ".gguf":
+        _check_gguf_extraction(args.method, layers)
     if args.pairs is not None:
         pairs = _read_pairs(_existing_file(args.pairs, "--pairs"))
     elif args.mwe is not None:
-        pairs = None  # needs the tokenizer, below
+        try:
+            items = load_mwe(_existing_file(args.mwe, "--mwe"), limit=args.limit)
+        except ValueError as error:
+            raise CLIError(f"--mwe: {error}") from None
     model, tokenizer = _load_model(args)
     if args.concept is not None:
         pairs = concept_pairs(args.concept, tokenizer, max_suffixes=args.max_suffixes)
     elif args.mwe is not None:
-        items = load_mwe(_existing_file(args.mwe, "--mwe"), limit=args.limit)
         pairs = mwe_pairs(items, tokenizer, concept=Path(args.mwe).stem)
     if args.limit is not None and args.mwe is None:
         pairs = pairs[: args.limit]
@@ -214,6 +220,19 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def _check_gguf_extraction(method: str, layers: list[int] | None) -> None:
+    """What a .gguf control vector cannot hold, refused before any model is loaded."""
+    from steerkern.directions import ADDITIVE_METHODS
+
+    if method not in ADDITIVE_METHODS:
+        raise CLIError(f"-o/--output: a .gguf control vector holds additive vectors only, and --method "
+                       f"{method} gives low-rank parts: write -o NAME.safetensors, or use --method "
+                       f"{' | '.join(ADDITIVE_METHODS)}")
+    if layers is not None and 0 in layers:
+        raise CLIError("--layers: llama.cpp's .gguf control vectors cannot steer layer 0: drop it, "
+                       "or write -o NAME.safetensors")
+
+
 def _coeffs_then_prompts(values: list[str], prompts: list[str]) -> tuple[list[float], list[str]]:
     """``--coeff -2 0 2 "Tell me"`` hands argparse's ``--coeff`` the prompt too (it takes every
     following word): the leading numbers are the coefficients, the words from the first
@@ -221,7 +240,12 @@ def _coeffs_then_prompts(values: list[str], prompts: list[str]) -> tuple[list[fl
     count = 0
     while count < len(values) and _is_number_list(values[count]):
         count += 1
+    from steerkern.control import FLOAT32_MAX
+
     coeffs = _numbers(values[: max(count, 1)], "--coeff")
+    bad = [c for c in coeffs if not math.isfinite(c) or abs(c) > FLOAT32_MAX]
+    if bad:
+        raise CLIError(f"--coeff: {bad[0]!r} is not a finite float32 number (|c| <= {FLOAT32_MAX:.3g})")
     prompts = list(prompts) + list(values[count:])
     if not prompts:
         raise CLIError('give at least one PROMPT, e.g. steerkern generate --vector v.safetensors "Tell me about yourself."')
@@ -269,6 +293,7 @@ def _output_dir(path: str | None, flag: str) -> Path | None:
 
 
 def cmd_eval(args) -> int:
+    from steerkern.data import list_concepts
     from steerkern.eval import evaluate
 
     coeffs = _sweep_coeffs(args.coeffs)
@@ -283,6 +308,9 @@ def cmd_eval(args) -> int:
         prompts = load_mwe(_existing_file(args.mwe, "--mwe"), limit=args.limit)
     elif not vector.metadata.get("concept"):
         raise CLIError("--prompts or --mwe is needed: the vector names no shipped concept")
+    elif vector.metadata["concept"] not in list_concepts():
+        raise CLIError(f"--prompts or --mwe is needed: the vector's concept "
+                       f"{vector.metadata['concept']!r} ships no eval prompts (shipped: {list_concepts()})")
     model, tokenizer = _load_model(args)
     if prompts is None:
         from steerkern.data import concept_eval_prompts
@@ -290,9 +318,16 @@ def cmd_eval(args) -> int:
         prompts = concept_eval_prompts(vector.metadata["concept"])
     if args.limit is not None:
         prompts = prompts[: args.limit]
-    report = evaluate(model, tokenizer, vector, coeffs=coeffs, prompts=prompts,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                      positions=args.positions, progress=True)
+    try:
+        report = evaluate(model, tokenizer, vector, coeffs=coeffs, prompts=prompts,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          positions=args.positions, progress=True)
+    except (ValueError, TypeError) as error:
+        source = "--prompts" if args.prompts is not None else "--mwe" if args.mwe is not None else None
+        if source is None or not str(error).startswith("prompts"):
+            raise
+        raise CLIError(f"{source} {getattr(args, source[2:])!r}: {' '.join(str(error).split())} "
+                       "(prompts[i] is the file's i-th record, counting from 0)") from None
     print(report)
     if out is not None:
         directory = report.save(out)

@@ -46,6 +46,7 @@ from steerkern.models import execution_device, residual_stream_index, resolve_mo
 from steerkern.vectors import SteeringVector
 
 POSITIONS = ("all", "prompt", "generated")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # coefficients are held as float32
 
 
 def _first_param(module: nn.Module) -> torch.Tensor:
@@ -652,7 +653,8 @@ def _as_coeff(coeff) -> torch.Tensor:
     if values.dim() == 1 and values.numel() == 0:
         raise ValueError("coeff is empty: give one coefficient per row of the batch, or a single number")
     if not bool(torch.isfinite(values).all()):
-        raise ValueError("coeff contains NaN or infinity: give finite coefficients")
+        raise ValueError(f"coeff contains NaN or infinity, or a value beyond float32's range "
+                         f"(|coeff| <= {FLOAT32_MAX:.3g}): give finite coefficients")
     return values
 
 

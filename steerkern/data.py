@@ -279,8 +279,25 @@ def json_records(path) -> list[tuple[str, object]]:
         try:
             rows = json.loads(text)
         except ValueError as error:
-            raise ValueError(f"{str(path)!r} starts a JSON array but is not valid JSON: {error}") from None
+            records, _ = _json_lines(text)  # JSONL whose records are arrays: [chosen, rejected]
+            if records is None:
+                raise ValueError(f"{str(path)!r} starts a JSON array but is not valid JSON (nor JSONL): "
+                                 f"{error}") from None
+            return records
         return [(f"item {number}", row) for number, row in enumerate(rows, 1)]
+    records, failure = _json_lines(text)
+    if records is not None:
+        return records
+    try:  # one record written over several lines
+        return [("item 1", json.loads(text))]
+    except ValueError:
+        raise ValueError(f"{str(path)!r} is not valid JSON or JSONL ({failure}): "
+                         "give one JSON list or one JSON object per line") from None
+
+
+def _json_lines(text: str) -> tuple[list[tuple[str, object]] | None, str | None]:
+    """``(records, None)`` when every non-blank line of ``text`` is one JSON value, else
+    ``(None, "line N: error")`` for the first line that is not."""
     records = []
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -288,12 +305,8 @@ def json_records(path) -> list[tuple[str, object]]:
         try:
             records.append((f"line {number}", json.loads(line)))
         except ValueError as error:
-            try:  # one record written over several lines
-                return [("item 1", json.loads(text))]
-            except ValueError:
-                raise ValueError(f"{str(path)!r} is not valid JSON or JSONL (line {number}: {error}): "
-                                 "give one JSON list or one JSON object per line") from None
-    return records
+            return None, f"line {number}: {error}"
+    return records, None
 
 
 def _as_item(entry, index: int) -> MWEItem:

@@ -66,6 +66,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from steerkern.control import FLOAT32_MAX
 from steerkern.data import render_prompt
 from steerkern.eval_report import (
     ComparisonReport,
@@ -654,6 +655,9 @@ def _check_coeffs(coeffs, argument: str = "coeffs") -> list[float]:
         c = float(c)
         if not math.isfinite(c):
             raise ValueError(f"{argument} holds {c!r}: give finite coefficients")
+        if abs(c) > FLOAT32_MAX:  # steering runs in float32 or narrower
+            raise ValueError(f"{argument} holds {c!r}, beyond float32's range (|c| <= {FLOAT32_MAX:.3g}): "
+                             "give smaller coefficients")
         values.append(c + 0.0)  # -0.0 + 0.0 == +0.0
     if len(set(values)) != len(values):
         raise ValueError(f"{argument}={values} repeats a coefficient: give each once")
@@ -702,8 +706,13 @@ def _eval_prompts(prompts, vector):
     if not concept:
         raise ValueError("prompts=None uses the eval prompts of the vector's concept, but the vector's "
                          "metadata names none: pass prompts=[{'prompt': ..., 'label': +1 or -1}, ...]")
-    from steerkern.data import concept_eval_prompts
+    from steerkern.data import concept_eval_prompts, list_concepts
 
+    if concept not in list_concepts():
+        raise ValueError(f"prompts=None uses the eval prompts of the vector's concept, but "
+                         f"concept={concept!r} ships none (shipped: {list_concepts()}): pass "
+                         "prompts=[{'prompt': ..., 'label': +1 or -1}, ...] or model-written-evals "
+                         "items (steerkern.load_mwe)")
     return concept_eval_prompts(concept)
 
 
@@ -893,8 +902,9 @@ def calibrate(model, tokenizer, vector, *, max_delta_nll=0.5, max_coeff=16.0, si
             or not math.isfinite(max_delta_nll) or max_delta_nll <= 0:
         raise ValueError(f"max_delta_nll must be a positive number (nats per token), got {max_delta_nll!r}")
     if isinstance(max_coeff, bool) or not isinstance(max_coeff, (int, float)) \
-            or not math.isfinite(max_coeff) or max_coeff <= 0:
-        raise ValueError(f"max_coeff must be a positive number, got {max_coeff!r}")
+            or not math.isfinite(max_coeff) or not 0 < max_coeff <= FLOAT32_MAX:
+        raise ValueError(f"max_coeff must be a positive number within float32's range "
+                         f"(<= {FLOAT32_MAX:.3g}), got {max_coeff!r}")
     signs = {"both": (1.0, -1.0), "+": (1.0,), "-": (-1.0,)}.get(sign)
     if signs is None:
         raise ValueError(f"sign={sign!r}: use 'both', '+' or '-'")

@@ -124,9 +124,19 @@ def _fmt(value: float, se: float | None = None, digits: int = 3) -> str:
     return text
 
 
-def _one_line(text: str, width: int) -> str:
+def _one_line(text: str, width: int = 10**9) -> str:
     flat = " ".join(str(text).split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _cell(text: str, width: int = 10**9) -> str:
+    """``text`` as one markdown table cell: one line, ``|`` escaped."""
+    return _one_line(text, width).replace("|", "\\|")
+
+
+def _literal(text: str) -> str:
+    """``text`` for a matplotlib label or title, shown as written (``$`` would start maths)."""
+    return str(text).replace("$", r"\$")
 
 
 @dataclass
@@ -176,7 +186,7 @@ class EvalReport:
         return per_prompt_slopes(self.coeffs, self.prompt_scores).tolist()
 
     def summary(self) -> str:
-        name = self.metadata.get("name") or self.metadata.get("concept") or "vector"
+        name = _one_line(self.metadata.get("name") or self.metadata.get("concept") or "vector")
         return (f"{name}: effect {_fmt(self.effect, self.effect_se)} nats per unit coefficient "
                 f"({len(self.prompts)} prompts, {len(self.gen_prompts)} generation prompts)")
 
@@ -187,7 +197,7 @@ class EvalReport:
                  "|---:|---:|---:|:---|"]
         for j, c in enumerate(self.coeffs):
             texts = self.samples.get(c) or []
-            sample = _one_line(texts[0], 60).replace("|", "\\|") if texts else ""
+            sample = _cell(texts[0], 60) if texts else ""
             lines.append(f"| {c:g} | {_fmt(self.scores[j], self.score_se[j])} | "
                          f"{_fmt(self.delta_nll[j], self.delta_nll_se[j])} | {sample} |")
         return "\n".join(lines)
@@ -250,10 +260,10 @@ class EvalReport:
     def samples_markdown(self) -> str:
         lines = ["## Generations", ""]
         for g, prompt in enumerate(self.gen_prompts):
-            lines += [f"### {prompt}", "", "| coeff | text |", "|---:|:---|"]
+            lines += [f"### {_one_line(prompt)}", "", "| coeff | text |", "|---:|:---|"]
             for c in self.coeffs:
                 texts = self.samples.get(c) or []
-                text = _one_line(texts[g], 400).replace("|", "\\|") if g < len(texts) else ""
+                text = _cell(texts[g], 400) if g < len(texts) else ""
                 lines.append(f"| {c:g} | {text} |")
             lines.append("")
         return "\n".join(lines)
@@ -272,6 +282,18 @@ class ComparisonReport:
 
     reports: dict[str, EvalReport]
 
+    def __post_init__(self):
+        if not isinstance(self.reports, dict) or not self.reports:
+            raise ValueError("reports must be a non-empty {name: EvalReport} dict")
+        for name, report in self.reports.items():
+            if not isinstance(report, EvalReport):
+                raise TypeError(f"reports[{name!r}] must be an EvalReport, got {type(report).__name__}")
+        first = next(iter(self.reports.values())).coeffs
+        for name, report in self.reports.items():
+            if list(report.coeffs) != list(first):
+                raise ValueError(f"reports[{name!r}] has coeffs {report.coeffs}, the others {first}: "
+                                 "a comparison sweeps every vector over the same coefficients")
+
     @property
     def coeffs(self) -> list[float]:
         return next(iter(self.reports.values())).coeffs
@@ -283,9 +305,9 @@ class ComparisonReport:
     def table(self) -> str:
         """Markdown: an effect line per vector, then one row per coefficient with every
         vector's score and ΔNLL side by side."""
-        lines = [f"- {name}: effect {_fmt(r.effect, r.effect_se)} nats per unit coefficient"
+        lines = [f"- {_one_line(name)}: effect {_fmt(r.effect, r.effect_se)} nats per unit coefficient"
                  for name, r in self.reports.items()]
-        header = "| coeff | " + " | ".join(f"{n} score | {n} ΔNLL" for n in self.names) + " |"
+        header = "| coeff | " + " | ".join(f"{_cell(n)} score | {_cell(n)} ΔNLL" for n in self.names) + " |"
         lines += ["", header, "|---:|" + "---:|---:|" * len(self.names)]
         for j, c in enumerate(self.coeffs):
             cells = [f"{_fmt(r.scores[j], r.score_se[j])} | {_fmt(r.delta_nll[j], r.delta_nll_se[j])}"
@@ -304,7 +326,10 @@ class ComparisonReport:
     def from_dict(cls, data: dict) -> ComparisonReport:
         if not isinstance(data, dict) or data.get("kind") != "comparison":
             raise ValueError("not a ComparisonReport dict (expected 'kind': 'comparison')")
-        return cls({name: EvalReport.from_dict(r) for name, r in data["reports"].items()})
+        reports = data.get("reports")
+        if not isinstance(reports, dict) or not reports:
+            raise ValueError("damaged ComparisonReport dict: 'reports' must map names to EvalReport dicts")
+        return cls({str(name): EvalReport.from_dict(r) for name, r in reports.items()})
 
     @classmethod
     def load(cls, path) -> ComparisonReport:
@@ -317,7 +342,7 @@ class ComparisonReport:
         """Write ``table.md``, ``report.json`` and ``plot.png`` into ``directory``."""
         text = self.table() + "\n"
         for name, report in self.reports.items():
-            text += f"\n# {name}\n\n" + report.samples_markdown()
+            text += f"\n# {_one_line(name)}\n\n" + report.samples_markdown()
         return _save(directory, text, self.to_dict(), self.plot)
 
 
@@ -328,7 +353,7 @@ def _read_json(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no report at {str(path)!r}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise ValueError(f"{str(path)!r} is not valid JSON: {error}") from None
 
@@ -337,30 +362,46 @@ def _save(directory, markdown: str, data: dict, plot) -> Path:
     directory = Path(os.fspath(directory))
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"save: {str(directory)!r} is a file; give a directory to write into")
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "table.md").write_text(markdown.rstrip() + "\n")
-    (directory / "report.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"save: {str(directory)!r} lies under a file; give a directory to write into") from None
+    (directory / "table.md").write_text(markdown.rstrip() + "\n", encoding="utf-8")
+    (directory / "report.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
     plot(directory / "plot.png")
     return directory
 
 
 def _plot(path, coeffs, reports: dict[str, EvalReport], title: str) -> Path:
-    """Two panels, score and ΔNLL against the coefficient, one line per report (rendered with
-    the Agg canvas directly: no display, and no change to pyplot's backend)."""
+    """Write :func:`_figure` as a PNG at ``path`` (parent directories created)."""
+    path = Path(os.fspath(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _figure(coeffs, reports, title).savefig(path, format="png")
+    return path
+
+
+def _figure(coeffs, reports: dict[str, EvalReport], title: str):
+    """Two panels, score and ΔNLL against the coefficient (points joined in increasing
+    coefficient order), one line per report; names and titles are shown literally. Rendered
+    with the Agg canvas directly: no display, and no change to pyplot's backend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(10, 4), dpi=100)
     FigureCanvasAgg(figure)  # render with Agg, never touching pyplot's global backend
     score_ax, nll_ax = figure.subplots(1, 2)
-    x = np.asarray(coeffs, dtype=np.float64)
+    order = np.argsort(np.asarray(coeffs, dtype=np.float64), kind="stable")  # lines left to right
+    x = np.asarray(coeffs, dtype=np.float64)[order]
+    along = lambda values: np.asarray(values, dtype=np.float64)[order]  # noqa: E731
     coherence = False  # whether any report measured ΔNLL (max_new_tokens > 0)
     for name, report in reports.items():
-        score_ax.errorbar(x, report.scores, yerr=np.nan_to_num(report.score_se), marker="o",
-                          capsize=3, label=f"{name} (slope {_fmt(report.effect, report.effect_se, 2)})")
-        if np.isfinite(np.asarray(report.delta_nll, dtype=np.float64)).any():
-            nll_ax.errorbar(x, report.delta_nll, yerr=np.nan_to_num(report.delta_nll_se),
-                            marker="o", capsize=3, label=name)
+        label = _literal(_one_line(name, 60))
+        score_ax.errorbar(x, along(report.scores), yerr=np.nan_to_num(along(report.score_se)), marker="o",
+                          capsize=3, label=f"{label} (slope {_fmt(report.effect, report.effect_se, 2)})")
+        if np.isfinite(along(report.delta_nll)).any():
+            nll_ax.errorbar(x, along(report.delta_nll), yerr=np.nan_to_num(along(report.delta_nll_se)),
+                            marker="o", capsize=3, label=label)
             coherence = True
     score_ax.set(xlabel="steering coefficient", ylabel="score (nats)",
                  title="behaviour: log p(yes) - log p(no), oriented")
@@ -375,9 +416,6 @@ def _plot(path, coeffs, reports: dict[str, EvalReport], title: str) -> Path:
     else:  # the zero line alone: say why the panel is empty
         nll_ax.text(0.5, 0.5, "not measured (max_new_tokens=0)", transform=nll_ax.transAxes,
                     ha="center", va="center", color="grey")
-    figure.suptitle(_one_line(title, 110), fontsize=10)
+    figure.suptitle(_literal(_one_line(title, 110)), fontsize=10)
     figure.tight_layout()
-    path = Path(os.fspath(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    return path
+    return figure

@@ -120,6 +120,17 @@ def test_records_files_are_read_by_content_not_extension(tmp_path):
     broken.write_text(json.dumps(rows[0]) + "\n" + '{"chosen": "a", \n')
     with pytest.raises(CLIError, match=r"--prompts: .*broken.jsonl.*\(line 2"):
         _read_records(broken, "--prompts")
+    arrays = tmp_path / "arrays.jsonl"  # JSONL whose records are [chosen, rejected] arrays
+    arrays.write_text("".join(json.dumps([c, r]) + "\n" for c, r in expected))
+    assert _read_pairs(arrays) == expected
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text(json.dumps(["I love it", " "]) + "\n" + json.dumps(["a", "b"]) + "\n")
+    with pytest.raises(CLIError, match="record 1 .* not a pair of non-empty texts"):
+        _read_pairs(blank)
+    neither = tmp_path / "neither.jsonl"
+    neither.write_text('["a", "b"]\n["c", \n')
+    with pytest.raises(CLIError, match=r"not valid JSON \(nor JSONL\)"):
+        _read_records(neither, "--pairs")
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     with pytest.raises(CLIError, match="holds no records"):
@@ -231,6 +242,8 @@ def test_sweep_arguments_are_checked_before_the_model_loads(tiny_cli, tmp_path, 
         (["eval", "--vector", str(vector), "--out", str(a_file)], "is a file"),
         (["demo", "--coeffs", "2"], "--coeffs"),
         (["demo", "--out", str(a_file)], "is a file"),
+        (["generate", "--vector", str(vector), "--coeff", "1e39", "Hi"], "--coeff: 1e+39 is not a finite float32"),
+        (["generate", "--vector", str(vector), "--coeff", "nan", "Hi"], "--coeff: nan"),
     ]:
         assert main(argv) == 2, argv
         assert message in _error_line(capsys)
@@ -253,6 +266,18 @@ def test_output_locations_are_checked_before_the_model_loads(tiny_cli, tmp_path,
         (["eval", "--vector", str(vector), "--out", str(a_file / "report")], "--out: cannot write"),
         (["demo", "--out", str(a_file / "demo")], "--out: cannot write"),
     ]
+    for method in ("lowrank", "weight_svd"):  # a .gguf control vector holds additive vectors only
+        cases.append((["extract", "--concept", "sentiment", "--method", method, "-o", str(tmp_path / "v.gguf")],
+                       f"--method {method} gives low-rank parts"))
+    cases.append((["extract", "--concept", "sentiment", "--layers", "0-2", "-o", str(tmp_path / "v.gguf")],
+                   "cannot steer layer 0"))
+    unshipped = SteeringVector.load(vector)
+    unshipped.metadata["concept"] = "narcissism"
+    cases.append((["eval", "--vector", str(unshipped.save(tmp_path / "narcissism.safetensors"))],
+                  "concept 'narcissism' ships no eval prompts"))
+    bad_mwe = tmp_path / "bad.jsonl"
+    bad_mwe.write_text('{"question": "q"}\n')
+    cases.append((["extract", "--mwe", str(bad_mwe), "-o", str(tmp_path / "v.safetensors")], "--mwe: "))
     if Path("/proc/self").is_dir():  # Linux: a directory that takes no new files
         cases.append((["extract", "--concept", "sentiment", "-o", "/proc/v.safetensors"], "does not take new files"))
     for argv, message in cases:
@@ -317,3 +342,12 @@ def test_help_states_each_default_once(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "coefficients to sweep (default: -2 -1 0 1 2)" in text
     assert "tokens per generated sample (default: 32)" in text
+
+
+def test_a_bad_prompts_record_names_the_flag_and_file(tiny_cli, tmp_path, capsys):
+    vector, _ = tiny_cli
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Are you happy ?", "label": 1}\n{"prompt": "Sad ?", "label": "+1"}\n')
+    assert main(["eval", "--vector", str(vector), "--prompts", str(prompts), "--max-new-tokens", "0"]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("steerkern eval: error: --prompts ") and "p.jsonl" in line and "prompts[1]" in line

@@ -296,6 +296,8 @@ def test_bad_input_leaves_the_model_as_it_was(tiny_model_factory):
         (dict(vectors=SteeringVector.from_directions({9: torch.randn(64)})), "layer"),
         (dict(vectors=good, coeff=float("nan")), "NaN"),
         (dict(vectors=good, coeff=float("inf")), "NaN or infinity"),
+        (dict(vectors=good, coeff=1e39), "beyond float32's range"),
+        (dict(vectors=[good], slots=[0, 0], coeff=[1.0, -1e39]), "beyond float32's range"),
         (dict(vectors=[good, good], slots=[0, 1, 2]), "slots"),
         (dict(vectors=[good], slots=[0, 0], coeff=[1.0, 2.0, 3.0]), "coeff has 3 rows"),
         (dict(vectors=good, positions="middle"), "positions"),

@@ -156,6 +156,80 @@ def test_report_load_errors(tmp_path):
         EvalReport.from_dict({"kind": "comparison"})
 
 
+def test_report_names_are_shown_literally(tmp_path):
+    """Names are text: ``$...$`` is no matplotlib maths (it once failed the plot after the
+    sweep), ``|`` and newlines do not break the markdown table."""
+    report = _synthetic_report(name="$\\frac$ a|b")
+    directory = report.save(tmp_path / "one")
+    _check_png(directory / "plot.png")
+    assert report.table().splitlines()[0].startswith("$\\frac$ a|b: effect")
+    comparison = ComparisonReport({"$x$|y": _synthetic_report(), "two\nlines": _synthetic_report()})
+    lines = comparison.table().splitlines()
+    assert lines[:2] == [line for line in lines[:2] if line.startswith("- ")]  # one line per name
+    header = next(line for line in lines if line.startswith("| coeff"))
+    assert header == "| coeff | $x$\\|y score | $x$\\|y ΔNLL | two lines score | two lines ΔNLL |"
+    assert all(row.count(" | ") == header.count(" | ") for row in lines if row.startswith("| "))
+    _check_png(comparison.save(tmp_path / "cmp") / "plot.png")
+
+
+def test_report_plot_joins_points_in_coefficient_order():
+    """Coefficients given unsorted (the table keeps their order) are plotted left to right."""
+    from steerkern.eval_report import _figure
+
+    report = _synthetic_report()
+    order = [2, 0, 1]
+    report.coeffs = [report.coeffs[j] for j in order]
+    for key in ("scores", "score_se", "delta_nll", "delta_nll_se", "nll"):
+        setattr(report, key, [getattr(report, key)[j] for j in order])
+    report.prompt_scores = [[row[j] for j in order] for row in report.prompt_scores]
+    score_ax, nll_ax = _figure(report.coeffs, {"v": report}, "t").axes
+    (score_line,), (nll_line,) = (ax.get_lines()[:1] for ax in (score_ax, nll_ax))
+    assert score_line.get_xdata().tolist() == [-1.0, 0.0, 1.0]
+    assert score_line.get_ydata().tolist() == pytest.approx(_synthetic_report().scores)
+    assert nll_line.get_ydata().tolist() == pytest.approx([0.4, 0.0, 0.3])
+    assert report.table().splitlines()[4].startswith("| 1 |")  # the table keeps the given order
+
+
+def test_reports_are_utf8_whatever_the_locale(tmp_path):
+    """table.md holds ±, Δ and …: writing and reading use UTF-8 even under an ASCII locale."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from tests.test_eval import _synthetic_report\n"
+        "from steerkern.eval_report import EvalReport\n"
+        "d = _synthetic_report().save(sys.argv[1])\n"
+        "assert EvalReport.load(d).effect_se > 0\n"
+        "assert '\\u00b1' in (d / 'table.md').read_text(encoding='utf-8')\n"  # ±, ASCII here
+    )
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "r")], env=env,
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_comparison_report_checks_what_it_holds(tmp_path):
+    with pytest.raises(ValueError, match="non-empty"):
+        ComparisonReport({})
+    with pytest.raises(TypeError, match=r"reports\['a'\]"):
+        ComparisonReport({"a": {"kind": "eval"}})
+    other = _synthetic_report()
+    other.coeffs = [-2.0, 0.0, 2.0]
+    with pytest.raises(ValueError, match="same coefficients"):
+        ComparisonReport({"a": _synthetic_report(), "b": other})
+    for damaged in ({"kind": "comparison"}, {"kind": "comparison", "reports": []},
+                    {"kind": "comparison", "reports": {"a": {"kind": "eval"}}}):
+        with pytest.raises(ValueError, match="damaged"):
+            ComparisonReport.from_dict(damaged)
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="under a file"):
+        _synthetic_report().save(a_file / "sub")
+
+
 # --- prompt forms (default tokenizer) ----------------------------------------------------------
 
 
@@ -253,6 +327,13 @@ def test_evaluate_bad_arguments(default_model, direction):
     unnamed = SteeringVector.from_directions({3: torch.ones(576)})
     with pytest.raises(ValueError, match="prompts=None"):
         evaluate(model, tokenizer, unnamed)
+    unshipped = SteeringVector.from_directions({3: torch.ones(576)}, concept="narcissism")
+    with pytest.raises(ValueError, match=r"prompts=None .*'narcissism' ships none.*pass prompts="):
+        evaluate(model, tokenizer, unshipped)
+    with pytest.raises(ValueError, match=r"coeffs holds 1e\+39, beyond float32's range"):
+        evaluate(model, tokenizer, direction, coeffs=(0.0, 1e39), prompts=PROMPTS)  # finite, yet inf in float32
+    with pytest.raises(ValueError, match="max_coeff must .* float32"):
+        calibrate(model, tokenizer, direction, max_coeff=1e39)
 
 
 # --- calibrate (search logic, with a synthetic coherence cost) --------------------------------
