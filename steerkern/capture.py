@@ -18,7 +18,9 @@ import torch
 from steerkern.kvcache import cache_argument, empty_model_cache, filled_layers, positions_from_mask
 from steerkern.models import (
     RESIDUAL,
+    as_layer_list,
     check_layer,
+    eval_mode,
     input_device,
     residual_stream_index,
     resolve_module,
@@ -89,11 +91,7 @@ def _check_batch_size(batch_size) -> int:
 def _layer_indices(model, layers) -> dict:
     """``{layer as given: non-negative index}`` for an int or a non-empty list of layer indices
     (negative ones count from the last layer)."""
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    if not isinstance(layers, (list, tuple, range)) or len(layers) == 0:
-        raise ValueError(f"layers must be an int or a non-empty list of ints, got {layers!r}")
-    return {layer: check_layer(model, layer, "layers") for layer in layers}
+    return {layer: check_layer(model, layer, "layers") for layer in as_layer_list(layers)}
 
 
 def _pad(seqs: list[list[int]], pad_id: int, side: str):
@@ -327,7 +325,7 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
     try:
         for layer, module in zip(layers, modules):
             handles.append(module.register_forward_hook(make_hook(layer), with_kwargs=True))
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(model):
             if plan is None:
                 _plain_passes(model, tokenizer, ids, last_n_tokens, batch_size, reads, progress, desc)
             else:
@@ -394,7 +392,7 @@ def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=R
         for layer, module in zip(layers, modules):
             handles.append(module.register_forward_hook(make_hook(layer), with_kwargs=True))
         handles.append(readout.register_forward_hook(readout_hook, with_kwargs=True))
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
             d = d.detach().clone()  # an inference tensor cannot be saved for backward
             for batch, ids, mask, positions in runner:
                 held.clear()

@@ -114,7 +114,9 @@ class SteeringBank:
                 raise type(error)(f"vectors[{index}]: {error}") from None
         self.model = model
         self.vectors = vectors
-        self.normalize = bool(normalize)
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be True or False, got {normalize!r}")
+        self.normalize = normalize
         self.positions, self._position_mask = _check_positions(positions)
         self.sites = self._build_sites()
         try:
@@ -130,10 +132,13 @@ class SteeringBank:
         self._recurrent_seen = weakref.WeakKeyDictionary()  # recurrent cache -> tokens it consumed
         self._token_state: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._token_shape: tuple[int, int] | None = None
+        self._pass_open = False  # inside a forward pass of the model itself
         self._handles: list = []
         self._positional = _positional_names(model)
         self._stream = residual_stream_index(model)  # Gemma 3n: the active residual copy
         self._generate_prompt: int | None = None  # P of the generate call under way
+        self._in_generate = 0  # depth of generate calls under way (their rows may be expanded)
+        self._mask_on: dict[torch.device, torch.Tensor] = {}  # the positions mask, per device
 
     # --- building ------------------------------------------------------------------------------
 
@@ -252,8 +257,8 @@ class SteeringBank:
                 self._handles.append(
                     site.module.register_forward_hook(self._site_hook(site), with_kwargs=True)
                 )
-            if self.positions in ("prompt", "generated") or _chunking_skips_hooks(self.model):
-                _track_generate(self.model, self)
+            self._handles.append(self.model.register_forward_hook(self._after_forward, always_call=True))
+            _track_generate(self.model, self)
         except BaseException:
             self.detach()
             raise
@@ -265,6 +270,12 @@ class SteeringBank:
         self._handles.clear()
         self._token_state.clear()
         self._token_shape = None
+
+    def _after_forward(self, module, args, output):
+        """The pass is over: its per-token state steers no later call of a sub-module (which
+        fails with a clear error instead), except the recomputation of this pass's layers that
+        gradient checkpointing runs during the backward pass."""
+        self._pass_open = False
 
     def _before_forward(self, module, args, kwargs):
         """Per forward pass: per-token slots and coefficients, on each site's device."""
@@ -280,9 +291,8 @@ class SteeringBank:
         steer_here = None
         if self.positions != "all":
             past = _past_length(kwargs, mask, length, self._recurrent_seen)
-            capturing = tokens.is_cuda and torch.cuda.is_current_stream_capturing()
-            if isinstance(past, torch.Tensor) and not capturing:
-                past = int(past)
+            if isinstance(past, torch.Tensor) and self._generate_prompt is None and not _tracing(tokens):
+                past = int(past)  # a host sync, outside generate only: it tracks the prompt below
             cache = _cache_of(kwargs)
             if isinstance(past, int) and past == 0 and not (
                     cache is None and length == self._last_length + 1 and self._extends_prompt(tokens)):
@@ -306,6 +316,7 @@ class SteeringBank:
         slot = slot.reshape(-1).contiguous()
         coeff = row_coeff.to(tokens.device)[:, None].expand(batch, length).reshape(-1).contiguous()
         self._token_shape = (batch, length)
+        self._pass_open = True
         self._token_state = {}
         for site in self.sites:
             if site.device not in self._token_state:
@@ -329,39 +340,34 @@ class SteeringBank:
             return self._row_slot.expand(batch), self._row_coeff.expand(batch)
         if batch == self._rows:
             return self._row_slot, self._row_coeff
-        if batch % self._rows == 0:
-            copies = batch // self._rows  # num_return_sequences / beams: row i -> rows i*c..i*c+c-1
-            return (self._row_slot.repeat_interleave(copies),
-                    self._row_coeff.repeat_interleave(copies))
+        copies = self._copies(batch, self._rows, "slots/coeff were given for")
+        # num_return_sequences / beams: row i -> rows i*c .. i*c+c-1
+        return self._row_slot.repeat_interleave(copies), self._row_coeff.repeat_interleave(copies)
+
+    def _copies(self, batch: int, rows: int, given: str) -> int:
+        """How many copies of each of ``rows`` rows make the batch: only ``generate`` expands a
+        batch (``num_return_sequences``, beams), and only by a whole number of copies."""
+        if self._in_generate and batch % rows == 0:
+            return batch // rows
         raise ValueError(
-            f"the batch has {batch} rows but slots/coeff were given for {self._rows}: give one "
-            "slot and coefficient per row of the batch"
+            f"the batch has {batch} rows but {given} {rows}: give one per row of the batch "
+            "(inside generate, num_return_sequences / beam copies of a row share its values)"
         )
 
     def _positions_steered(self, batch, past, length, device) -> torch.Tensor | None:
         if self.positions == "all":
             return None
         if self.positions == "mask":
-            if isinstance(past, torch.Tensor):
-                raise RuntimeError(
-                    "steer: a positions mask needs the cache length on the host, which a CUDA "
-                    "graph capture cannot read; use positions='all', 'prompt' or 'generated' there"
-                )
-            mask = self._position_mask.to(device)
-            rows = mask.shape[0]
+            mask = self._mask_on.get(device)
+            if mask is None:  # placed once per device
+                mask = self._mask_on[device] = self._position_mask.to(device)
+            rows, width = mask.shape
             if batch != rows:
-                if batch % rows:
-                    raise ValueError(
-                        f"the batch has {batch} rows but the positions mask has {rows}: give one "
-                        "mask row per row of the batch (generate's num_return_sequences / beam "
-                        "copies of a row share its mask row)"
-                    )
-                mask = mask.repeat_interleave(batch // rows, dim=0)
-            window = torch.zeros(batch, length, dtype=torch.bool, device=device)
-            stop = min(mask.shape[1], past + length)
-            if stop > past:
-                window[:, : stop - past] = mask[:, past:stop]
-            return window
+                mask = mask.repeat_interleave(self._copies(batch, rows, "the positions mask has"), dim=0)
+            # columns past..past+length-1 of the mask; those beyond it are not steered
+            columns = torch.arange(length, device=device) + (past.to(device) if isinstance(past, torch.Tensor) else past)
+            inside = columns < width
+            return mask[:, columns.clamp(max=width - 1)] & inside[None, :]
         if isinstance(past, torch.Tensor):
             past = past.to(device)
         absolute = torch.arange(length, device=device) + past
@@ -389,6 +395,12 @@ class SteeringBank:
 
     def _site_hook(self, site: _Site):
         def hook(module, args, kwargs, output):
+            if not (self._pass_open or _in_backward()):
+                raise RuntimeError(
+                    f"steer: {type(module).__name__} ran outside a forward pass of the steered "
+                    f"model ({type(self.model).__name__}): call the model itself (or its "
+                    "generate), not one of its sub-modules"
+                )
             hidden = output[0] if isinstance(output, tuple) else output
             states = self._states(hidden)
             if states is None:
@@ -501,15 +513,17 @@ def _track_generate(model: nn.Module, bank: SteeringBank) -> None:
             if prompt is None:
                 prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
             length = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
-            outer = [b._generate_prompt for b in banks]
-            for b in banks:
+            outer = [(b, b._generate_prompt) for b in banks]
+            for b, _ in outer:
                 b._generate_prompt = length
+                b._in_generate += 1
             try:
                 with _chunks_through_hooks(model):
                     return inner(*args, **kwargs)
             finally:
-                for b, value in zip(banks, outer):
+                for b, value in outer:
                     b._generate_prompt = value
+                    b._in_generate -= 1
 
         state = (banks, model.__dict__.get("generate", _MISSING))
         object.__setattr__(model, _GENERATE, state)
@@ -590,6 +604,22 @@ def _untrack_generate(model: nn.Module, bank: SteeringBank) -> None:
             model.__dict__.pop("generate", None)
         else:
             object.__setattr__(model, "generate", replaced)
+
+
+def _in_backward() -> bool:
+    """Whether a backward pass is running (where gradient checkpointing re-runs layers); true
+    when torch cannot say."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is None or task() != -1
+
+
+def _tracing(tokens: torch.Tensor) -> bool:
+    """Whether this pass is being compiled (dynamo) or captured into a CUDA graph: no host sync
+    may happen then (a host value read there would be baked into the graph)."""
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    if compiling is not None and compiling():
+        return True
+    return tokens.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _checks_drafts(kwargs, length: int) -> bool:
@@ -685,7 +715,9 @@ def _as_slots(slots, count: int) -> torch.Tensor:
     elif hasattr(slots, "__array__") and not isinstance(slots, (str, bytes)):
         values = torch.as_tensor(_numpy_values(slots, "slots"))
     elif isinstance(slots, Sequence) and not isinstance(slots, (str, bytes)):
-        values = torch.tensor(list(slots))
+        if not all(isinstance(v, (numbers.Integral, torch.Tensor)) and not isinstance(v, bool) for v in slots):
+            raise TypeError(f"slots must hold integers (indices into vectors, -1 = unsteered), got {list(slots)!r}")
+        values = torch.tensor([int(v) if isinstance(v, numbers.Integral) else v for v in slots])
     else:
         raise TypeError(f"slots must be an integer, a sequence of integers or an integer tensor, got {type(slots).__name__}")
     if values.dim() > 1 or (values.numel() and (values.is_floating_point() or values.dtype == torch.bool)):

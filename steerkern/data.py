@@ -22,6 +22,7 @@ neutral suffixes, persona pairs and 24 labelled yes/no eval prompts for each con
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import random
 import re
@@ -140,6 +141,8 @@ def truncations(text: str, tokenizer=None, cuts: int | None = 3, min_tokens: int
     ``cuts`` lengths spread evenly from ``min_tokens`` to the full length (``None``: every
     length). Without a tokenizer, words stand in for tokens.
     """
+    if cuts is not None and (isinstance(cuts, bool) or not isinstance(cuts, numbers.Integral) or cuts < 1):
+        raise ValueError(f"cuts must be an int >= 1 or None (every length), got {cuts!r}")
     if tokenizer is not None:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         pieces = lambda n: tokenizer.decode(ids[:n])
@@ -153,11 +156,18 @@ def truncations(text: str, tokenizer=None, cuts: int | None = 3, min_tokens: int
     if cuts is None or cuts >= total - start + 1:
         lengths = list(range(start, total + 1))
     else:
-        if cuts < 1:
-            raise ValueError(f"cuts must be >= 1 or None, got {cuts}")
         step = (total - start) / max(cuts - 1, 1)
         lengths = sorted({round(start + i * step) for i in range(cuts)}) if cuts > 1 else [total]
-    return [pieces(n) for n in lengths]
+    texts = []
+    for n in lengths:
+        piece = pieces(n)
+        # a cut inside a character's bytes (byte-level BPE) decodes to U+FFFD: cut later instead
+        while n < total and piece.endswith("\ufffd") and not text.startswith(piece):
+            n += 1
+            piece = pieces(n)
+        if piece not in texts:
+            texts.append(piece)
+    return texts
 
 
 def persona_pairs(tokenizer, positive: list[str], negative: list[str], suffixes: list[str], *,
@@ -174,10 +184,14 @@ def persona_pairs(tokenizer, positive: list[str], negative: list[str], suffixes:
             f"positive ({len(positive)}) and negative ({len(negative)}) personas must be non-empty "
             "lists of the same length (aligned pairwise)"
         )
-    if not suffixes:
-        raise ValueError("suffixes is empty: give at least one neutral continuation")
-    if "{persona}" not in template:
+    suffixes = _suffix_list(suffixes)
+    if not isinstance(template, str) or "{persona}" not in template:
         raise ValueError(f"template must contain '{{persona}}', got {template!r}")
+    try:
+        template.format(persona="")
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"template={template!r} may hold only the {{persona}} placeholder ({error!r}); "
+                         "write literal braces as {{ and }}") from None
     cut_suffixes = [piece for suffix in suffixes for piece in truncations(suffix, tokenizer, cuts)]
     pairs = []
     for pos, neg in zip(positive, negative):
@@ -427,6 +441,28 @@ def _concept(concept: str) -> dict:
     return _concept_file(concept)
 
 
+def _suffix_list(suffixes) -> list[str]:
+    """``suffixes`` checked: a non-empty list of non-empty strings."""
+    if isinstance(suffixes, (str, bytes)) or not hasattr(suffixes, "__iter__"):
+        raise TypeError(f"suffixes must be a list of strings, got {type(suffixes).__name__}")
+    suffixes = list(suffixes)
+    if not suffixes:
+        raise ValueError("suffixes is empty: give at least one neutral continuation")
+    for i, suffix in enumerate(suffixes):
+        if not isinstance(suffix, str) or not suffix.strip():
+            raise ValueError(f"suffixes[{i}] must be a non-empty string, got {suffix!r}")
+    return suffixes
+
+
+def _first_suffixes(suffixes, max_suffixes):
+    """The default neutral suffixes or the given ones, the first ``max_suffixes`` of them."""
+    if max_suffixes is not None and (isinstance(max_suffixes, bool) or not isinstance(max_suffixes, numbers.Integral)
+                                     or max_suffixes < 1):
+        raise ValueError(f"max_suffixes must be None (all) or an int >= 1, got {max_suffixes!r}")
+    suffixes = _suffix_list(suffixes) if suffixes is not None else neutral_suffixes()
+    return suffixes if max_suffixes is None else suffixes[:max_suffixes]
+
+
 def neutral_suffixes() -> list[str]:
     """The ~60 short neutral sentence openings shipped with steerkern."""
     return list(_concept_file("suffixes")["suffixes"])
@@ -438,9 +474,7 @@ def concept_pairs(concept: str, tokenizer=None, *, suffixes: list[str] | None = 
     """Persona contrast pairs for a shipped concept (its personas x the neutral suffixes, cut at
     ``cuts`` token lengths each), plus its hand-written minimal pairs when ``minimal=True``."""
     spec = _concept(concept)
-    suffixes = list(suffixes) if suffixes is not None else neutral_suffixes()
-    if max_suffixes is not None:
-        suffixes = suffixes[:max_suffixes]
+    suffixes = _first_suffixes(suffixes, max_suffixes)
     result = persona_pairs(tokenizer, spec["positive"], spec["negative"], suffixes,
                            template=spec.get("template", DEFAULT_TEMPLATE), cuts=cuts,
                            system=system, concept=concept)
@@ -485,9 +519,8 @@ def make_pairs(tokenizer=None, *, concept: str | None = None, positive: list[str
         parts.append(concept_pairs(concept, tokenizer, suffixes=suffixes, cuts=cuts,
                                    max_suffixes=max_suffixes, system=system))
     if positive is not None or negative is not None:
-        own = list(suffixes) if suffixes is not None else neutral_suffixes()
         parts.append(persona_pairs(tokenizer, list(positive or []), list(negative or []),
-                                   own[:max_suffixes] if max_suffixes else own, template=template,
+                                   _first_suffixes(suffixes, max_suffixes), template=template,
                                    cuts=cuts, system=system))
     if pairs is not None:
         given = as_pairs(pairs, "pairs")

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import math
 import numbers
@@ -83,7 +84,7 @@ from steerkern.kvcache import (
     select_rows,
 )
 from steerkern.memory import rows_per_pass
-from steerkern.models import input_device
+from steerkern.models import eval_mode, input_device
 from steerkern.prefill import SharedPrompt, forward_rest, shared_prefill
 from steerkern.trunk import lowest_steered_layer
 
@@ -638,6 +639,16 @@ def generate_rows(model, tokenizer, vectors, prompts: list[str], arms, *, max_ne
     return texts, nll
 
 
+def _without_dropout(function):
+    """Run ``function(model, ...)`` with ``model`` in eval mode (:func:`steerkern.models.eval_mode`):
+    a model left in training mode would score and generate through dropout."""
+    @functools.wraps(function)
+    def wrapper(model, *args, **kwargs):
+        with eval_mode(model):
+            return function(model, *args, **kwargs)
+    return wrapper
+
+
 # --- argument checks ------------------------------------------------------------------------
 
 
@@ -757,6 +768,7 @@ def _metadata(model, vector, name, items, positions, max_new_tokens) -> dict:
 # --- public API -----------------------------------------------------------------------------
 
 
+@_without_dropout
 def evaluate(model, tokenizer, vector, *, coeffs=DEFAULT_COEFFS, prompts=None, max_new_tokens=48,
              batch_size=None, gen_prompts=None, positions="all", progress=False,
              name=None, share_prefill=True) -> EvalReport:
@@ -816,6 +828,7 @@ def evaluate(model, tokenizer, vector, *, coeffs=DEFAULT_COEFFS, prompts=None, m
                    [it.question for it in items], metadata)
 
 
+@_without_dropout
 def compare(model, tokenizer, vectors: Mapping, *, coeffs=DEFAULT_COEFFS, prompts=None,
             max_new_tokens=48, batch_size=None, gen_prompts=None, positions="all",
             progress=False, share_prefill=True) -> ComparisonReport:
@@ -874,6 +887,7 @@ def compare(model, tokenizer, vectors: Mapping, *, coeffs=DEFAULT_COEFFS, prompt
     return ComparisonReport(reports)
 
 
+@_without_dropout
 def calibrate(model, tokenizer, vector, *, max_delta_nll=0.5, max_coeff=16.0, sign="both",
               grid=6, rounds=2, gen_prompts=None, max_new_tokens=32, batch_size=None,
               positions="all", progress=False, return_history=False, share_prefill=True):

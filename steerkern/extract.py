@@ -12,6 +12,8 @@ shifts the activations' projection on the direction by the mean projected pair s
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -21,8 +23,10 @@ from steerkern.capture import capture, last_positions, vjp_gradients
 from steerkern.data import PairSet, as_pairs
 from steerkern.models import (
     RESIDUAL,
+    as_layer_list,
     check_layer,
     default_layers,
+    eval_mode,
     hidden_size,
     model_id,
     model_type,
@@ -67,11 +71,7 @@ def _positive_int(value, name: str, optional: bool = False):
 def _check_layers(model, layers) -> list[int]:
     if layers is None:
         return default_layers(model)
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    if not isinstance(layers, (list, tuple, range)) or len(layers) == 0:
-        raise ValueError(f"layers must be an int or a non-empty list of ints, got {layers!r}")
-    return sorted({check_layer(model, layer, "layers") for layer in layers})
+    return sorted({check_layer(model, layer, "layers") for layer in as_layer_list(layers)})
 
 
 def _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readout_layer,
@@ -102,8 +102,9 @@ def _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readou
                 f"readout_layer={plan.readout} must be deeper than every steered layer "
                 f"(max {max(plan.layers)})"
             )
-        if fisher_lambda is not None and not float(fisher_lambda) > 0:
-            raise ValueError(f"fisher_lambda must be > 0, got {fisher_lambda}")
+        if fisher_lambda is not None and (isinstance(fisher_lambda, bool) or not isinstance(fisher_lambda, numbers.Real)
+                                          or not 0 < float(fisher_lambda) < math.inf):
+            raise ValueError(f"fisher_lambda must be None or a finite number > 0, got {fisher_lambda!r}")
         plan.fisher_lambda = None if fisher_lambda is None else float(fisher_lambda)
     return plan
 
@@ -117,7 +118,11 @@ class _Shard:
 
     def __init__(self, pair_set: PairSet, accelerator):
         if accelerator is not None:
-            self.world, self.rank = int(accelerator.num_processes), int(accelerator.process_index)
+            try:
+                self.world, self.rank = int(accelerator.num_processes), int(accelerator.process_index)
+            except (AttributeError, TypeError, ValueError):
+                raise TypeError(f"accelerator must be an accelerate.Accelerator (with num_processes and "
+                                f"process_index), got {type(accelerator).__name__}") from None
         elif torch.distributed.is_available() and torch.distributed.is_initialized():
             self.world, self.rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         else:
@@ -266,6 +271,7 @@ def extract(model, tokenizer, pairs, *, layers=None, method: str = "pca_diff", r
     plan = _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readout_layer,
                  fisher_lambda, share_prefixes)
     shard = _Shard(pair_set, accelerator)
-    acts, inputs, grads = _read(model, tokenizer, plan, shard, progress and shard.rank == 0)
+    with eval_mode(model):
+        acts, inputs, grads = _read(model, tokenizer, plan, shard, progress and shard.rank == 0)
     parts = {(layer, target): _part(plan, layer, acts, inputs, grads) for layer in plan.layers}
     return SteeringVector(parts, _metadata(model, plan, pair_set, concept))

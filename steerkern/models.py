@@ -15,6 +15,7 @@ GPT-NeoX, OPT, Falcon, Bloom, MPT, Mamba, ...). An unknown layout is found when 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import itertools
@@ -514,6 +515,36 @@ def default_layers(model: nn.Module) -> list[int]:
     n = num_layers(model)
     start, stop = n // 3, max(n // 3 + 1, (2 * n) // 3)
     return list(range(start, stop))
+
+
+def as_layer_list(layers, argument: str = "layers") -> list[int]:
+    """An int layer index, or a non-empty list / tuple / range / 1-D integer array or tensor of
+    them, as a list of Python ints (not yet checked against a model: :func:`check_layer`)."""
+    if hasattr(layers, "tolist") and not isinstance(layers, (list, tuple, range)):  # numpy, torch
+        layers = layers.tolist()
+    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+        return [int(layers)]
+    if (isinstance(layers, (list, tuple, range)) and len(layers)
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in layers)):
+        return [int(v) for v in layers]
+    raise ValueError(f"{argument} must be an int or a non-empty list of ints, got {layers!r}")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Inside, every module of ``model`` is in eval mode (no dropout: reading or evaluating a
+    model in training mode would give random results); each module's ``training`` flag is
+    restored on exit, errors included."""
+    modes = [(module, module.training) for module in model.modules()]
+    if not any(training for _, training in modes):
+        yield model
+        return
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def check_layer(model: nn.Module, layer: int, argument: str = "layer") -> int:

@@ -155,7 +155,9 @@ def _check_key(key) -> tuple[int, str]:
         raise TypeError(f"parts keys must be (layer, target) tuples, got {key!r}")
     layer, target = key
     if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 0:
-        raise ValueError(f"layer in parts key {key!r} must be a non-negative int")
+        raise ValueError(f"layer in parts key {key!r} must be a non-negative int: a vector stores "
+                         "absolute layer indices (count from 0; for the last layers of a model, "
+                         "use len(steerkern.decoder_layers(model)) - k)")
     if not isinstance(target, str) or not target:
         raise ValueError(f"target in parts key {key!r} must be a non-empty module name")
     return int(layer), target
@@ -228,7 +230,12 @@ class SteeringVector:
         """Additive vector from ``{layer: Tensor[D]}`` (the bias of each part)."""
         if not isinstance(directions, dict) or not directions:
             raise ValueError("directions must be a non-empty dict {layer: Tensor[D]}")
-        parts = {(layer, target): SteeringPart(bias=vec) for layer, vec in directions.items()}
+        parts = {}
+        for layer, vec in directions.items():
+            try:
+                parts[(layer, target)] = SteeringPart(bias=vec)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"directions[{layer!r}]: {error}") from None
         return cls(parts, metadata)
 
     @classmethod
@@ -344,8 +351,8 @@ class SteeringVector:
         parts = {}
         for key in sorted(set(self.parts) | set(other.parts)):
             a, b = self.parts.get(key), other.parts.get(key)
-            if a is None or b is None:
-                parts[key] = (a or b).to()
+            if a is None or b is None:  # a new tensor: the result shares nothing with its operands
+                parts[key] = SteeringPart(bias=(a or b).bias.clone())
                 continue
             if a.out_features != b.out_features:
                 raise ValueError(f"parts at {key} have different widths {a.out_features} and {b.out_features}")
@@ -361,7 +368,8 @@ class SteeringVector:
         """``0 + v`` is ``v``, so that ``sum([a, b, c])`` works."""
         if isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0:
             self._require_additive("+")
-            return SteeringVector(dict(self.parts), dict(self.metadata))
+            return SteeringVector({k: SteeringPart(bias=p.bias.clone()) for k, p in self.parts.items()},
+                                  dict(self.metadata))
         return NotImplemented
 
     def __mul__(self, scalar):
@@ -385,6 +393,7 @@ class SteeringVector:
         return self * (1.0 / scalar)
 
     def __neg__(self):
+        self._require_additive("-")
         return self * -1.0
 
     def __sub__(self, other):
@@ -453,7 +462,13 @@ class SteeringVector:
                 raise ValueError(f"unsupported format {header.get('format')!r} (this steerkern reads {FORMAT_VERSION})")
             parts = {}
             for i, entry in enumerate(header["parts"]):
-                parts[(int(entry["layer"]), str(entry["target"]))] = SteeringPart(
+                layer = entry["layer"]
+                if isinstance(layer, bool) or not isinstance(layer, int):
+                    raise ValueError(f"parts[{i}] has layer {layer!r}, not an integer")
+                key = (layer, str(entry["target"]))
+                if key in parts:
+                    raise ValueError(f"parts[{i}] repeats (layer, target) {key}")
+                parts[key] = SteeringPart(
                     bias=tensors.get(f"parts.{i}.bias"),
                     A=tensors.get(f"parts.{i}.A"),
                     B=tensors.get(f"parts.{i}.B"),
@@ -545,11 +560,15 @@ class SteeringVector:
         stored = field(_GGUF_META_KEY)
         if stored:
             try:
-                meta.update(json.loads(stored))
+                meta = json.loads(stored)
             except ValueError:
-                pass
+                meta = None
+            if not isinstance(meta, dict):
+                warnings.warn(f"{str(path)!r}: its {_GGUF_META_KEY} is not a JSON object; the "
+                              "directions are read without it", stacklevel=2)
+                meta = {}
         hint = field(f"{_GGUF_ARCH}.model_hint")
-        if hint is not None:
+        if hint is not None and not meta:  # steerkern's own metadata already says what it fits
             meta["model_hint"] = hint
         method = field(f"{_GGUF_ARCH}.method")  # EasySteer records its extraction method
         if isinstance(method, str) and "method" not in meta:

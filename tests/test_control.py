@@ -579,6 +579,9 @@ def test_coeff_and_slots_as_numpy_and_single_values(tiny_model_factory):
                             (dict(coeff=[]), "coeff is empty"),
                             (dict(slots=np.array([0.5, 1.0])), "integers"),
                             (dict(slots=True), "slots must be"),
+                            (dict(slots=["a", "b"]), "slots must hold integers"),
+                            (dict(slots=[0, True]), "slots must hold integers"),
+                            (dict(normalize="false"), "normalize must be True or False"),
                             (dict(slots=2), "slots must be in")):
         with pytest.raises((ValueError, TypeError), match=message):
             with steer(model, vectors, **kwargs):
@@ -670,3 +673,107 @@ def test_generate_is_restored_whatever_order_banks_detach_in(tiny_model_factory)
                 raise RuntimeError("boom")
         assert "generate" in model.__dict__
     assert "generate" not in model.__dict__ and steerkern_hook_count(model) == 0
+
+
+def test_per_row_values_repeat_only_for_generate_expansions(tiny_model_factory):
+    """Outside generate a batch whose rows do not match the per-row slots / coefficients / mask
+    rows is an error (SPEC 9), even when their count divides it; generate's
+    num_return_sequences copies of a row share its values."""
+    model = tiny_model_factory("llama")
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    v0, v1 = random_vector(model, [1], 0, 3.0), random_vector(model, [1], 1, 3.0)
+    cases = [(dict(vectors=[v0, v1], slots=[0, 1], coeff=[1.0, 2.0]), torch.cat([ids, ids]), "given for 2"),
+             (dict(vectors=v0, coeff=[5.0]), ids, "given for 1"),
+             (dict(vectors=v0, positions=torch.ones(1, 5, dtype=torch.bool)), ids, "positions mask has 1")]
+    for kwargs, batch, message in cases:
+        with pytest.raises(ValueError, match=f"the batch has {batch.shape[0]} rows but .*{message}"):
+            with torch.no_grad(), steer(model, kwargs.pop("vectors"), **kwargs):
+                model(batch)
+        assert steerkern_hook_count(model) == 0
+    settings = dict(max_new_tokens=3, do_sample=True, top_k=1, pad_token_id=0)  # sampling, greedy in effect
+    with torch.no_grad():
+        with steer(model, [v0, v1], slots=[0, 1], coeff=[2.0, -2.0]):
+            expanded = model.generate(ids, num_return_sequences=2, **settings)
+        for row, (vector, c) in enumerate([(v0, 2.0), (v1, -2.0)]):
+            with steer(model, vector, coeff=c):
+                alone = model.generate(ids[row:row + 1], **settings)
+            assert torch.equal(expanded[2 * row], alone[0]) and torch.equal(expanded[2 * row + 1], alone[0])
+
+
+def test_sub_modules_called_outside_a_pass_are_refused_but_checkpointing_recomputes(tiny_model_factory):
+    """A sub-module called by itself once the model's pass is over would steer with that
+    pass's per-token state (its padding, its rows): refused. Gradient checkpointing re-runs the
+    layers during the backward pass: steered as in the forward pass, same gradients."""
+    model = tiny_model_factory("llama")
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    vector = random_vector(model, [1], 0, 3.0)
+    with torch.no_grad(), steer(model, vector, coeff=2.0):
+        model(ids, attention_mask=mask)
+        with pytest.raises(RuntimeError, match="outside a forward pass of the steered model"):
+            model.model(ids)
+    assert steerkern_hook_count(model) == 0
+
+    def gradients(checkpointing: bool):
+        model.zero_grad()
+        prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"  # 5.x name
+        if checkpointing:
+            getattr(model, f"{prefix}_checkpointing_enable")(
+                **{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
+        model.train()
+        try:
+            with steer(model, [vector], slots=[0, -1], coeff=[2.0, 0.0]):
+                model(ids, attention_mask=mask).logits.square().mean().backward()
+        finally:
+            model.eval()
+            if checkpointing:
+                getattr(model, f"{prefix}_checkpointing_disable")()
+        return [p.grad.clone() for p in model.parameters()]
+
+    try:
+        plain, recomputed = gradients(False), gradients(True)
+    finally:
+        model.zero_grad(set_to_none=True)  # the factory's models are shared by other tests
+    for a, b in zip(plain, recomputed):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("positions", ["generated", "prompt", "mask"])
+def test_positional_steering_compiles_once_over_a_static_cache(tiny_model_factory, positions):
+    """Decode steps compiled with torch.compile over a static cache: the cache length stays a
+    tensor (no host sync, no value baked into the graph), so no step recompiles, and the
+    steps steer as in eager mode."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounter
+    from transformers import StaticCache
+
+    from steerkern.kvcache import cache_argument
+
+    model = tiny_model_factory("llama")
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    vector = random_vector(model, [1], 0, 3.0)
+    where = torch.rand(2, 12, generator=torch.Generator().manual_seed(1)) < 0.5 if positions == "mask" else positions
+
+    cache_arg = cache_argument(model)
+
+    def decode(step):
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        out = []
+        with torch.no_grad(), steer(model, vector, coeff=2.0, positions=where):
+            logits = model(ids, **{cache_arg: cache}, cache_position=torch.arange(5)).logits
+            token = logits[:, -1:].argmax(-1)
+            for i in range(5):
+                logits = step(token, cache, torch.tensor([5 + i]))
+                out.append(logits)
+                token = logits[:, -1:].argmax(-1)
+        return torch.cat(out, 1)
+
+    eager = lambda token, cache, position: model(token, **{cache_arg: cache}, cache_position=position).logits  # noqa: E731
+    dynamo.reset()
+    counter = CompileCounter()
+    compiled = decode(torch.compile(eager, backend=counter, dynamic=False))
+    frames = counter.frame_count
+    dynamo.reset()
+    assert frames <= 2, f"{frames} frames compiled for 5 decode steps: a step recompiled"
+    torch.testing.assert_close(compiled, decode(eager))

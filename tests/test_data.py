@@ -62,6 +62,38 @@ def test_truncations_by_tokens_and_words(tokenizer):
     assert truncations("a b c d e", None, cuts=2) == ["a", "a b c d e"]
 
 
+def test_truncations_never_cut_inside_a_character(tokenizer):
+    """Byte-level BPE splits an emoji into several tokens: a cut between them decoded to U+FFFD,
+    a text the model never sees; the cut moves to the end of the character."""
+    text = "I feel \U0001F600\U0001F600 great today, \u00e9t\u00e9 \u4e2d\u6587"
+    every = truncations(text, tokenizer, cuts=None)
+    assert every[-1] == text and len(set(every)) == len(every)
+    assert all("\ufffd" not in piece and text.startswith(piece) for piece in every)
+    assert all("\ufffd" not in piece for piece in truncations(text, tokenizer, cuts=5))
+    pairs = make_pairs(tokenizer, positive=["happy"], negative=["sad"], suffixes=["Je suis \U0001F600 ravi"], cuts=None)
+    assert all("\ufffd" not in chosen + rejected for chosen, rejected in pairs.pairs)
+
+
+def test_suffixes_cuts_and_templates_are_checked():
+    for kwargs, error, message in [
+        (dict(suffixes=[""]), ValueError, r"suffixes\[0\] must be a non-empty string"),
+        (dict(suffixes="hello world"), TypeError, "suffixes must be a list of strings"),
+        (dict(suffixes=[]), ValueError, "suffixes is empty"),
+        (dict(max_suffixes=0), ValueError, "max_suffixes must be None"),
+        (dict(max_suffixes=-1), ValueError, "max_suffixes must be None"),
+        (dict(cuts=1.5), ValueError, "cuts must be an int"),
+        (dict(cuts=0), ValueError, "cuts must be an int"),
+        (dict(template="{persona} likes {food}."), ValueError, "only the {persona} placeholder"),
+    ]:
+        for source in (dict(concept="sentiment"), dict(positive=["happy"], negative=["sad"])):
+            if "template" in kwargs and "concept" in source:
+                continue  # a concept brings its own template
+            with pytest.raises(error, match=message):
+                make_pairs(None, **source, **kwargs)
+    assert len(make_pairs(None, positive=["a"], negative=["b"], suffixes=["x y", "z"], max_suffixes=1,
+                          cuts=None)) == 2
+
+
 def test_persona_pairs_end_inside_the_assistant_turn(tokenizer):
     pairs = concept_pairs("honesty", tokenizer, max_suffixes=4, cuts=2)
     assert pairs.concept == "honesty" and len(pairs) == 4 * 4 * 2

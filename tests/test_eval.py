@@ -678,6 +678,25 @@ def test_evaluate_with_a_tokenizer_without_pad_token(tiny_model_factory):
     assert report.samples == prepared.samples and report.effect != 0.0
 
 
+def test_a_model_in_training_mode_is_evaluated_without_dropout(tiny_model_factory):
+    """GPT-2's dropout (0.1) would make scores and generations random: evaluate runs the model
+    in eval mode and gives it back in training mode."""
+    model = tiny_model_factory("gpt2")
+    vector = SteeringVector.from_directions({1: torch.randn(64, generator=torch.Generator().manual_seed(0))})
+    kwargs = dict(coeffs=(0.0, 4.0), prompts=TINY_PROMPTS[1:], max_new_tokens=2,
+                  gen_prompts=["Tell me about your weekend"])
+    expected = evaluate(model.eval(), word_tokenizer(), vector, **kwargs)
+    model.train()
+    try:
+        for _ in range(2):
+            got = evaluate(model, word_tokenizer(), vector, **kwargs)
+            np.testing.assert_allclose(got.prompt_scores, expected.prompt_scores, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got.nll, expected.nll, rtol=1e-5, atol=1e-5)
+        assert all(m.training for m in model.modules())
+    finally:
+        model.eval()
+
+
 def test_coeffs_from_numpy_and_negative_zero():
     """Coefficients from ``np.linspace`` / numpy scalars are numbers; ``-0.0`` is the unsteered
     coefficient and is written as ``0``."""

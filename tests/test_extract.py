@@ -511,6 +511,43 @@ def test_bad_input_names_the_argument(tiny_model_factory):
         extract(model, tok, PAIRS, layers=[1], last_n_tokens=50, progress=False)
     with pytest.raises(TypeError, match="pairs\\[0\\]"):
         extract(model, tok, [("ok", 3)], progress=False)
+    for bad in (float("inf"), "a", 0.0, True):
+        with pytest.raises(ValueError, match="fisher_lambda must be None or a finite number > 0"):
+            extract(model, tok, PAIRS, layers=[1], method="grad", fisher_lambda=bad, progress=False)
+    with pytest.raises(ValueError, match="layers must be an int or a non-empty list"):
+        extract(model, tok, PAIRS, layers=[1.0], progress=False)
+    with pytest.raises(TypeError, match="accelerator must be an accelerate.Accelerator"):
+        extract(model, tok, PAIRS, layers=[1], accelerator=object(), progress=False)
+
+
+def test_layers_as_numpy_or_tensor_indices(tiny_model_factory):
+    np = pytest.importorskip("numpy")
+    model = tiny_model_factory("llama")
+    expected = extract(model, CharTokenizer(), PAIRS, layers=[1, 3], method="mean_diff", progress=False)
+    for layers in (np.array([1, 3]), torch.tensor([1, -1]), (np.int64(1), 3)):
+        got = extract(model, CharTokenizer(), PAIRS, layers=layers, method="mean_diff", progress=False)
+        assert got.layers == [1, 3]
+        for key, part in expected.parts.items():
+            torch.testing.assert_close(got.parts[key].bias, part.bias)
+    assert list(capture(model, CharTokenizer(), ["abc", "de"], np.int64(2), progress=False)) == [2]
+
+
+@pytest.mark.parametrize("method", ["mean_diff", "grad"])
+def test_a_model_in_training_mode_is_read_without_dropout(method):
+    """Dropout would make every extraction random; the model is read in eval mode and every
+    module's training flag is restored."""
+    from tests.tiny_models import build_tiny_model
+
+    model = build_tiny_model("gpt2")  # GPT-2's dropout defaults to 0.1
+    model.transformer.h[1].eval()  # a mixed state, restored as it was
+    expected = extract(model.eval(), CharTokenizer(), PAIRS, layers=[1], method=method, progress=False)
+    model.train()
+    model.transformer.h[1].eval()
+    flags = [m.training for m in model.modules()]
+    for _ in range(2):
+        got = extract(model, CharTokenizer(), PAIRS, layers=[1], method=method, progress=False)
+        torch.testing.assert_close(got.parts[(1, "residual")].bias, expected.parts[(1, "residual")].bias)
+    assert [m.training for m in model.modules()] == flags
 
 
 # --- distributed ------------------------------------------------------------------------------

@@ -104,6 +104,8 @@ def test_arithmetic_rejects_incompatible_vectors():
         additive() + lowrank()
     with pytest.raises(ValueError, match="additive vectors only"):
         2 * lowrank()
+    with pytest.raises(ValueError, match="'-' is defined for additive vectors only"):
+        -lowrank()
     with pytest.raises(ValueError, match="different hidden_size"):
         additive(dim=64) + additive(dim=32)
     with pytest.raises(ValueError, match="different model"):
@@ -551,3 +553,61 @@ def test_gguf_with_unusable_directions_names_the_file(tmp_path):
     with warnings.catch_warnings():  # repeng's import_gguf hands over read-only memory maps
         warnings.simplefilter("error")
         assert SteeringVector.from_directions(memmapped).layers == [1]
+
+
+def test_arithmetic_results_share_no_tensor_with_their_operands():
+    a, b = additive(0, layers=(1, 2)), additive(1, layers=(2, 3))
+    before = {k: p.bias.clone() for k, p in {**a.parts, **b.parts}.items() if k[0] != 2}
+    for result in (a + b, sum([b]), a - b, 2 * a):
+        for part in result.parts.values():
+            part.bias.mul_(7.0)
+    for key, bias in before.items():
+        owner = a if key in a.parts and key[0] == 1 else b
+        assert torch.equal(owner.parts[key].bias, bias), key
+
+
+def test_gguf_round_trip_keeps_the_metadata_and_tolerates_damaged_metadata(tmp_path):
+    import gguf
+
+    vector = additive(layers=(1, 5), concept="honesty", model_type="llama", model="m")
+    assert SteeringVector.from_gguf(vector.to_gguf(tmp_path / "v.gguf")).metadata == vector.metadata
+    for stored in ("[1, 2]", "5", "not json"):
+        path = tmp_path / "damaged.gguf"
+        writer = gguf.GGUFWriter(str(path), "controlvector")
+        writer.add_string("controlvector.model_hint", "llama")
+        writer.add_string("controlvector.steerkern_metadata", stored)
+        writer.add_tensor("direction.1", np.ones(8, np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with pytest.warns(UserWarning, match="not a JSON object"):
+            loaded = SteeringVector.from_gguf(path)
+        assert loaded.layers == [1] and loaded.metadata["model_hint"] == "llama"  # as for a foreign file
+
+
+def test_safetensors_header_with_repeated_or_fractional_layers_is_damaged(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = additive(layers=(1, 2)).save(tmp_path / "v.safetensors")
+    tensors = load_file(path)
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata()
+    key = next(k for k, v in meta.items() if '"parts"' in v)
+    for change, message in ((lambda parts: parts[1].update(layer=1), "repeats"),
+                            (lambda parts: parts[0].update(layer=1.7), "not an integer")):
+        body = json.loads(meta[key])
+        change(body["parts"])
+        save_file(tensors, tmp_path / "bad.safetensors", metadata={**meta, key: json.dumps(body)})
+        with pytest.raises(ValueError, match=f"damaged steerkern header: .*{message}"):
+            SteeringVector.load(tmp_path / "bad.safetensors")
+
+
+def test_direction_errors_name_the_layer():
+    with pytest.raises(TypeError, match=r"directions\[3\]: bias must be"):
+        SteeringVector.from_directions({3: [1.0, 2.0]})
+    with pytest.raises(ValueError, match=r"directions\[3\]: bias must be 1-D"):
+        SteeringVector.from_directions({3: torch.ones(1, 4)})
+    with pytest.raises(ValueError, match="absolute layer indices"):
+        SteeringVector.from_directions({-1: torch.ones(4)})
