@@ -156,7 +156,7 @@ def steer_backward_ref(grad, out, slot, coeff, bias=None, A=None, B=None, src=No
             z_k = torch.where(rows, z, torch.zeros_like(z))
             d_B[k] = gv_k.T @ z_k
             gz = gv_k @ B[k].to(dtype)  # [N, R]
-            d_A[k] = s.T @ gz
+            d_A[k] = torch.where(rows, s, torch.zeros_like(s)).T @ gz  # other rows' NaN/Inf stay out
             ds = ds + gz @ A[k].to(dtype).T
     d_src = None
     if A is not None:

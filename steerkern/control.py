@@ -49,12 +49,19 @@ POSITIONS = ("all", "prompt", "generated")
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # coefficients are held as float32
 
 
-def _first_param(module: nn.Module) -> torch.Tensor:
+def first_tensor(module: nn.Module, where: str = "") -> torch.Tensor:
+    """A parameter (else a buffer) of ``module``, whose device and dtype its steering takes;
+    ``where`` (e.g. ``"layer 3, target 'mlp.act_fn'"``) names it in the error for a module
+    that holds neither."""
     for tensor in module.parameters():
         return tensor
     for tensor in module.buffers():
         return tensor
-    raise ValueError(f"{type(module).__name__} has no parameters to take a device and dtype from")
+    raise ValueError(
+        f"{where + ': ' if where else ''}{type(module).__name__} holds no parameters to take a device and "
+        "dtype from, so it cannot be steered: target a module with weights (e.g. 'mlp.down_proj', "
+        "'self_attn.o_proj') or the residual stream"
+    )
 
 
 @dataclass
@@ -150,7 +157,7 @@ class SteeringBank:
         sites = []
         for (layer, target, source), entries in sorted(keys.items()):
             module = resolve_module(self.model, layer, target)
-            reference = _first_param(module)
+            reference = first_tensor(module, f"layer {layer}, target {target!r}")
             device = execution_device(self.model, module)
             dtype = reference.dtype if reference.is_floating_point() else torch.float32
             sites.append(self._build_site(module, source, entries, device, dtype, (layer, target)))

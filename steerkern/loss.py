@@ -72,7 +72,7 @@ def _as_mask(mask: torch.Tensor | None, like: torch.Tensor, name: str) -> torch.
     if tuple(mask.shape) != tuple(like.shape):
         raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(like.shape)}")
     if mask.dtype != torch.bool:
-        if mask.dtype.is_floating_point and bool(((mask != 0) & (mask != 1)).any()):
+        if bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError(
                 f"{name} must hold only 0 and 1 (it selects tokens, it does not weight them)"
             )

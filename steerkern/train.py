@@ -49,7 +49,7 @@ import math
 
 import torch
 
-from steerkern.control import SteeringBank
+from steerkern.control import SteeringBank, first_tensor
 from steerkern.data import as_pairs
 from steerkern.kvcache import positions_from_mask
 from steerkern.loss import PENALTY_KINDS, PROJECTIONS, CoherenceInputs, inner_contrastive_loss
@@ -322,7 +322,7 @@ class _Adapter:
         for layer in layer_list:
             module = resolve_module(model, layer, target)
             width = _output_width(model, module, target)
-            device = next(module.parameters()).device
+            device = first_tensor(module).device
             bias = torch.zeros(width, dtype=torch.float32)
             A = torch.randn(width, rank, generator=generator, dtype=torch.float32) / math.sqrt(width)
             B = torch.zeros(width, rank, dtype=torch.float32)
@@ -436,8 +436,8 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
     shift_weight = _real(shift_weight, "shift_weight", non_negative=True)
     pair_set = as_pairs(pairs, "pairs")
     layer_list, loss_at = _check_layers(model, layers, loss_layer)
-    for layer in layer_list:
-        resolve_module(model, layer, target)  # raises naming target
+    for layer in layer_list:  # raises naming target
+        first_tensor(resolve_module(model, layer, target), f"layer {layer}, target {target!r}")
     _output_head(model)  # a model without a usable head fails here, before any work
     texts = [text for pair in pair_set.pairs for text in pair]
     ids_list = _encode(tokenizer, texts, n_last)
@@ -447,6 +447,11 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
         from accelerate import Accelerator
 
         accelerator = Accelerator()
+    if int(getattr(accelerator, "gradient_accumulation_steps", 1) or 1) > 1:
+        raise ValueError(
+            f"accelerator has gradient_accumulation_steps={accelerator.gradient_accumulation_steps}, "
+            "but train_adapter takes an optimizer step per batch: raise batch_size instead"
+        )
     world, rank_index = int(accelerator.num_processes), int(accelerator.process_index)
     show = bool(progress) and rank_index == 0
     device = input_device(model)
@@ -492,7 +497,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
         terms_history: dict[str, list[float]] = {name: [] for name in term_names}
         queue: list[int] = []
         global_batch = batch_size * world
-        with adapter.bank.attached():
+        with adapter.bank.attached(), torch.enable_grad():  # also when called under no_grad()
             reader.attach()
             bar = tqdm(range(steps), desc="train_adapter", disable=not show)
             for _ in bar:

@@ -178,6 +178,9 @@ def test_margin_loss_rejects_bad_shapes():
         margin_loss(h, W, y, logp_ref, mask[:, :-1])
     with pytest.raises(ValueError, match="reduction"):
         margin_loss(h, W, y, logp_ref, mask, reduction="avg")
+    for weights in (2 * mask.long(), 2.0 * mask.float()):  # a mask selects tokens, it does not weight them
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            margin_loss(h, W, y, logp_ref, weights)
 
 
 def test_margin_loss_empty_batch_is_zero_not_nan():

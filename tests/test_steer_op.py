@@ -250,6 +250,28 @@ def test_steer_gradcheck_float64(backend, form):
         assert torch.autograd.gradcheck(f, inputs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_src", [False, True])
+def test_non_finite_unsteered_rows_stay_out_of_every_gradient(backend, with_src):
+    """A NaN / Inf row with slot -1 (padding, an overflowed fp16 row) is left alone by the
+    forward pass and adds nothing to any gradient: NaN * 0 once poisoned A's gradient."""
+    case = make_case(5, 8, 2, 2, torch.float32, seed=3, d_src=6 if with_src else None)
+    case["slot"] = torch.tensor([0, 1, 0, -1, 1])
+    case["out"][3] = float("nan")
+    if with_src:
+        case["src"][3] = float("inf")
+    names = [k for k in ("out", "coeff", "bias", "A", "B", "src") if case[k] is not None]
+    inputs = {k: case[k].clone().requires_grad_() for k in names}
+    with ops.use_backend(backend):
+        y = ops.steer(**{**case, **inputs})
+    y[torch.arange(5) != 3].sum().backward()
+    for name, tensor in inputs.items():
+        grad = tensor.grad if name not in ("out", "src") else tensor.grad[torch.arange(5) != 3]
+        assert torch.isfinite(grad).all(), name
+    if with_src:
+        assert torch.equal(inputs["src"].grad[3], torch.zeros(6))
+
+
 @pytest.mark.interpreter
 def test_steer_fp32_kernel_forward_and_backward_match_reference_autograd():
     case = make_case(12, 40, 3, 3, torch.float32, seed=9)

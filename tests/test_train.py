@@ -250,6 +250,7 @@ def test_error_mid_training_restores_model(tiny_model_factory, monkeypatch):
         (dict(saturation=0.0), ValueError, "saturation"),
         (dict(shift_weight=-0.5), ValueError, "shift_weight"),
         (dict(target="mlp.nonexistent"), ValueError, "target"),
+        (dict(target="mlp.act_fn"), ValueError, "target 'mlp.act_fn': .* holds no parameters"),
     ],
 )
 def test_bad_arguments(tiny_model_factory, kwargs, error, match):
@@ -356,3 +357,23 @@ def test_logits_transformed_beyond_a_factor_are_refused(tiny_model_factory):
         assert_unchanged(model, before)
     finally:
         handle.remove()
+
+
+def test_gradient_accumulation_is_refused_and_no_grad_is_no_obstacle(tiny_model_factory):
+    """train_adapter steps its optimizer every batch: an accelerator set to accumulate would be
+    silently ignored, so it is refused (raise batch_size instead). Called under no_grad() it
+    trains as usual."""
+    from accelerate import Accelerator
+
+    model = tiny_model_factory("llama")
+    before = snapshot(model)
+    args = dict(layers=[1], loss_layer=2, steps=2, progress=False)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=4.*raise batch_size"):
+        train_adapter(model, ToyTokenizer(), PAIRS, accelerator=Accelerator(gradient_accumulation_steps=4), **args)
+    assert_unchanged(model, before)
+    expected = train_adapter(model, ToyTokenizer(), PAIRS, **args)
+    with torch.no_grad():
+        got = train_adapter(model, ToyTokenizer(), PAIRS, **args)
+    history = lambda vector: vector.metadata["loss_history"]  # noqa: E731
+    assert history(got) == pytest.approx(history(expected)) and len(history(got)) == 2
+    assert_unchanged(model, before)
