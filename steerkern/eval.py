@@ -444,6 +444,12 @@ def _greedy_config(model, tokenizer, max_new_tokens: int):
     for name in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
         if hasattr(config, name):
             setattr(config, name, None)
+    # plain greedy text: a checkpoint's repetition penalty / banned n-grams would also read the
+    # padding, which a shared prefill places between a prompt's prefix and its rest
+    fresh = GenerationConfig()
+    for name in ("repetition_penalty", "no_repeat_ngram_size"):
+        if hasattr(config, name):
+            setattr(config, name, getattr(fresh, name, None))
     config.max_new_tokens = max_new_tokens
     config.min_new_tokens = None
     if config.min_length:  # a checkpoint's min_length would hold rows past their EOS
@@ -480,6 +486,8 @@ def sweep_generate(model, tokenizer, vectors, ids, mask, prompt_index, slots: li
     greedy = not config.do_sample and (config.num_beams or 1) == 1
     if max(config.num_beams or 1, config.num_return_sequences or 1) > 1:
         share_prefill = False  # generate expands the rows it is given, not a cache passed in
+    if (config.repetition_penalty or 1.0) != 1.0 or (config.no_repeat_ngram_size or 0) > 0:
+        share_prefill = False  # they read the prompt's tokens, padding between its pieces included
     if share_prefill and positions == "generated" and greedy:
         new = _sweep_sharing_first_token(model, tokenizer, vectors, ids, mask, prompt_index, slots,
                                          coeffs, config, logits_processor)

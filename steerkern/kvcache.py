@@ -158,6 +158,33 @@ def _reserved_layer_class():
     return ReservedColumnsLayer
 
 
+def _rope_parameter_sets(config) -> list[dict]:
+    """The rotary-embedding settings of ``config`` (``rope_parameters`` in transformers 5.x,
+    possibly one per attention type; ``rope_scaling`` before), of its text config too."""
+    found = []
+    for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: config)())}.values():
+        for name in ("rope_parameters", "rope_scaling"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, dict):
+                nested = [v for v in value.values() if isinstance(v, dict)]
+                found.extend(nested if nested and not ("rope_type" in value or "type" in value) else [value])
+    return found
+
+
+def rope_depends_on_length(config, length: int) -> bool:
+    """Whether the rotary frequencies of a pass change with its length before ``length``
+    tokens: "dynamic" NTK scaling and "longrope" switch once a pass runs past the original
+    context. A prefix run alone would then cache keys rotated unlike a whole pass's."""
+    for params in _rope_parameter_sets(config):
+        if params.get("rope_type", params.get("type")) in ("dynamic", "longrope"):
+            limits = [v for v in (params.get("original_max_position_embeddings"),
+                                  getattr(config, "original_max_position_embeddings", None),
+                                  getattr(config, "max_position_embeddings", None)) if isinstance(v, int)]
+            if not limits or length > min(limits):
+                return True
+    return False
+
+
 def empty_model_cache(model, max_length: int):
     """The empty cache ``model`` builds for itself (``DynamicCache(config=...)``, or
     ``DynamicCache()`` before transformers 4.56) when it :func:`is_gatherable` up to
@@ -171,6 +198,8 @@ def empty_model_cache(model, max_length: int):
     if cache_argument(model) is None or "position_ids" not in inspect.signature(model.forward).parameters:
         return None
     if steers_by_position(model):
+        return None
+    if rope_depends_on_length(model.config, max_length):
         return None
     if getattr(model, "_supports_cache_class", True) is False:
         return None  # models that still take tuples (GPT-2 before transformers 4.53)

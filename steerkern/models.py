@@ -203,15 +203,20 @@ def default_model_path(*, rebuild: bool = False) -> Path:
 
 def prepare_tokenizer(tokenizer):
     """Make a tokenizer ready for batched generation: a pad token (the EOS token when the
-    tokenizer has none) and ``padding_side="left"``, so that every row's last prompt token sits
+    tokenizer has none, else its UNK token, else the token of id 0: pads are masked, so any id
+    the model embeds will do) and ``padding_side="left"``, so that every row's last prompt token sits
     at the same position and generation continues from it."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
         elif tokenizer.unk_token is not None:
             tokenizer.pad_token = tokenizer.unk_token
-        else:
-            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        else:  # an id the model embeds (a new "<pad>" would lie past its embedding table)
+            first = tokenizer.convert_ids_to_tokens(0)
+            if isinstance(first, str):
+                tokenizer.pad_token = first
+            else:
+                tokenizer.add_special_tokens({"pad_token": "<pad>"})
     tokenizer.padding_side = "left"
     return tokenizer
 
@@ -254,7 +259,8 @@ def load_model(name: str | os.PathLike | None = None, *, dtype=None, device_map=
     if name is not None:
         # "auto": the checkpoint's dtype (transformers 5's default; 4.x would load float32).
         options.update(dtype_option(dtype or "auto"))
-        model, tokenizer = _load_pretrained(_check_source(name), str(name), options)
+        source = _check_source(name, options.get("subfolder"), options.get("gguf_file"))
+        model, tokenizer = _load_pretrained(source, str(name), options)
         return _ready(model, tokenizer)
 
     options.update(dtype_option(dtype or torch.float32))
@@ -278,7 +284,9 @@ _LOADABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 def _resolve_dtype(dtype):
     """``dtype`` as a ``torch.dtype``, ``"auto"`` or ``None``; names ("bfloat16", "bf16",
     "torch.float16", ...) are translated; anything else raises :class:`ModelLoadError`."""
-    if dtype is None or dtype == "auto":
+    if isinstance(dtype, str) and dtype.strip().lower() == "auto":
+        return "auto"
+    if dtype is None:
         return dtype
     if isinstance(dtype, str):
         key = dtype.strip().lower().removeprefix("torch.")
@@ -361,7 +369,7 @@ def _check_tokenizer_fits(model, tokenizer, call: str) -> None:
 # from_pretrained options that choose *which* checkpoint is read: the tokenizer gets them too,
 # so that it comes from the same revision, cache and remote code as the weights.
 _TOKENIZER_OPTIONS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only",
-                      "subfolder")
+                      "subfolder", "gguf_file")
 
 _HUB_HINT = ("pass a local directory with config.json, weights and a tokenizer, or a Hugging Face "
              "model id that is in the local cache or reachable (set HF_HUB_OFFLINE=1 to stay offline)")
@@ -389,8 +397,13 @@ def _first_line(error: Exception) -> str:
     return text[0] if text else type(error).__name__
 
 
-def _check_source(name) -> str:
-    """Reject a local path that cannot hold a model before transformers prints a stack of internals."""
+def _check_source(name, subfolder: str | None = None, gguf_file: str | None = None) -> str:
+    """Reject a local path that cannot hold a model before transformers prints a stack of
+    internals (the model files lie in ``subfolder`` when given; a ``gguf_file`` holds config and
+    weights in one file)."""
+    if isinstance(name, bool) or not isinstance(name, (str, os.PathLike)) or not str(name).strip():
+        raise ModelLoadError(f"load_model(name={name!r}): give a Hugging Face model id or a local "
+                             "directory (or None for the embedded default model)")
     path = Path(os.fspath(name)).expanduser()
     looks_local = path.exists() or str(name).startswith((".", "/", "~")) or str(name).count("/") > 1
     if not looks_local:
@@ -402,9 +415,14 @@ def _check_source(name) -> str:
             f"load_model(name={str(name)!r}) is a file: pass the directory that holds config.json "
             "and the weights"
         )
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"load_model(name={str(name)!r}): the directory has no config.json")
-    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")]
+    files = path / subfolder if subfolder else path
+    if gguf_file is not None:
+        if not (files / gguf_file).is_file():
+            raise ModelLoadError(f"load_model(name={str(name)!r}): no gguf_file {gguf_file!r} in {str(files)!r}")
+        return str(path)
+    if not (files / "config.json").is_file():
+        raise ModelLoadError(f"load_model(name={str(name)!r}): {str(files)!r} has no config.json")
+    weights = [p for p in files.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")]
     if not weights:
         raise ModelLoadError(
             f"load_model(name={str(name)!r}): the directory has a config.json but no weights "

@@ -802,3 +802,65 @@ def test_sweeps_with_a_cache_type_or_expanded_rows_equal_the_plain_batch(tiny_sw
                                               index, slots, coeffs, config=config, positions=positions,
                                               share_prefill=share))
             assert torch.equal(*outputs), positions
+
+
+def _prefix_sharing_prompts(prefix_len: int, rest: tuple[int, ...], seed: int = 0):
+    """Two left-padded prompts sharing a prefix of ``prefix_len`` tokens (vocabulary 128)."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, 128, (prefix_len,), generator=g).tolist()
+    seqs = [prefix + torch.randint(3, 128, (n,), generator=g).tolist() for n in rest]
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(seqs):
+        ids[i, width - len(seq):] = torch.tensor(seq)
+        mask[i, width - len(seq):] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_shared_sweeps_equal_plain_ones_with_a_repetition_penalty_or_length_dependent_rope(positions):
+    """A repetition penalty reads the prompt's tokens, padding included, which a shared prefill
+    places between a prompt's prefix and its rest; "dynamic" RoPE rotates a prefix run alone
+    unlike a whole pass once past the original context. Both sweeps fall back to the plain
+    batch (and evaluate's greedy config drops a checkpoint's penalty)."""
+    import transformers
+    from transformers import GenerationConfig
+
+    from steerkern.eval import _greedy_config, sweep_generate
+    from steerkern.kvcache import rope_depends_on_length
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
+    pad, other = 0, 77
+    model.lm_head.register_forward_hook(  # the pad id first, then token 77, whatever the input
+        lambda module, args, out: torch.zeros_like(out).index_fill_(-1, torch.tensor([pad]), 10.0)
+        .index_fill_(-1, torch.tensor([other]), 9.0))
+    ids, mask = _prefix_sharing_prompts(6, (2, 3))
+    index, tok = torch.tensor([0, 1, 0, 1]), word_tokenizer()
+    vector = SteeringVector.from_directions({1: torch.randn(64, generator=torch.Generator().manual_seed(1))})
+    config = GenerationConfig(do_sample=False, max_new_tokens=1, pad_token_id=pad, eos_token_id=2,
+                              repetition_penalty=2.0)
+    with torch.no_grad():
+        outs = [sweep_generate(model, tok, [vector], ids, mask, index, [0] * 4, [-2.0, -2.0, 3.0, 3.0],
+                               config=config, positions=positions, share_prefill=share) for share in (True, False)]
+    assert torch.equal(outs[0], outs[1])
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 1.05, 3
+    greedy = _greedy_config(model, tok, 4)
+    assert (greedy.repetition_penalty or 1.0) == 1.0 and not greedy.no_repeat_ngram_size
+
+    dynamic = transformers.LlamaConfig(**common, max_position_embeddings=16,
+                                       rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert rope_depends_on_length(dynamic, 17) and not rope_depends_on_length(dynamic, 16)
+    assert not rope_depends_on_length(transformers.LlamaConfig(**common), 10**6)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(dynamic).eval()
+    ids, mask = _prefix_sharing_prompts(20, (6, 9))  # the prompts outgrow the 16 positions
+    config = GenerationConfig(do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0, eos_token_id=2)
+    vector = SteeringVector.from_directions({1: 4 * torch.randn(64, generator=torch.Generator().manual_seed(2))})
+    with torch.no_grad():
+        outs = [sweep_generate(model, tok, [vector], ids, mask, index, [0] * 4, [-2.0, -2.0, 3.0, 3.0],
+                               config=config, positions=positions, share_prefill=share) for share in (True, False)]
+    assert torch.equal(outs[0], outs[1])

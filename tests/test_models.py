@@ -420,3 +420,41 @@ def test_a_missing_library_is_named_as_the_fix(own_checkpoint, monkeypatch):
         patch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", missing)
         with pytest.raises(ModelLoadError, match="model .*protobuf.*install the library"):
             load_model(own_checkpoint)
+
+
+def test_sources_in_a_subfolder_or_a_gguf_file_and_names_that_are_no_names(tmp_path):
+    """``subfolder=`` and ``gguf_file=`` are from_pretrained's: the checks look where they point;
+    a name that is not a string or path (or is empty) is refused by name; 'AUTO' is 'auto'."""
+    from steerkern.models import _check_source, _resolve_dtype
+
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "config.json").write_text("{}")
+    (sub / "model.safetensors").write_text("x")
+    assert _check_source(str(tmp_path), subfolder="sub") == str(tmp_path)
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        _check_source(str(tmp_path), subfolder="other")
+    (tmp_path / "m.gguf").write_text("x")
+    assert _check_source(str(tmp_path), gguf_file="m.gguf") == str(tmp_path)
+    with pytest.raises(ModelLoadError, match="no gguf_file 'n.gguf'"):
+        _check_source(str(tmp_path), gguf_file="n.gguf")
+    for name in (5, "", "  "):
+        with pytest.raises(ModelLoadError, match="give a Hugging Face model id or a local directory"):
+            load_model(name)
+    assert _resolve_dtype("AUTO") == "auto" and _resolve_dtype(" Auto ") == "auto"
+
+
+def test_a_tokenizer_without_pad_eos_or_unk_pads_with_an_id_the_model_embeds():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    from steerkern.models import prepare_tokenizer
+
+    raw = Tokenizer(WordLevel({word: i for i, word in enumerate(["a", "b", "c", "d"])}))
+    raw.pre_tokenizer = Whitespace()
+    tokenizer = prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=raw))
+    assert tokenizer.pad_token_id == 0 and len(tokenizer) == 4 and tokenizer.padding_side == "left"
+    batch = tokenizer(["a b c", "d"], padding=True, return_tensors="pt")
+    assert batch["input_ids"].max() < 4 and batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
