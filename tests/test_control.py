@@ -1,6 +1,5 @@
 """steer() and SteeringBank inside forward passes and generate (SPEC section 5)."""
 
-import inspect
 import random
 
 import pytest
@@ -758,12 +757,14 @@ def test_positional_steering_compiles_once_over_a_static_cache(tiny_model_factor
 
     cache_arg = cache_argument(model)
 
-    sizes = dict(max_cache_len=16)
-    if "max_batch_size" in inspect.signature(StaticCache.__init__).parameters:  # transformers 4.5x
-        sizes["max_batch_size"] = ids.shape[0]
+    def static_cache():
+        try:  # transformers 4.5x sizes the batch up front
+            return StaticCache(config=model.config, max_cache_len=16, max_batch_size=ids.shape[0])
+        except TypeError:
+            return StaticCache(config=model.config, max_cache_len=16)
 
     def decode(step):
-        cache = StaticCache(config=model.config, **sizes)
+        cache = static_cache()
         out = []
         with torch.no_grad(), steer(model, vector, coeff=2.0, positions=where):
             logits = model(ids, **{cache_arg: cache}, cache_position=torch.arange(5)).logits
