@@ -824,6 +824,8 @@ def test_shared_sweeps_equal_plain_ones_with_a_repetition_penalty_or_length_depe
     places between a prompt's prefix and its rest; "dynamic" RoPE rotates a prefix run alone
     unlike a whole pass once past the original context. Both sweeps fall back to the plain
     batch (and evaluate's greedy config drops a checkpoint's penalty)."""
+    from types import SimpleNamespace
+
     import transformers
     from transformers import GenerationConfig
 
@@ -831,7 +833,8 @@ def test_shared_sweeps_equal_plain_ones_with_a_repetition_penalty_or_length_depe
     from steerkern.kvcache import rope_depends_on_length
 
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2,
+                  initializer_range=0.3)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
     pad, other = 0, 77
@@ -839,7 +842,7 @@ def test_shared_sweeps_equal_plain_ones_with_a_repetition_penalty_or_length_depe
         lambda module, args, out: torch.zeros_like(out).index_fill_(-1, torch.tensor([pad]), 10.0)
         .index_fill_(-1, torch.tensor([other]), 9.0))
     ids, mask = _prefix_sharing_prompts(6, (2, 3))
-    index, tok = torch.tensor([0, 1, 0, 1]), word_tokenizer()
+    index, tok = torch.tensor([0, 1, 0, 1]), SimpleNamespace(pad_token_id=pad)  # pads re-laid out with id 0
     vector = SteeringVector.from_directions({1: torch.randn(64, generator=torch.Generator().manual_seed(1))})
     config = GenerationConfig(do_sample=False, max_new_tokens=1, pad_token_id=pad, eos_token_id=2,
                               repetition_penalty=2.0)
@@ -848,19 +851,21 @@ def test_shared_sweeps_equal_plain_ones_with_a_repetition_penalty_or_length_depe
                                config=config, positions=positions, share_prefill=share) for share in (True, False)]
     assert torch.equal(outs[0], outs[1])
     model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 1.05, 3
-    greedy = _greedy_config(model, tok, 4)
+    greedy = _greedy_config(model, word_tokenizer(), 4)
     assert (greedy.repetition_penalty or 1.0) == 1.0 and not greedy.no_repeat_ngram_size
 
     dynamic = transformers.LlamaConfig(**common, max_position_embeddings=16,
                                        rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     assert rope_depends_on_length(dynamic, 17) and not rope_depends_on_length(dynamic, 16)
     assert not rope_depends_on_length(transformers.LlamaConfig(**common), 10**6)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(dynamic).eval()
     ids, mask = _prefix_sharing_prompts(20, (6, 9))  # the prompts outgrow the 16 positions
-    config = GenerationConfig(do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0, eos_token_id=2)
+    config = GenerationConfig(do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0, eos_token_id=2)
     vector = SteeringVector.from_directions({1: 4 * torch.randn(64, generator=torch.Generator().manual_seed(2))})
-    with torch.no_grad():
-        outs = [sweep_generate(model, tok, [vector], ids, mask, index, [0] * 4, [-2.0, -2.0, 3.0, 3.0],
-                               config=config, positions=positions, share_prefill=share) for share in (True, False)]
+    outs = []
+    for share in (True, False):
+        torch.manual_seed(0)  # a fresh model each time: dynamic RoPE keeps the frequencies of its last pass
+        model = transformers.LlamaForCausalLM(dynamic).eval()
+        with torch.no_grad():
+            outs.append(sweep_generate(model, tok, [vector], ids, mask, index, [0] * 4, [-2.0, -2.0, 3.0, 3.0],
+                                       config=config, positions=positions, share_prefill=share))
     assert torch.equal(outs[0], outs[1])
