@@ -303,6 +303,12 @@ class SteeringVector:
                 f"is a {kind!r} model: a direction does not transfer between architectures even "
                 "when the hidden sizes agree; extract a vector from this model"
             )
+        hinted = self.metadata.get("model_hint")
+        if not made_kind and kind and isinstance(hinted, str) and hinted != kind and _is_model_type(hinted):
+            warnings.warn(
+                f"this control vector's model_hint is {hinted!r} but {model_id(model)} is a {kind!r} "
+                "model: a direction does not transfer between models; extract one from this model "
+                "unless the file's hint is wrong", stacklevel=2)
         for (layer, target), part in self.parts.items():
             check_layer(model, layer, argument="vector layer")
             module = resolve_module(model, layer, target)
@@ -652,3 +658,11 @@ def _scalar(value) -> float | None:
     if isinstance(value, numbers.Real):
         return float(value)
     return None
+
+
+def _is_model_type(name: str) -> bool:
+    """Whether ``name`` is a transformers ``model_type`` (what repeng and steerkern write as a
+    GGUF's ``controlvector.model_hint``), not free text such as ``"unknown"``."""
+    from transformers import CONFIG_MAPPING
+
+    return name in CONFIG_MAPPING

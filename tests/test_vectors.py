@@ -319,6 +319,21 @@ def test_validate_rejects_a_vector_from_another_architecture(tiny_model_factory)
     additive(dim=64).validate(qwen)  # no model_type recorded (from_directions, GGUF): widths only
 
 
+def test_validate_warns_when_a_control_vector_hints_another_architecture(tmp_path, tiny_model_factory):
+    """repeng writes the model's model_type as a GGUF's model_hint: a 'qwen2' file on a Llama is
+    flagged; a hint that names no architecture ('unknown') or the model's own is not."""
+    llama = tiny_model_factory("llama")
+    direction = {"direction.1": np.ones(64, dtype=np.float32)}
+    other = SteeringVector.from_gguf(_write_control_vector(tmp_path / "q.gguf", direction, hint="qwen2"))
+    with pytest.warns(UserWarning, match="model_hint is 'qwen2'.*'llama' model"):
+        other.validate(llama)
+    for hint in ("llama", "unknown"):
+        vector = SteeringVector.from_gguf(_write_control_vector(tmp_path / f"{hint}.gguf", direction, hint=hint))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            vector.validate(llama)
+
+
 # --- interop with repeng / EasySteer / llama.cpp ------------------------------------------------
 #
 # What each tool does with a ``controlvector`` GGUF (read from their public sources):
