@@ -11,7 +11,7 @@ setting of the notes before 2026-11-30 session 7): every call then decodes exact
 whole ``[rows, vocab]`` score matrix at every step, work ``evaluate`` does not do and that costs
 the 80-row batch more per row than 16-row calls whose scores stay in cache:
 
-- ``shared``: what ``steerkern.evaluate`` does — ``steerkern.eval.sweep_generate``: one
+- ``shared``: what ``steerkern.evaluate`` does — ``steerkern.sweep.sweep_generate``: one
   ``generate`` of 80 rows, each row with its own coefficient (``steer(model, [v],
   slots=..., coeff=per_row)``; coefficient 0 = slot -1), with the shared prefill of
   ``steerkern.prefill``: the chat template's common prefix is run once per coefficient
@@ -43,8 +43,9 @@ import torch
 
 from steerkern.control import steer
 from steerkern.data import concept_eval_prompts
-from steerkern.eval import _encode, _greedy_config, render, sweep_generate
+from steerkern.items import render
 from steerkern.models import load_model
+from steerkern.sweep import _encode, _greedy_config, sweep_generate
 from steerkern.vectors import SteeringVector
 
 CUDA = torch.cuda.is_available()

@@ -26,9 +26,10 @@ import pytest
 import torch
 
 from steerkern.data import concept_eval_prompts
-from steerkern.eval import _encode, _greedy_config, render
+from steerkern.items import render
 from steerkern.kvcache import cache_argument, empty_model_cache, reserve_columns
 from steerkern.models import load_model
+from steerkern.sweep import _encode, _greedy_config
 
 CUDA = torch.cuda.is_available()
 NEW_TOKENS = int(os.environ.get("STEERKERN_BENCH_TOKENS", "48"))

@@ -6,7 +6,7 @@ On the default model (SmolLM2-135M-Instruct, 30 layers), the 24 shipped sentimen
 (chat-rendered, one forward pass each) x 5 coefficients, a vector with residual parts at the
 default band of layers (10-19), prompts steered (``positions="all"``, what ``evaluate`` does):
 
-- ``bottom``: ``steerkern.eval.score_rows`` as it is: the template prefix once per
+- ``bottom``: ``steerkern.sweep.score_rows`` as it is: the template prefix once per
   coefficient with layers 0-9 run once, then each prompt's suffix through layers 0-9 once
   and through layers 10-29 per row (``steerkern.trunk``);
 - ``prefix``: the same without the bottom-layer sharing (the template prefix once per
@@ -29,8 +29,9 @@ import numpy as np
 import pytest
 import torch
 
-import steerkern.eval as steerkern_eval
+import steerkern.sweep as steerkern_sweep
 from steerkern.data import concept_eval_prompts
+from steerkern.items import binary_items
 from steerkern.models import default_layers, load_model
 from steerkern.vectors import SteeringVector
 
@@ -42,7 +43,7 @@ def make_setup():
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("STEERKERN_BENCH_THREADS", "1")))
     model, tokenizer = load_model(device_map="cuda" if torch.cuda.is_available() else None)
-    items = steerkern_eval.binary_items(tokenizer, concept_eval_prompts("sentiment"))
+    items = binary_items(tokenizer, concept_eval_prompts("sentiment"))
     generator = torch.Generator().manual_seed(0)
     directions = {}
     for layer in default_layers(model):
@@ -63,28 +64,28 @@ def _arms(coeffs):
 
 def bottom(setup):
     model, tokenizer, vector, items = setup
-    return steerkern_eval.score_rows(model, tokenizer, [vector], items, _arms(COEFFS))
+    return steerkern_sweep.score_rows(model, tokenizer, [vector], items, _arms(COEFFS))
 
 
 def prefix(setup):
     model, tokenizer, vector, items = setup
-    shared_bottom = steerkern_eval.lowest_steered_layer
-    steerkern_eval.lowest_steered_layer = lambda vectors, slots: 0  # no layer left unsteered
+    shared_bottom = steerkern_sweep.lowest_steered_layer
+    steerkern_sweep.lowest_steered_layer = lambda vectors, slots: 0  # no layer left unsteered
     try:
-        return steerkern_eval.score_rows(model, tokenizer, [vector], items, _arms(COEFFS))
+        return steerkern_sweep.score_rows(model, tokenizer, [vector], items, _arms(COEFFS))
     finally:
-        steerkern_eval.lowest_steered_layer = shared_bottom
+        steerkern_sweep.lowest_steered_layer = shared_bottom
 
 
 def plain(setup):
     model, tokenizer, vector, items = setup
-    return steerkern_eval.score_rows(model, tokenizer, [vector], items, _arms(COEFFS),
+    return steerkern_sweep.score_rows(model, tokenizer, [vector], items, _arms(COEFFS),
                                      share_prefill=False)
 
 
 def per_coeff(setup):
     model, tokenizer, vector, items = setup
-    return np.concatenate([steerkern_eval.score_rows(model, tokenizer, [vector], items, _arms([c]),
+    return np.concatenate([steerkern_sweep.score_rows(model, tokenizer, [vector], items, _arms([c]),
                                                      share_prefill=False) for c in COEFFS])
 
 

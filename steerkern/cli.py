@@ -253,7 +253,7 @@ def _coeffs_then_prompts(values: list[str], prompts: list[str]) -> tuple[list[fl
 
 
 def cmd_generate(args) -> int:
-    from steerkern.eval import generate_rows
+    from steerkern.sweep import generate_rows
 
     coeffs, args.prompts = _coeffs_then_prompts(args.coeff, args.prompts)
     vector = _load_vector(args.vector)

@@ -112,7 +112,7 @@ def as_pairs(pairs, argument: str = "pairs") -> PairSet:
 
 
 # What opens the answer after a question when the tokenizer has no chat template (a base model),
-# in extraction (``mwe_pairs``) and in evaluation (``steerkern.eval.render``) alike.
+# in extraction (``mwe_pairs``) and in evaluation (``steerkern.items.render``) alike.
 ANSWER_CUE = "Answer:"
 
 

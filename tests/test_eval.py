@@ -7,13 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from steerkern.eval import (
-    BinaryItem,
-    binary_items,
-    calibrate,
-    compare,
-    evaluate,
-)
+from steerkern.eval import calibrate, compare, evaluate
 from steerkern.eval_report import (
     ComparisonReport,
     EvalReport,
@@ -22,6 +16,7 @@ from steerkern.eval_report import (
     per_prompt_slopes,
     pooled_slope,
 )
+from steerkern.items import BinaryItem, binary_items
 from steerkern.vectors import SteeringVector
 from tests.tiny_models import skip_unless_rows_can_share_a_cache
 
@@ -416,8 +411,8 @@ def tiny_sweep(tiny_model_factory):
 def test_shared_prefill_matches_full_forward(tiny_sweep, steered_prompt):
     """Answer-position logits from the shared prefill equal the plain batch's, with the
     prompt steered per coefficient (mode A) or only the last position steered (mode B)."""
-    from steerkern.eval import _forward_logits, _steering
     from steerkern.prefill import forward_rest, shared_prefill
+    from steerkern.sweep import _forward_logits, _steering
 
     model, vector, ids, mask, index, slots, coeffs = tiny_sweep
     groups = list(zip(slots, coeffs)) if steered_prompt else None
@@ -449,7 +444,7 @@ def test_sweep_generate_shared_matches_plain_tiny(tiny_sweep, positions):
 
     from transformers import GenerationConfig
 
-    from steerkern.eval import sweep_generate
+    from steerkern.sweep import sweep_generate
 
     model, vector, ids, mask, index, slots, coeffs = tiny_sweep
     config = GenerationConfig(do_sample=False, max_new_tokens=5, min_new_tokens=5, pad_token_id=0,
@@ -473,8 +468,8 @@ def test_shared_sweeps_decode_into_reserved_columns(tiny_sweep, positions, monke
 
     from transformers import GenerationConfig
 
-    from steerkern.eval import sweep_generate
     from steerkern.kvcache import cache_argument
+    from steerkern.sweep import sweep_generate
 
     cache_utils = pytest.importorskip("transformers.cache_utils")
     if not hasattr(cache_utils, "DynamicLayer"):
@@ -508,7 +503,7 @@ def test_generated_sweep_shares_the_first_token_and_ends_rows_at_eos(tiny_sweep,
 
     from transformers import GenerationConfig
 
-    from steerkern.eval import sweep_generate
+    from steerkern.sweep import sweep_generate
 
     model, vector, ids, mask, index, slots, coeffs = tiny_sweep
     slots = slots[:5] + [-1]  # one unsteered row
@@ -552,8 +547,8 @@ def test_sliding_window_models_share_while_the_window_holds(tiny_model_factory, 
 
     from transformers import GenerationConfig
 
-    from steerkern.eval import sweep_generate
     from steerkern.prefill import shared_prefill
+    from steerkern.sweep import sweep_generate
 
     _, _, ids, mask, index, slots, coeffs = tiny_sweep
     gemma = tiny_model_factory(arch)
@@ -590,7 +585,7 @@ def test_scores_shared_prefill_match_plain_default_model(default_model, directio
     """On the default model (a 24-token common chat-template prefix), the shared-prefill scores
     equal the plain batch's. (The steering kernel runs through Triton's interpreter in the
     suite, so this keeps to 2 prompts x 2 coefficients.)"""
-    from steerkern.eval import score_rows
+    from steerkern.sweep import score_rows
 
     model, tokenizer = default_model
     items = binary_items(tokenizer, PROMPTS[:2])
@@ -605,7 +600,7 @@ def test_scores_shared_prefill_match_plain_default_model(default_model, directio
 @pytest.mark.parametrize("positions", ["all", "generated"])
 def test_generations_shared_prefill_match_plain_default_model(default_model, direction, positions):
     """Greedy texts and NLL of the shared-prefill path equal the plain batch's."""
-    from steerkern.eval import generate_rows
+    from steerkern.sweep import generate_rows
 
     model, tokenizer = default_model
     gens = ["Tell me about your weekend.", "Describe the sea."]
@@ -736,7 +731,7 @@ def test_compare_refuses_names_equal_as_text(tiny_model_factory):
 def test_greedy_config_drops_a_checkpoints_min_length(tiny_model_factory):
     """A checkpoint's ``generation_config.min_length`` would keep rows generating past their EOS
     (generate masks EOS until the length is reached); sweeps stop at the first EOS."""
-    from steerkern.eval import _greedy_config
+    from steerkern.sweep import _greedy_config
 
     model = tiny_model_factory("llama")
     saved = model.generation_config.min_length
@@ -759,7 +754,7 @@ def test_sweeps_inside_a_positional_steer_context_equal_the_plain_batch(tiny_swe
     from transformers import GenerationConfig
 
     from steerkern.control import steer
-    from steerkern.eval import score_rows, sweep_generate
+    from steerkern.sweep import score_rows, sweep_generate
 
     model, vector, ids, mask, index, slots, coeffs = tiny_sweep
     outer = SteeringVector.from_directions({3: 3 * torch.randn(64, generator=torch.Generator().manual_seed(9))})
@@ -788,7 +783,7 @@ def test_sweeps_with_a_cache_type_or_expanded_rows_equal_the_plain_batch(tiny_sw
 
     from transformers import GenerationConfig
 
-    from steerkern.eval import sweep_generate
+    from steerkern.sweep import sweep_generate
 
     model, vector, ids, mask, index, slots, coeffs = tiny_sweep
     config = GenerationConfig(max_new_tokens=3, min_new_tokens=3, pad_token_id=0, eos_token_id=2,
@@ -829,8 +824,8 @@ def test_shared_sweeps_equal_plain_ones_with_a_repetition_penalty_or_length_depe
     import transformers
     from transformers import GenerationConfig
 
-    from steerkern.eval import _greedy_config, sweep_generate
     from steerkern.kvcache import rope_depends_on_length
+    from steerkern.sweep import _greedy_config, sweep_generate
 
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2,

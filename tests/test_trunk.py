@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from steerkern.eval import _forward_logits, _steering, sweep_generate
 from steerkern.models import decoder_layers, hidden_size
 from steerkern.prefill import forward_rest, shared_prefill
+from steerkern.sweep import _forward_logits, _steering, sweep_generate
 from steerkern.trunk import bottom_layers, lowest_steered_layer, run_bottom, skip_bottom
 from steerkern.vectors import SteeringPart, SteeringVector
 from tests.test_more_architectures import MORE, build
