@@ -57,7 +57,7 @@ def setup(data="persona"):
 
 def plain(model, tokenizer, texts, layers):
     """All hidden states per batch, then the last token of each requested layer."""
-    ids = _tokenize(tokenizer, texts)
+    ids = _tokenize(model, tokenizer, texts)
     result = {layer: [None] * len(texts) for layer in layers}
     device = model.get_input_embeddings().weight.device
     with torch.inference_mode():

@@ -7,6 +7,8 @@ did, and train steering with a per-token coherence-bounded loss.
 Public names are imported lazily, so ``import steerkern`` stays cheap.
 """
 
+import sys
+import types
 from importlib import import_module
 
 __version__ = "0.1.0"
@@ -61,3 +63,18 @@ def __getattr__(name):
 
 def __dir__():
     return __all__
+
+
+class _CallableModule(types.ModuleType):
+    """A module that, called, calls its function of the same name."""
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self, self.__name__.rsplit(".", 1)[-1])(*args, **kwargs)
+
+
+def _callable_module(name: str) -> None:
+    """Make submodule ``name`` (``steerkern.extract``, ``steerkern.capture``) callable as the
+    function it exports under its own name. Importing a submodule binds it as the package's
+    attribute, so after ``from steerkern.extract import ...`` anywhere, ``steerkern.extract``
+    is the module and ``steerkern.extract(model, ...)`` must still extract."""
+    sys.modules[name].__class__ = _CallableModule

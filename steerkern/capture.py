@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from steerkern import _callable_module
 from steerkern.kvcache import cache_argument, empty_model_cache, filled_layers, positions_from_mask
 from steerkern.models import (
     RESIDUAL,
@@ -32,6 +33,7 @@ from steerkern.prefix_tree import (
     padded_length_bound,
     tree_tokens,
 )
+from steerkern.tokens import check_fits_positions, text_token_ids
 
 
 class _StopForward(Exception):
@@ -55,28 +57,30 @@ def _check_texts(texts) -> list[str]:
     return texts
 
 
-def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids per text; special tokens are added unless the text already starts with the BOS
-    string (a rendered chat template does). A text with no tokens (an empty string, with a
-    tokenizer that adds no BOS) has no state to read: a ``ValueError`` names it."""
-    bos = getattr(tokenizer, "bos_token", None)
-    ids = []
-    for i, text in enumerate(texts):
-        special = not (bos and text.startswith(bos))
-        seq = list(tokenizer(text, add_special_tokens=special)["input_ids"])
+def _text_name(i: int) -> str:
+    return f"texts[{i}]"
+
+
+def _tokenize(model, tokenizer, texts: list[str], name=_text_name) -> list[list[int]]:
+    """Token ids per text (:func:`steerkern.tokens.text_token_ids`: the BOS the tokenizer adds
+    unless the text starts with it, nothing appended after the text). A text with no tokens (an
+    empty string, with a tokenizer that adds no BOS) has no state to read, and one longer than
+    a learned position table cannot run: a ``ValueError`` names it as ``name(i)``."""
+    ids = text_token_ids(tokenizer, texts)
+    for i, (text, seq) in enumerate(zip(texts, ids)):
         if not seq:
-            raise ValueError(f"texts[{i}]={text!r:.40} has no tokens: give non-empty texts")
-        ids.append(seq)
+            raise ValueError(f"{name(i)}={text!r:.40} has no tokens: give non-empty texts")
+    check_fits_positions(model, [len(seq) for seq in ids], name, fix="shorten the text")
     return ids
 
 
-def _check_reads(ids: list[list[int]], last_n_tokens) -> int:
+def _check_reads(ids: list[list[int]], last_n_tokens, name=_text_name) -> int:
     """``last_n_tokens`` as an int ``1 <= n <= len(shortest text)``, or a clear error."""
     if isinstance(last_n_tokens, bool) or not isinstance(last_n_tokens, int) or last_n_tokens < 1:
         raise ValueError(f"last_n_tokens must be a positive int, got {last_n_tokens!r}")
     shortest = min(range(len(ids)), key=lambda i: len(ids[i]))
     if len(ids[shortest]) < last_n_tokens:
-        raise ValueError(f"last_n_tokens={last_n_tokens} but texts[{shortest}] has only "
+        raise ValueError(f"last_n_tokens={last_n_tokens} but {name(shortest)} has only "
                          f"{len(ids[shortest])} tokens: lower last_n_tokens")
     return last_n_tokens
 
@@ -282,7 +286,7 @@ def _prefix_plan(model, ids, last_n_tokens):
 
 
 def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1, batch_size=16,
-            inputs=False, progress=True, desc="capture", share_prefixes=True):
+            inputs=False, progress=True, desc="capture", share_prefixes=True, text_names=_text_name):
     """Activations at the last ``last_n_tokens`` non-pad positions of each text.
 
     Returns ``{layer: Tensor [n_texts, last_n_tokens, D]}`` (fp32, CPU), keyed by the layers
@@ -298,13 +302,14 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
     float summation order. It falls back to whole-text passes when that saves under a tenth of
     the tokens or the model's cache cannot be shared (sliding windows shorter than the texts'
     padded length, quantised or recurrent caches).
-    ``batch_size`` bounds the rows of every forward pass either way.
+    ``batch_size`` bounds the rows of every forward pass either way. ``text_names(i)`` names
+    text ``i`` in errors (default ``texts[i]``; extraction names the pair it came from).
     """
     texts = _check_texts(texts)
     given = _layer_indices(model, layers)
     batch_size = _check_batch_size(batch_size)
-    ids = _tokenize(tokenizer, texts)
-    last_n_tokens = _check_reads(ids, last_n_tokens)
+    ids = _tokenize(model, tokenizer, texts, text_names)
+    last_n_tokens = _check_reads(ids, last_n_tokens, text_names)
     layers = sorted(set(given.values()))
     deepest = layers[-1]  # compared after normalising: layers=[1, -1] must run to the last layer
     reads = _Reads(len(texts), last_n_tokens, residual_stream_index(model))
@@ -341,7 +346,7 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
 
 
 def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=RESIDUAL,
-                  last_n_tokens=1, batch_size=8, progress=True):
+                  last_n_tokens=1, batch_size=8, progress=True, text_names=_text_name):
     """Per-text gradients ``{layer: [n_texts, D]}`` of ``sum_p d · h_{L'}[p]`` (``p`` the last
     ``last_n_tokens`` positions at the read-out layer ``L'``) with respect to a bias added to
     the steered module's output at every position of layer ``L`` — ``J_{L->L'}^T d`` summed
@@ -355,8 +360,8 @@ def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=R
     inside ``torch.no_grad()`` or ``torch.inference_mode()``."""
     texts = _check_texts(texts)
     batch_size = _check_batch_size(batch_size)
-    ids = _tokenize(tokenizer, texts)
-    last_n_tokens = _check_reads(ids, last_n_tokens)
+    ids = _tokenize(model, tokenizer, texts, text_names)
+    last_n_tokens = _check_reads(ids, last_n_tokens, text_names)
     if any(p.is_inference() for p in model.parameters()):
         raise ValueError("method='grad' differentiates through the model, but its weights are "
                          "inference tensors (created under torch.inference_mode()): load the model "
@@ -415,3 +420,6 @@ def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=R
             handle.remove()
         held.clear()
     return {layer: torch.stack(rows) for layer, rows in grads.items()}
+
+
+_callable_module(__name__)  # steerkern.capture(...) calls capture() even once this module is bound there

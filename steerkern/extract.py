@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from steerkern import _callable_module
 from steerkern import directions as maths
 from steerkern.capture import capture, last_positions, vjp_gradients
 from steerkern.data import PairSet, as_pairs
@@ -98,6 +99,11 @@ def _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readou
         plan.readout = (min(n - 1, max(plan.layers) + max(1, n // 4)) if readout_layer is None
                         else check_layer(model, readout_layer, "readout_layer"))
         if plan.readout <= max(plan.layers):
+            if readout_layer is None:  # the default read-out is the last layer
+                raise ValueError(
+                    f"method='grad' reads the effect of steering at a deeper layer, but layers "
+                    f"includes {max(plan.layers)}, the model's last (it has {n}): steer layers "
+                    f"below {n - 1}")
             raise ValueError(
                 f"readout_layer={plan.readout} must be deeper than every steered layer "
                 f"(max {max(plan.layers)})"
@@ -132,6 +138,11 @@ class _Shard:
         self.texts = [text for i in mine for text in pair_set.pairs[i]]
         self.text_ids = [2 * i + member for i in mine for member in (0, 1)]
 
+    def text_name(self, local: int) -> str:
+        """Local text ``local`` as the argument it came from: ``pairs[i] (chosen)``."""
+        index = self.text_ids[local]
+        return f"pairs[{index // 2}] ({'chosen' if index % 2 == 0 else 'rejected'})"
+
     def gather(self, per_layer: dict, layers: list[int]) -> dict[int, torch.Tensor]:
         """``{layer: [n_local_texts, ...]}`` -> ``{layer: [2 * n_pairs, ...]}`` in global text
         order (chosen at even rows, rejected at odd rows), identical on every process."""
@@ -165,12 +176,14 @@ def _read(model, tokenizer, plan: _Plan, shard: _Shard, show: bool):
         got = capture(model, tokenizer, shard.texts, wanted, target=plan.target,
                       last_n_tokens=plan.last_n_tokens, batch_size=plan.batch_size or 16,
                       inputs=plan.method == "weight_svd", progress=show,
-                      desc=f"extract {plan.method}", share_prefixes=plan.share_prefixes)
+                      desc=f"extract {plan.method}", share_prefixes=plan.share_prefixes,
+                      text_names=shard.text_name)
         acts, inputs = got if plan.method == "weight_svd" else (got, {})
         if plan.method == "grad" and not one_pass:  # the read-out is always the residual stream
             acts.update(capture(model, tokenizer, shard.texts, [plan.readout],
                                 last_n_tokens=plan.last_n_tokens, batch_size=plan.batch_size or 16,
-                                progress=False, share_prefixes=plan.share_prefixes))
+                                progress=False, share_prefixes=plan.share_prefixes,
+                                text_names=shard.text_name))
     acts = shard.gather(acts, layers + ([plan.readout] if plan.method == "grad" else []))
     if plan.method == "weight_svd":
         inputs = shard.gather(inputs, layers)
@@ -179,7 +192,8 @@ def _read(model, tokenizer, plan: _Plan, shard: _Shard, show: bool):
         d = (cho - rej).mean(0)
         local = vjp_gradients(model, tokenizer, shard.texts, layers, plan.readout, d,
                               target=plan.target, last_n_tokens=plan.last_n_tokens,
-                              batch_size=plan.batch_size or 8, progress=show) if shard.texts else {}
+                              batch_size=plan.batch_size or 8, progress=show,
+                              text_names=shard.text_name) if shard.texts else {}
         grads = shard.gather(local, layers)
     return acts, inputs, grads
 
@@ -275,3 +289,6 @@ def extract(model, tokenizer, pairs, *, layers=None, method: str = "pca_diff", r
         acts, inputs, grads = _read(model, tokenizer, plan, shard, progress and shard.rank == 0)
     parts = {(layer, target): _part(plan, layer, acts, inputs, grads) for layer in plan.layers}
     return SteeringVector(parts, _metadata(model, plan, pair_set, concept))
+
+
+_callable_module(__name__)  # steerkern.extract(...) calls extract() even once this module is bound there

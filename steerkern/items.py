@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from steerkern.data import render_prompt
 
 YES_NO = ("yes", "no")
+LETTER_PREFIX = "("  # the reply opened before a letter answer, so the next token is the letter
 
 
 @dataclass(frozen=True)
@@ -58,19 +59,28 @@ class BinaryItem:
     kind: str
 
 
-def answer_token_ids(tokenizer, word: str, *, letter: bool = False) -> tuple[int, ...]:
+def answer_token_ids(tokenizer, word: str, *, letter: bool = False, context: str = "") -> tuple[int, ...]:
     """Token ids of every single-token spelling of ``word``: with and without a leading space,
-    and (unless ``letter``) in capitalised, lower and upper case. Spellings that the tokenizer
-    splits into several tokens are skipped."""
+    and (unless ``letter``) in capitalised, lower and upper case. A spelling counts when it is
+    one token by itself or one token right after ``context`` (the rendered text the answer
+    follows): SentencePiece tokenizers with a dummy prefix encode ``"A"`` alone as ``"▁A"`` but
+    predict the bare ``"A"`` after ``"("`` or a newline. Spellings split into several tokens
+    are skipped."""
     if letter:
         forms = (word, " " + word)
     else:
         forms = tuple(f for w in (word.capitalize(), word.lower(), word.upper()) for f in (w, " " + w))
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+    before = encode(context) if context else []
     ids = set()
     for form in forms:
-        encoded = tokenizer.encode(form, add_special_tokens=False)
-        if len(encoded) == 1:
-            ids.add(int(encoded[0]))
+        alone = encode(form)
+        if len(alone) == 1:
+            ids.add(int(alone[0]))
+        if context:
+            after = encode(context + form)
+            if len(after) == len(before) + 1 and after[:len(before)] == before:
+                ids.add(int(after[-1]))
     if not ids:
         raise ValueError(f"the tokenizer has no single token for the answer {word!r} in any spelling "
                          f"{list(forms)}: this model cannot be scored on it")
@@ -112,11 +122,13 @@ def binary_items(tokenizer, prompts) -> list[BinaryItem]:
     if len(prompts) == 0:
         raise ValueError("prompts is empty: give at least one binary-choice prompt")
     ids: dict[tuple[str, bool], tuple[int, ...]] = {}
+    # what every question's rendering ends with, before a Yes/No answer and before a letter
+    contexts = {False: render(tokenizer, "Question?"), True: render(tokenizer, "Question?", LETTER_PREFIX)}
 
     def variants(word: str) -> tuple[int, ...]:
         letter = word not in YES_NO
         if (word, letter) not in ids:
-            ids[(word, letter)] = answer_token_ids(tokenizer, word, letter=letter)
+            ids[(word, letter)] = answer_token_ids(tokenizer, word, letter=letter, context=contexts[letter])
         return ids[(word, letter)]
 
     items = []
@@ -150,7 +162,7 @@ def _item(entry, variants) -> BinaryItem:
         first, second = (_answer_word(c) for c in choices)
         if (first in YES_NO) != (second in YES_NO) or first == second:
             raise ValueError(f"'choices' {choices!r} must be Yes/No or two different letters")
-        kind, prefix = ("yes_no", "") if first in YES_NO else ("letter", "(")
+        kind, prefix = ("yes_no", "") if first in YES_NO else ("letter", LETTER_PREFIX)
         positive, negative = variants(first), variants(second)
         if label == -1:
             positive, negative = negative, positive
@@ -177,7 +189,7 @@ def _item(entry, variants) -> BinaryItem:
             raise ValueError(f"answers {shown} are not different letters")
         positive = tuple(sorted({t for w in match for t in variants(w)}))
         negative = tuple(sorted({t for w in not_match for t in variants(w)}))
-        return BinaryItem(question, "(", positive, negative,
+        return BinaryItem(question, LETTER_PREFIX, positive, negative,
                           1 if min(match) < min(not_match) else -1, "letter")
     raise ValueError("expected {'prompt': str, 'label': +1|-1} or a model-written-evals item "
                      "with 'question' and 'answer_matching_behavior'")

@@ -47,6 +47,7 @@ from steerkern.kvcache import (
 from steerkern.memory import rows_per_pass
 from steerkern.models import input_device
 from steerkern.prefill import SharedPrompt, forward_rest, shared_prefill
+from steerkern.tokens import check_fits_positions, text_token_ids
 from steerkern.trunk import lowest_steered_layer
 
 
@@ -65,12 +66,12 @@ def _pad_id(tokenizer) -> int:
 
 
 def _encode(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``input_ids`` and ``attention_mask`` ``[len(texts), T]`` on ``device``.
+    """Left-padded ``input_ids`` and ``attention_mask`` ``[len(texts), T]`` on ``device``, each
+    text's ids as extraction reads them (:func:`steerkern.tokens.text_token_ids`).
 
     Padded here rather than by the tokenizer, so that neither its pad token nor its
     ``padding_side`` matters and the tokenizer is never modified."""
-    special = not getattr(tokenizer, "chat_template", None)  # the template writes its own
-    encoded = [list(map(int, seq)) for seq in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+    encoded = text_token_ids(tokenizer, texts)
     for text, seq in zip(texts, encoded):
         if not seq:
             raise ValueError(f"the tokenizer turns {text!r} into no tokens: give a prompt with some text")
@@ -164,6 +165,8 @@ def score_rows(model, tokenizer, vectors, items: list[BinaryItem], arms, *, batc
     """
     texts = [render(tokenizer, it.question, it.prefix) for it in items]
     ids, mask = _encode(tokenizer, texts, input_device(model))
+    check_fits_positions(model, mask.sum(-1).tolist(), lambda i: f"prompts[{i}] {items[i].question!r:.40}",
+                         fix="shorten the question")
     count = len(items)
     rows = [(a, p) for a in range(len(arms)) for p in range(count)]
     scores = np.empty((len(arms), count), dtype=np.float64)
@@ -393,6 +396,8 @@ def generate_rows(model, tokenizer, vectors, prompts: list[str], arms, *, max_ne
     """
     device = input_device(model)
     ids, mask = _encode(tokenizer, [render(tokenizer, p, answer=False) for p in prompts], device)
+    check_fits_positions(model, mask.sum(-1).tolist(), lambda i: f"generation prompt {prompts[i]!r:.40}",
+                         extra=max_new_tokens, fix="shorten the prompt or lower max_new_tokens")
     count = len(prompts)
     rows = [(a, g) for a in range(len(arms)) for g in range(count)]
     eos = torch.tensor(_eos_ids(model, tokenizer), device=device)

@@ -66,6 +66,7 @@ from steerkern.models import (
     num_layers,
     resolve_module,
 )
+from steerkern.tokens import check_fits_positions, text_token_ids
 from steerkern.vectors import SteeringVector
 
 IGNORE = -100
@@ -145,19 +146,21 @@ def _output_head(model):
 # --- tokens -------------------------------------------------------------------------------------
 
 
-def _encode(tokenizer, texts: list[str], n_last: int) -> list[list[int]]:
-    """Token ids per text (special tokens added unless the text starts with the BOS string, as a
-    rendered chat template does); every text needs at least ``max(n_last, 2)`` tokens."""
-    bos = getattr(tokenizer, "bos_token", None)
-    out = []
-    for i, text in enumerate(texts):
-        ids = list(tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"])
+def _pair_name(i: int) -> str:
+    return f"pairs[{i // 2}] ({'chosen' if i % 2 == 0 else 'rejected'})"
+
+
+def _encode(model, tokenizer, texts: list[str], n_last: int) -> list[list[int]]:
+    """Token ids per text (:func:`steerkern.tokens.text_token_ids`, as extraction reads them);
+    every text needs at least ``max(n_last, 2)`` tokens and must fit learned positions."""
+    out = text_token_ids(tokenizer, texts)
+    for i, (text, ids) in enumerate(zip(texts, out)):
         if len(ids) < max(n_last, 2):
             raise ValueError(
-                f"pairs: text {i // 2} ({'chosen' if i % 2 == 0 else 'rejected'}) {text!r:.60} has "
-                f"{len(ids)} tokens, fewer than n_last={n_last} (or 2): lower n_last or give longer texts"
+                f"{_pair_name(i)} {text!r:.60} has {len(ids)} tokens, fewer than n_last={n_last} "
+                "(or 2): lower n_last or give longer texts"
             )
-        out.append(ids)
+    check_fits_positions(model, [len(ids) for ids in out], _pair_name, fix="shorten the text")
     return out
 
 
@@ -440,7 +443,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
         first_tensor(resolve_module(model, layer, target), f"layer {layer}, target {target!r}")
     _output_head(model)  # a model without a usable head fails here, before any work
     texts = [text for pair in pair_set.pairs for text in pair]
-    ids_list = _encode(tokenizer, texts, n_last)
+    ids_list = _encode(model, tokenizer, texts, n_last)
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else (
         getattr(tokenizer, "eos_token_id", None) or 0)
     if accelerator is None:

@@ -507,6 +507,11 @@ def test_bad_input_names_the_argument(tiny_model_factory):
         extract(model, tok, PAIRS, layers=[1], method="weight_svd", progress=False)
     with pytest.raises(ValueError, match="readout_layer=1 must be deeper"):
         extract(model, tok, PAIRS, layers=[1], method="grad", readout_layer=1, progress=False)
+    with pytest.raises(ValueError, match="layers includes 3, the model's last.*steer layers below 3"):
+        extract(model, tok, PAIRS, layers=[3], method="grad", progress=False)
+    with pytest.raises(ValueError, match=r"last_n_tokens=3 but pairs\[2\] \(chosen\) has only 2 tokens"):
+        extract(model, _NoBosTokenizer(), PAIRS[:2] + [("hi", "a longer text")], layers=[1],
+                last_n_tokens=3, progress=False)
     with pytest.raises(ValueError, match="last_n_tokens=50"):
         extract(model, tok, PAIRS, layers=[1], last_n_tokens=50, progress=False)
     with pytest.raises(TypeError, match="pairs\\[0\\]"):

@@ -170,7 +170,7 @@ def test_texts_longer_than_the_sliding_window_run_whole(tiny_model_factory, arch
     tok = CharTokenizer()
     long_texts = [t + " and then, after a long while, it rained all over the town" for t in TEXTS]
     for texts, shared in ((TEXTS, True), (long_texts, False)):
-        assert (_prefix_plan(model, _tokenize(tok, texts), 1) is not None) == shared
+        assert (_prefix_plan(model, _tokenize(model, tok, texts), 1) is not None) == shared
         want = capture(model, tok, texts, [1, 3], progress=False, share_prefixes=False)
         got = capture(model, tok, texts, [1, 3], progress=False)
         for layer in (1, 3):
@@ -206,7 +206,7 @@ def test_shared_capture_on_the_default_model_matches_hidden_states(default_model
         got = capture(model, tok, texts, [4, 9], last_n_tokens=2, batch_size=8, progress=False)
     finally:
         handle.remove()
-    ids = _tokenize(tok, texts)
+    ids = _tokenize(model, tok, texts)
     assert sum(seen) < 0.5 * sum(map(len, ids))
     with torch.no_grad():
         for i, seq in enumerate(ids):
