@@ -204,8 +204,11 @@ def evaluate(model, tokenizer, vector, *, coeffs=DEFAULT_COEFFS, prompts=None, m
             into equal passes only where the estimated memory would pass half the free memory,
             ``steerkern.memory``).
         gen_prompts: ``[G]`` open-ended prompts for coherence (default ``DEFAULT_GEN_PROMPTS``).
-        positions: "all", "prompt" or "generated" (as in ``steer``); when scoring, "generated"
-            steers only the answer position.
+        positions: "all", "prompt" or "generated" (as in ``steer``). When scoring,
+            "generated" steers only the answer position (the last prompt token, whose output
+            is the answer). Generation under "generated" steers new tokens only, as ``steer``
+            does, so its first token comes from the unsteered prompt: the scores then measure
+            a decision that the generated samples leave unsteered.
         progress: show progress bars.
         name: the vector's name in the report (default: its concept).
         share_prefill: run prompt work shared between rows once and copy its KV cache
