@@ -304,7 +304,8 @@ class SteeringVector:
                 "when the hidden sizes agree; extract a vector from this model"
             )
         hinted = self.metadata.get("model_hint")
-        if not made_kind and kind and isinstance(hinted, str) and hinted != kind and _is_model_type(hinted):
+        if (not made_kind and kind and isinstance(hinted, str) and hinted != kind and _is_model_type(hinted)
+                and kind not in _LLAMA_CPP_ALIASES.get(hinted, ())):
             warnings.warn(
                 f"this control vector's model_hint is {hinted!r} but {model_id(model)} is a {kind!r} "
                 "model: a direction does not transfer between models; extract one from this model "
@@ -658,6 +659,10 @@ def _scalar(value) -> float | None:
     if isinstance(value, numbers.Real):
         return float(value)
     return None
+
+
+# llama.cpp writes its GGUF architecture name as the hint; it converts these model types to "llama"
+_LLAMA_CPP_ALIASES = {"llama": ("mistral", "mixtral", "mistral3", "llava")}
 
 
 def _is_model_type(name: str) -> bool:

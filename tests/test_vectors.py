@@ -332,6 +332,11 @@ def test_validate_warns_when_a_control_vector_hints_another_architecture(tmp_pat
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             vector.validate(llama)
+    # llama.cpp hints "llama" for the Mistral models it converts
+    mistral = SteeringVector.from_gguf(_write_control_vector(tmp_path / "m.gguf", direction, hint="llama"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mistral.validate(tiny_model_factory("mistral"))
 
 
 # --- interop with repeng / EasySteer / llama.cpp ------------------------------------------------
