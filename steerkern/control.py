@@ -140,6 +140,7 @@ class SteeringBank:
         self._token_state: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._token_shape: tuple[int, int] | None = None
         self._pass_open = False  # inside a forward pass of the model itself
+        self._kept = None  # the pass's logits_to_keep when it keeps fewer positions than it runs
         self._handles: list = []
         self._positional = _positional_names(model)
         self._stream = residual_stream_index(model)  # Gemma 3n: the active residual copy
@@ -323,6 +324,9 @@ class SteeringBank:
         slot = slot.reshape(-1).contiguous()
         coeff = row_coeff.to(tokens.device)[:, None].expand(batch, length).reshape(-1).contiguous()
         self._token_shape = (batch, length)
+        keep = kwargs.get("logits_to_keep")
+        # some models run their top layers on the kept positions only (Gemma 4's KV-shared layers)
+        self._kept = keep if isinstance(keep, int) and not isinstance(keep, bool) and 0 < keep < length else None
         self._pass_open = True
         self._token_state = {}
         for site in self.sites:
@@ -410,6 +414,12 @@ class SteeringBank:
                 )
             hidden = output[0] if isinstance(output, tuple) else output
             states = self._states(hidden)
+            token_slot, token_coeff = self._token_state[site.device]
+            if states is None and self._kept is not None:  # the last `kept` positions only
+                batch, length = self._token_shape
+                states = token_states(hidden, batch, self._kept, self._stream)
+                token_slot = token_slot.view(batch, length)[:, -self._kept:].reshape(-1)
+                token_coeff = token_coeff.view(batch, length)[:, -self._kept:].reshape(-1)
             if states is None:
                 raise RuntimeError(
                     f"steer: {type(module).__name__} returned hidden states of shape "
@@ -418,7 +428,6 @@ class SteeringBank:
                     "one of its sub-modules; a model whose layers return other shapes cannot be "
                     "steered there"
                 )
-            token_slot, token_coeff = self._token_state[site.device]
             # token_slot is -1 for unsteered tokens; index K of slot_map holds -1.
             slot = token_slot if site.identity else site.slot_map[token_slot]
             src = None

@@ -300,8 +300,24 @@ def sweep_generate(model, tokenizer, vectors, ids, mask, prompt_index, slots: li
             where[:, prompt_len:] = True
         config = _for_a_given_cache(config)
     with _steering(model, vectors, slots, coeffs, where):
-        out = model.generate(**inputs, generation_config=config, logits_processor=logits_processor)
+        out = _generate(model, **inputs, generation_config=config, logits_processor=logits_processor)
     return out[:, prompt_len:]
+
+
+def _generate(model, **kwargs):
+    """``model.generate(**kwargs)`` without a previous call's ``rope_deltas``: Qwen2.5-VL /
+    Qwen3-VL keep their last ``generate``'s multimodal position offsets (``[rows, 1]``) and
+    reuse them when handed a non-empty cache, which a sweep builds for another number of rows.
+    Cleared for the call (text-only rows recompute them) and put back after it."""
+    holders = [m for m in model.modules() if getattr(m, "rope_deltas", None) is not None]
+    kept = [m.rope_deltas for m in holders]
+    for module in holders:
+        module.rope_deltas = None
+    try:
+        return model.generate(**kwargs)
+    finally:
+        for module, value in zip(holders, kept):
+            module.rope_deltas = value
 
 
 def _for_a_given_cache(config):
@@ -337,7 +353,7 @@ def _sweep_sharing_first_token(model, tokenizer, vectors, ids, mask, prompt_inde
     first_config.return_dict_in_generate = True
     if config.min_new_tokens:
         first_config.min_new_tokens = 1
-    first = model.generate(**inputs, generation_config=first_config, logits_processor=logits_processor)
+    first = _generate(model, **inputs, generation_config=first_config, logits_processor=logits_processor)
     cache = getattr(first, "cache", None)  # transformers 5; "past_key_values" before
     cache = getattr(first, "past_key_values", None) if cache is None else cache
     prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
@@ -367,7 +383,7 @@ def _sweep_sharing_first_token(model, tokenizer, vectors, ids, mask, prompt_inde
     live_list = live.tolist()
     keep = lambda values: [v for v, alive in zip(values, live_list) if alive]
     with _steering(model, vectors, keep(slots), keep(coeffs), where):
-        out = model.generate(input_ids=rest_ids, attention_mask=rest_mask,
+        out = _generate(model, input_ids=rest_ids, attention_mask=rest_mask,
                              generation_config=rest_config, logits_processor=logits_processor,
                              **{cache_argument(model): cache})
     rest = out[:, width + 1:]

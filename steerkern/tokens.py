@@ -36,18 +36,23 @@ def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
 
 def _without_trailing_specials(full: list[int], plain: list[int], tokenizer) -> list[int]:
     """``full`` (the text with the tokenizer's special tokens) cut after the text's own tokens
-    ``plain``: what a tokenizer adds before the text stays, what it adds after goes."""
-    n = len(plain)
-    if n:
-        for start in range(len(full) - n + 1):
-            if full[start:start + n] == plain:
-                return full[:start + n]
-        return full  # specials that change how the text itself is split: left as given
-    eos = getattr(tokenizer, "eos_token_id", None)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    while full and eos is not None and full[-1] == eos and eos != bos:
-        full = full[:-1]
-    return full
+    ``plain``: what a tokenizer adds before the text stays, what it adds after goes. For an
+    empty text, as many leading tokens as the tokenizer puts before a one-letter text."""
+    if not plain:
+        probe_full, probe = (_encode(tokenizer, ["a"], special)[0] for special in (True, False))
+        lead = _start_of(probe, probe_full)
+        return full[:lead] if lead is not None else full
+    start = _start_of(plain, full)
+    # specials that change how the text itself is split: left as the tokenizer gives them
+    return full if start is None else full[:start + len(plain)]
+
+
+def _start_of(part: list[int], whole: list[int]) -> int | None:
+    """Where ``part`` first occurs in ``whole`` (``None``: nowhere)."""
+    for start in range(len(whole) - len(part) + 1):
+        if whole[start:start + len(part)] == part:
+            return start
+    return None
 
 
 def position_limit(model: nn.Module) -> tuple[int | None, bool]:

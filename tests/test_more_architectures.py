@@ -265,3 +265,69 @@ def test_modules_shared_between_layers_are_refused(shared):
         capture(model, CharTokenizer(), ["hello"], [1], target=target, progress=False)
     assert steerkern_hook_count(model) == 0
     resolve_module(model, 0, target)  # layer 0 is its own
+
+
+def test_layers_that_run_only_the_kept_positions_are_steered_on_them():
+    """Gemma 4 with KV-shared layers runs the layers from the first shared one on the last
+    ``logits_to_keep`` positions only (generate passes 1): steering there acts on those
+    positions with their own slots and coefficients, as in the full pass."""
+    if not hasattr(transformers, "Gemma4ForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma4ForCausalLM")
+    config = transformers.Gemma4TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=64, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=128, num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention"] * 2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.Gemma4ForCausalLM(config).eval()
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask = (ids != 0).long()
+    vectors = [SteeringVector.from_directions({3: torch.randn(64)}), SteeringVector.from_directions({3: torch.randn(64)})]
+    last_only = torch.zeros_like(mask, dtype=torch.bool)
+    last_only[:, -1] = True
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        # the last position is steered in the first three; the fourth steers only the others,
+        # which at a KV-shared layer no later position reads
+        for positions, moves in (("all", True), ("prompt", True), (last_only, True), (~last_only, False)):
+            with steer(model, vectors, slots=[1, 0], coeff=[4.0, -3.0], positions=positions):
+                full = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+                kept = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+            torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-5)
+            assert bool((full - plain).abs().max() > 1e-2) == moves
+        with steer(model, vectors[0], coeff=4.0):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 9)
+
+
+@pytest.mark.parametrize("positions", ["generated", "all"])
+def test_sweeps_of_a_model_that_keeps_rope_deltas_between_generates(default_model, positions):
+    """Qwen2.5-VL reuses its last generate's rope_deltas ([rows, 1]) when generate is handed a
+    cache: a shared sweep hands it caches of another row count (the first token's P' rows, a
+    smaller last pass). Shared and plain sweeps must agree, and the model keeps its value."""
+    if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen2_5_VLForConditionalGeneration")
+    from steerkern.eval import evaluate
+
+    tokenizer = default_model[1]
+    text = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=2,
+                bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[0])
+    config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=49151,
+                                           video_token_id=49150, vision_start_token_id=49149)
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    vector = SteeringVector.from_directions({2: 3.0 * torch.randn(64)})
+    prompts = [{"prompt": "Is the sky blue?", "label": 1}, {"prompt": "Do you like cheese a lot?", "label": -1}]
+    options = dict(coeffs=(-2.0, 0.0, 2.0), prompts=prompts, gen_prompts=["Tell me about your weekend.", "Hi"],
+                   max_new_tokens=4, positions=positions, batch_size=4)
+    plain = evaluate(model, tokenizer, vector, share_prefill=False, **options)
+    before = model.model.rope_deltas
+    shared = evaluate(model, tokenizer, vector, **options)
+    assert model.model.rope_deltas is before
+    assert shared.samples == plain.samples
+    assert shared.scores == pytest.approx(plain.scores, abs=1e-4)
+    assert shared.delta_nll == pytest.approx(plain.delta_nll, abs=1e-4)

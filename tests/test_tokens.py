@@ -46,24 +46,45 @@ def test_no_token_is_appended_after_a_text_and_a_bos_is_added_once(smol_tokenize
     plain, with_eos, with_bos = smol_tokenizers
     text = "The food was great"
     own = plain(text, add_special_tokens=False)["input_ids"]
-    assert text_token_ids(with_eos, [text]) == [own]
+    full = with_eos(text)["input_ids"]  # some releases also give this tokenizer a BOS
+    assert full[-1] == with_eos.eos_token_id and full[-1 - len(own):-1] == own
+    assert text_token_ids(with_eos, [text]) == [full[:-1]]
     assert text_token_ids(with_bos, [text]) == [[with_bos.bos_token_id] + own]
     assert text_token_ids(with_bos, [with_bos.bos_token + text]) == [[with_bos.bos_token_id] + own]
-    assert text_token_ids(with_eos, ["", text]) == [[], own]
+    assert text_token_ids(with_eos, ["", text])[0] == full[:-1 - len(own)]  # the leading specials only
+
+
+class _FixedTokenizer:
+    """Returns the ids it was given for each text, whatever add_special_tokens says."""
+
+    bos_token = None
+    chat_template = None
+    pad_token_id = 0
+    eos_token_id = None
+
+    def __init__(self, ids: dict):
+        self.ids = ids
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": self.ids[text]}
 
 
 def test_extraction_and_scoring_ignore_an_appended_eos(smol_tokenizers, smol_vocab_model):
-    plain, with_eos, _ = smol_tokenizers
+    """Read and scored at the text's last token: the tokenizer's ids without the EOS it appends."""
+    _, with_eos, _ = smol_tokenizers
     texts = [t for pair in PAIRS for t in pair]
-    read = capture(smol_vocab_model, plain, texts, [1], progress=False)[1]
-    torch.testing.assert_close(capture(smol_vocab_model, with_eos, texts, [1], progress=False)[1], read)
-    prompts = [{"prompt": "Is the sky blue?", "label": 1}, {"prompt": "Is fire cold?", "label": -1}]
-    for tokenizer in (plain, with_eos):
-        tokenizer.chat_template = None  # rendered as "{text}\nAnswer:", tokenised with specials
-    arms = [(-1, 0.0)]
-    expected = score_rows(smol_vocab_model, plain, [], binary_items(plain, prompts), arms, share_prefill=False)
-    got = score_rows(smol_vocab_model, with_eos, [], binary_items(with_eos, prompts), arms, share_prefill=False)
-    assert got == pytest.approx(expected, abs=1e-5)
+    without_eos = {t: with_eos(t)["input_ids"][:-1] for t in texts}
+    expected = capture(smol_vocab_model, _FixedTokenizer(without_eos), texts, [1], progress=False)[1]
+    torch.testing.assert_close(capture(smol_vocab_model, with_eos, texts, [1], progress=False)[1], expected)
+    with_eos.chat_template = None  # rendered as "{text}\nAnswer:", tokenised with specials
+    items = binary_items(with_eos, [{"prompt": "Is the sky blue?", "label": 1}, {"prompt": "Is fire cold?", "label": -1}])
+    got = score_rows(smol_vocab_model, with_eos, [], items, [(-1, 0.0)], share_prefill=False)[0]
+    for item, score in zip(items, got):
+        ids = with_eos(render(with_eos, item.question, item.prefix))["input_ids"][:-1]
+        with torch.no_grad():
+            logp = torch.log_softmax(smol_vocab_model(torch.tensor([ids])).logits[0, -1].double(), -1)
+        want = torch.logsumexp(logp[list(item.positive)], 0) - torch.logsumexp(logp[list(item.negative)], 0)
+        assert score == pytest.approx(float(want), abs=1e-5)
 
 
 def test_extraction_and_evaluation_read_a_rendered_text_alike(smol_tokenizers, smol_vocab_model):
