@@ -185,6 +185,17 @@ def rope_depends_on_length(config, length: int) -> bool:
     return False
 
 
+def _keeps_rope_deltas_before_5(model) -> bool:
+    """Qwen2-VL-style models (a module with ``rope_deltas``) under transformers 4.x: their
+    ``generate`` handed a filled cache derives positions from the uncached columns against the
+    whole mask and fails; 5.x recomputes them (``steerkern.sweep._generate`` clears the stored
+    offsets for it)."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) < 5 and any(
+        hasattr(module, "rope_deltas") for module in model.modules())
+
+
 def empty_model_cache(model, max_length: int):
     """The empty cache ``model`` builds for itself (``DynamicCache(config=...)``, or
     ``DynamicCache()`` before transformers 4.56) when it :func:`is_gatherable` up to
@@ -192,7 +203,7 @@ def empty_model_cache(model, max_length: int):
     ``max_length``, other cache layers; models whose ``forward`` takes no ``position_ids``:
     they place tokens by column (MPT's ALiBi), so the padding gap between a shared prefix and
     each row's rest would move them; models inside a ``steer`` context that steers by position,
-    :func:`steers_by_position`). Before 4.56 a dynamic cache does not know the model's
+    :func:`steers_by_position`; Qwen2-VL-style models before transformers 5). Before 4.56 a dynamic cache does not know the model's
     sliding windows, and some models of that era expect a windowed cache: those qualify only
     while ``max_length`` is shorter than the config's ``sliding_window``."""
     if cache_argument(model) is None or "position_ids" not in inspect.signature(model.forward).parameters:
@@ -204,6 +215,8 @@ def empty_model_cache(model, max_length: int):
     if getattr(model, "_supports_cache_class", True) is False:
         return None  # models that still take tuples (GPT-2 before transformers 4.53)
     if _has_own_cache_class(model):
+        return None
+    if _keeps_rope_deltas_before_5(model):
         return None
     try:
         from transformers.cache_utils import DynamicCache

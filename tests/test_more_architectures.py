@@ -312,14 +312,20 @@ def test_sweeps_of_a_model_that_keeps_rope_deltas_between_generates(default_mode
     tokenizer = default_model[1]
     text = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=2,
-                bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+                bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    else:  # 4.5x: the multimodal sections are a rope_scaling entry
+        text.update(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, rope_theta=10000.0)
     vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=8,
                   spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[0])
-    config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=49151,
-                                           video_token_id=49150, vision_start_token_id=49149)
     torch.manual_seed(0)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    try:
+        config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=49151,
+                                               video_token_id=49150, vision_start_token_id=49149)
+        model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    except (AttributeError, TypeError) as error:  # 4.50: text settings at the config's top level
+        pytest.skip(f"transformers {transformers.__version__} builds no Qwen2.5-VL from text_config: {error}")
     vector = SteeringVector.from_directions({2: 3.0 * torch.randn(64)})
     prompts = [{"prompt": "Is the sky blue?", "label": 1}, {"prompt": "Do you like cheese a lot?", "label": -1}]
     options = dict(coeffs=(-2.0, 0.0, 2.0), prompts=prompts, gen_prompts=["Tell me about your weekend.", "Hi"],
