@@ -72,6 +72,12 @@ class PairSet:
         return [r for _, r in self.pairs]
 
 
+def pair_text_name(index: int) -> str:
+    """Text ``index`` of a pair list flattened as ``[chosen_0, rejected_0, chosen_1, ...]``,
+    named as the caller gave it: ``pairs[i] (chosen)`` / ``pairs[i] (rejected)``."""
+    return f"pairs[{index // 2}] ({'chosen' if index % 2 == 0 else 'rejected'})"
+
+
 def as_pairs(pairs, argument: str = "pairs") -> PairSet:
     """Normalise ``pairs`` to a :class:`PairSet`.
 

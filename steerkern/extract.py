@@ -21,7 +21,7 @@ import torch
 from steerkern import _callable_module
 from steerkern import directions as maths
 from steerkern.capture import capture, last_positions, vjp_gradients
-from steerkern.data import PairSet, as_pairs
+from steerkern.data import PairSet, as_pairs, pair_text_name
 from steerkern.models import (
     RESIDUAL,
     as_layer_list,
@@ -140,8 +140,7 @@ class _Shard:
 
     def text_name(self, local: int) -> str:
         """Local text ``local`` as the argument it came from: ``pairs[i] (chosen)``."""
-        index = self.text_ids[local]
-        return f"pairs[{index // 2}] ({'chosen' if index % 2 == 0 else 'rejected'})"
+        return pair_text_name(self.text_ids[local])
 
     def gather(self, per_layer: dict, layers: list[int]) -> dict[int, torch.Tensor]:
         """``{layer: [n_local_texts, ...]}`` -> ``{layer: [2 * n_pairs, ...]}`` in global text

@@ -50,7 +50,7 @@ import math
 import torch
 
 from steerkern.control import SteeringBank, first_tensor
-from steerkern.data import as_pairs
+from steerkern.data import as_pairs, pair_text_name
 from steerkern.kvcache import positions_from_mask
 from steerkern.loss import PENALTY_KINDS, PROJECTIONS, CoherenceInputs, inner_contrastive_loss
 from steerkern.models import (
@@ -146,10 +146,6 @@ def _output_head(model):
 # --- tokens -------------------------------------------------------------------------------------
 
 
-def _pair_name(i: int) -> str:
-    return f"pairs[{i // 2}] ({'chosen' if i % 2 == 0 else 'rejected'})"
-
-
 def _encode(model, tokenizer, texts: list[str], n_last: int) -> list[list[int]]:
     """Token ids per text (:func:`steerkern.tokens.text_token_ids`, as extraction reads them);
     every text needs at least ``max(n_last, 2)`` tokens and must fit learned positions."""
@@ -157,10 +153,10 @@ def _encode(model, tokenizer, texts: list[str], n_last: int) -> list[list[int]]:
     for i, (text, ids) in enumerate(zip(texts, out)):
         if len(ids) < max(n_last, 2):
             raise ValueError(
-                f"{_pair_name(i)} {text!r:.60} has {len(ids)} tokens, fewer than n_last={n_last} "
+                f"{pair_text_name(i)} {text!r:.60} has {len(ids)} tokens, fewer than n_last={n_last} "
                 "(or 2): lower n_last or give longer texts"
             )
-    check_fits_positions(model, [len(ids) for ids in out], _pair_name, fix="shorten the text")
+    check_fits_positions(model, [len(ids) for ids in out], pair_text_name, fix="shorten the text")
     return out
 
 
