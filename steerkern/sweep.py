@@ -305,12 +305,17 @@ def sweep_generate(model, tokenizer, vectors, ids, mask, prompt_index, slots: li
 
 
 def _generate(model, **kwargs):
-    """``model.generate(**kwargs)`` without a previous call's ``rope_deltas``: Qwen2.5-VL /
-    Qwen3-VL keep their last ``generate``'s multimodal position offsets (``[rows, 1]``) and
-    reuse them when handed a non-empty cache, which a sweep builds for another number of rows.
-    Cleared for the call (text-only rows recompute them) and put back after it."""
-    holders = [m for m in model.modules() if getattr(m, "rope_deltas", None) is not None]
+    """``model.generate(**kwargs)`` that leaves the model's generation state as it found it.
+
+    Qwen2.5-VL / Qwen3-VL keep their last ``generate``'s multimodal position offsets
+    (``rope_deltas``, ``[rows, 1]``) and reuse them when handed a non-empty cache, which a sweep
+    builds for another number of rows: cleared for the call (text-only rows recompute them) and
+    put back after it, ``None`` included. transformers 4.50 keeps the cache object a ``generate``
+    built (``model._cache``, Gemma 2's ``HybridCache``) for the next call: a sweep's, sized for
+    its rows, is not left in its place."""
+    holders = [m for m in model.modules() if hasattr(m, "rope_deltas")]
     kept = [m.rope_deltas for m in holders]
+    kept_cache = model.__dict__.get("_cache", _ABSENT)
     for module in holders:
         module.rope_deltas = None
     try:
@@ -318,6 +323,13 @@ def _generate(model, **kwargs):
     finally:
         for module, value in zip(holders, kept):
             module.rope_deltas = value
+        if kept_cache is _ABSENT:
+            model.__dict__.pop("_cache", None)
+        else:
+            model.__dict__["_cache"] = kept_cache
+
+
+_ABSENT = object()
 
 
 def _for_a_given_cache(config):

@@ -65,6 +65,7 @@ from steerkern.models import (
     module_weight,
     num_layers,
     resolve_module,
+    set_training_flags,
 )
 from steerkern.tokens import check_fits_positions, text_token_ids
 from steerkern.vectors import SteeringVector
@@ -464,7 +465,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
     try:
         for p, _ in saved_flags:
             p.requires_grad_(False)
-        model.eval()
+        set_training_flags(model, False)
         shortest = min(ids_list, key=len)
         scale_ids, scale_mask, scale_pos, _ = _left_pad([shortest], pad_id, device)
         reader.head_weight = _head_matrix(

@@ -304,7 +304,8 @@ def test_layers_that_run_only_the_kept_positions_are_steered_on_them():
 def test_sweeps_of_a_model_that_keeps_rope_deltas_between_generates(default_model, positions):
     """Qwen2.5-VL reuses its last generate's rope_deltas ([rows, 1]) when generate is handed a
     cache: a shared sweep hands it caches of another row count (the first token's P' rows, a
-    smaller last pass). Shared and plain sweeps must agree, and the model keeps its value."""
+    smaller last pass). Shared and plain sweeps must agree, and the model keeps its value: unset
+    on a fresh model, the user's own generate's after that."""
     if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
         pytest.skip(f"transformers {transformers.__version__} has no Qwen2_5_VLForConditionalGeneration")
     from steerkern.eval import evaluate
@@ -330,8 +331,14 @@ def test_sweeps_of_a_model_that_keeps_rope_deltas_between_generates(default_mode
     prompts = [{"prompt": "Is the sky blue?", "label": 1}, {"prompt": "Do you like cheese a lot?", "label": -1}]
     options = dict(coeffs=(-2.0, 0.0, 2.0), prompts=prompts, gen_prompts=["Tell me about your weekend.", "Hi"],
                    max_new_tokens=4, positions=positions, batch_size=4)
-    plain = evaluate(model, tokenizer, vector, share_prefill=False, **options)
+    assert model.model.rope_deltas is None
+    evaluate(model, tokenizer, vector, **options)
+    assert model.model.rope_deltas is None
+    ids = tokenizer(["Hello there", "Hi"], return_tensors="pt", padding=True)
+    model.generate(**ids, max_new_tokens=2, do_sample=False)
     before = model.model.rope_deltas
+    assert before is not None
+    plain = evaluate(model, tokenizer, vector, share_prefill=False, **options)
     shared = evaluate(model, tokenizer, vector, **options)
     assert model.model.rope_deltas is before
     assert shared.samples == plain.samples

@@ -232,6 +232,34 @@ def test_error_mid_training_restores_model(tiny_model_factory, monkeypatch):
         model.eval()
 
 
+class MergesOnEval(torch.nn.Linear):
+    """A LoRA-style layer (as loralib's): ``eval()`` merges its update into the weight."""
+
+    def train(self, mode=True):
+        if not mode and self.training:
+            with torch.no_grad():
+                self.weight.add_(1.0)
+        return super().train(mode)
+
+
+def test_a_module_whose_train_does_more_than_set_its_flag_is_left_alone(tiny_model_factory):
+    """train_adapter runs the model in eval mode by setting the flags, as it restores them:
+    calling ``eval()`` would merge such a layer's update and leave it merged."""
+    model = tiny_model_factory("qwen2")
+    old = model.model.layers[0].mlp.down_proj
+    merging = MergesOnEval(old.in_features, old.out_features, bias=False)
+    merging.weight.data.copy_(old.weight.data)
+    model.model.layers[0].mlp.down_proj = merging
+    model.train()
+    before = snapshot(model)
+    try:
+        train_adapter(model, ToyTokenizer(), PAIRS, layers=[1], loss_layer=2, steps=2, progress=False)
+        assert_unchanged(model, before)
+    finally:
+        model.model.layers[0].mlp.down_proj = old
+        model.eval()
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
