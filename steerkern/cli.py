@@ -23,7 +23,10 @@ import textwrap
 from pathlib import Path
 
 EXIT_USAGE = 2
+# Spelled here rather than imported: steerkern.directions / steerkern.models import torch, which
+# would slow `--help` (tests/test_cli.py checks they agree).
 EXTRACT_METHODS = ("mean_diff", "pca_diff", "pca_center", "lowrank", "weight_svd", "grad")
+RESIDUAL = "residual"
 
 
 class CLIError(Exception):
@@ -198,7 +201,8 @@ def cmd_extract(args) -> int:
         raise CLIError(f"--concept: {args.concept!r} is not shipped; choose from {list_concepts()}")
     layers = _layers(args.layers)
     if output.suffix.lower() == ".gguf":
-        _check_gguf_extraction(args.method, layers)
+        _check_gguf_extraction(args.method, layers, args.target)
+    _check_target(args.method, args.target)
     if args.pairs is not None:
         pairs = _read_pairs(_existing_file(args.pairs, "--pairs"))
     elif args.mwe is not None:
@@ -214,16 +218,27 @@ def cmd_extract(args) -> int:
     if args.limit is not None and args.mwe is None:
         pairs = pairs[: args.limit]
     vector = extract(model, tokenizer, pairs, layers=layers, method=args.method, rank=args.rank,
-                     progress=True, concept=args.name)
+                     target=args.target, progress=True, concept=args.name)
     path = _save_vector(vector, args.output)
     print(f"wrote {path} ({vector!r}, {len(pairs)} pairs, method {args.method})")
     return 0
 
 
-def _check_gguf_extraction(method: str, layers: list[int] | None) -> None:
+def _check_target(method: str, target: str) -> None:
+    """``--method weight_svd`` expresses the direction in a Linear module's weight basis: it
+    needs ``--target`` naming one (refused before any model is loaded)."""
+    if method == "weight_svd" and target == RESIDUAL:
+        raise CLIError("--method weight_svd needs --target naming a linear sub-module of each layer "
+                       "(e.g. --target mlp.down_proj or --target self_attn.o_proj)")
+
+
+def _check_gguf_extraction(method: str, layers: list[int] | None, target: str = RESIDUAL) -> None:
     """What a .gguf control vector cannot hold, refused before any model is loaded."""
     from steerkern.directions import ADDITIVE_METHODS
 
+    if target != RESIDUAL:
+        raise CLIError(f"-o/--output: a .gguf control vector steers the residual stream only, not "
+                       f"--target {target}: write -o NAME.safetensors, or drop --target")
     if method not in ADDITIVE_METHODS:
         raise CLIError(f"-o/--output: a .gguf control vector holds additive vectors only, and --method "
                        f"{method} gives low-rank parts: write -o NAME.safetensors, or use --method "
@@ -343,11 +358,12 @@ def cmd_demo(args) -> int:
     if args.concept not in list_concepts():
         raise CLIError(f"--concept: {args.concept!r} is not shipped; choose from {list_concepts()}")
     coeffs = _sweep_coeffs(args.coeffs)
+    _check_target(args.method, args.target)
     out = _output_dir(args.out, "--out")
     model, tokenizer = _load_model(args)
     pairs = concept_pairs(args.concept, tokenizer, max_suffixes=args.max_suffixes, cuts=1)
     _log(f"extracting '{args.concept}' ({args.method}) from {len(pairs)} contrast pairs ...")
-    vector = extract(model, tokenizer, pairs, method=args.method, progress=True)
+    vector = extract(model, tokenizer, pairs, method=args.method, target=args.target, progress=True)
     _log(f"sweeping coefficients {coeffs} in one batch ...")
     report = evaluate(model, tokenizer, vector, coeffs=coeffs, max_new_tokens=args.max_new_tokens,
                       gen_prompts=DEMO_PROMPTS[: args.samples], progress=True)
@@ -446,6 +462,13 @@ def _model_flags(parser) -> None:
                         help="weights dtype (default: the checkpoint's; float32 for the default model)")
 
 
+def _target_flag(parser) -> None:
+    parser.add_argument("--target", default=RESIDUAL, metavar="MODULE",
+                        help="where the vector steers: the residual stream (decoder layer output) or a "
+                             "sub-module of each layer (mlp.down_proj, self_attn.o_proj, ...; "
+                             "--method weight_svd needs a linear one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="steerkern", formatter_class=_Formatter,
@@ -473,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="mean_diff", choices=EXTRACT_METHODS, help="extraction method")
     p.add_argument("--layers", default=None, help="layers like 10-14 or 8,10,12 (default: a middle band)")
     p.add_argument("--rank", type=int, default=1, help="rank for lowrank / weight_svd")
+    _target_flag(p)
     p.add_argument("--limit", type=int, default=None, help="use at most this many pairs / items (default: all)")
     p.add_argument("--max-suffixes", type=int, default=None,
                    help="--concept: neutral suffixes per persona pair (default: all)")
@@ -530,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and show steered generations side by side.")
     p.add_argument("--concept", default="sentiment", help="shipped concept")
     p.add_argument("--method", default="mean_diff", choices=EXTRACT_METHODS, help="extraction method")
+    _target_flag(p)
     p.add_argument("--coeffs", nargs="+", default=["-2", "-1", "0", "1", "2"], metavar="C",
                    help="coefficients to sweep")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per generated sample")

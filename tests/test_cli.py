@@ -286,6 +286,34 @@ def test_output_locations_are_checked_before_the_model_loads(tiny_cli, tmp_path,
     assert calls == []
 
 
+def test_target_flag_steers_a_sub_module_and_weight_svd_needs_one(tiny_cli, tmp_path, capsys):
+    """``--target`` chooses where the vector steers; ``--method weight_svd`` without a linear
+    target, or a sub-module target written as .gguf, fails before the model loads."""
+    from steerkern.cli import EXTRACT_METHODS, RESIDUAL
+    from steerkern.directions import METHODS
+    from steerkern.models import RESIDUAL as MODELS_RESIDUAL
+
+    assert RESIDUAL == MODELS_RESIDUAL and set(EXTRACT_METHODS) == set(METHODS)
+    _, calls = tiny_cli
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text('[["I like cats", "I hate cats"], ["Are you happy ?", "Are you sad ?"]]')
+    for argv, message in [
+        (["extract", "--pairs", str(pairs), "--method", "weight_svd", "-o", str(tmp_path / "v.safetensors")],
+         "--method weight_svd needs --target"),
+        (["demo", "--method", "weight_svd"], "--method weight_svd needs --target"),
+        (["extract", "--pairs", str(pairs), "--target", "mlp.down_proj", "-o", str(tmp_path / "v.gguf")],
+         "steers the residual stream only"),
+    ]:
+        assert main(argv) == 2, argv
+        assert message in _error_line(capsys), argv
+    assert calls == []
+    for method in ("weight_svd", "mean_diff"):
+        out = tmp_path / f"{method}.safetensors"
+        assert main(["extract", "--pairs", str(pairs), "--method", method, "--target", "mlp.down_proj",
+                     "--layers", "1", "-o", str(out)]) == 0, method
+        assert SteeringVector.load(out).targets == ["mlp.down_proj"]
+
+
 def test_a_failed_vector_write_is_one_line(tiny_cli, tmp_path, capsys, monkeypatch):
     """A write that fails after extraction (disk full, a file system that refuses it) ends with
     exit status 2 and a line naming -o, not a safetensors traceback."""
