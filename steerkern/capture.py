@@ -33,7 +33,7 @@ from steerkern.prefix_tree import (
     padded_length_bound,
     tree_tokens,
 )
-from steerkern.tokens import check_fits_positions, text_token_ids
+from steerkern.tokens import check_fits_positions, short_repr, text_token_ids
 
 
 class _StopForward(Exception):
@@ -69,7 +69,7 @@ def _tokenize(model, tokenizer, texts: list[str], name=_text_name) -> list[list[
     ids = text_token_ids(tokenizer, texts)
     for i, (text, seq) in enumerate(zip(texts, ids)):
         if not seq:
-            raise ValueError(f"{name(i)}={text!r:.40} has no tokens: give non-empty texts")
+            raise ValueError(f"{name(i)}={short_repr(text)} has no tokens: give non-empty texts")
     check_fits_positions(model, [len(seq) for seq in ids], name, fix="shorten the text")
     return ids
 
@@ -290,8 +290,9 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
     """Activations at the last ``last_n_tokens`` non-pad positions of each text.
 
     Returns ``{layer: Tensor [n_texts, last_n_tokens, D]}`` (fp32, CPU), keyed by the layers
-    as given (an int or a list; negative indices count from the last layer), and with
-    ``inputs=True`` also the module inputs ``{layer: [n_texts, last_n_tokens, D_in]}``.
+    as given (an int or a list; negative indices count from the last layer); with
+    ``inputs=True`` the tuple ``(outputs, inputs)``, ``inputs`` being the module inputs
+    ``{layer: [n_texts, last_n_tokens, D_in]}``.
     Only the requested modules are hooked; the forward pass stops after the deepest one.
     ``texts`` is a list of strings, each with at least ``last_n_tokens`` tokens.
 

@@ -31,6 +31,8 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from steerkern.tokens import short_repr
+
 DEFAULT_TEMPLATE = "Pretend you're {persona} person making statements about the world."
 
 
@@ -107,9 +109,9 @@ def as_pairs(pairs, argument: str = "pairs") -> PairSet:
         raise ValueError(f"{argument} is empty: give at least one (chosen, rejected) pair")
     for i, pair in enumerate(result.pairs):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-            raise ValueError(f"{argument}[{i}] must be a (chosen, rejected) pair, got {pair!r:.80}")
+            raise ValueError(f"{argument}[{i}] must be a (chosen, rejected) pair, got {short_repr(pair, 80)}")
         if not all(isinstance(text, str) and text for text in pair):
-            raise TypeError(f"{argument}[{i}] must hold two non-empty strings, got {pair!r:.80}")
+            raise TypeError(f"{argument}[{i}] must hold two non-empty strings, got {short_repr(pair, 80)}")
     result.pairs = [tuple(p) for p in result.pairs]
     return result
 
@@ -241,7 +243,7 @@ class MWEItem:
         """Raise ``ValueError`` unless the question is text and the two answers are Yes/No
         opposites or two different choice letters (``" (C)"`` vs ``" (A)"`` included)."""
         if not isinstance(self.question, str) or not self.question.strip():
-            raise ValueError(f"question must be a non-empty string, got {self.question!r:.60}")
+            raise ValueError(f"question must be a non-empty string, got {short_repr(self.question, 60)}")
         (kind, first), (other_kind, second) = _answer_form(self.matching), _answer_form(self.not_matching)
         if kind != other_kind or first == second:
             raise ValueError(
@@ -388,7 +390,7 @@ def mwe_pairs(items: list[MWEItem], tokenizer=None, *, system: str | None = None
     non-matching answer``, each ending at its answer token.
 
     With a chat template the answer opens the assistant turn; without one (a base model, or no
-    tokenizer) it follows ``"question\nAnswer: "`` (``render_prompt(..., answer_cue=True)``), the
+    tokenizer) it follows ``"question\\nAnswer: "`` (``render_prompt(..., answer_cue=True)``), the
     context ``steerkern.eval`` scores the same items in, so that a vector is read where it will
     be evaluated."""
     if not items:

@@ -200,7 +200,8 @@ def evaluate(model, tokenizer, vector, *, coeffs=DEFAULT_COEFFS, prompts=None, m
         max_new_tokens: tokens generated per (generation prompt, coefficient) for ΔNLL and the
             samples; 0 skips generation.
         batch_size: most rows per forward pass / generate call (default ``None``: all ``C * P``
-            scoring rows in one batch, all ``(C + 1) * G`` generation rows in another, split
+            scoring rows in one batch, all ``C * G`` generation rows in another (``G`` more,
+            unsteered, when 0 is not among ``coeffs``: ΔNLL needs them), split
             into equal passes only where the estimated memory would pass half the free memory,
             ``steerkern.memory``).
         gen_prompts: ``[G]`` open-ended prompts for coherence (default ``DEFAULT_GEN_PROMPTS``).

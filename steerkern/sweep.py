@@ -47,7 +47,7 @@ from steerkern.kvcache import (
 from steerkern.memory import rows_per_pass
 from steerkern.models import input_device
 from steerkern.prefill import SharedPrompt, forward_rest, shared_prefill
-from steerkern.tokens import check_fits_positions, text_token_ids
+from steerkern.tokens import check_fits_positions, short_repr, text_token_ids
 from steerkern.trunk import lowest_steered_layer
 
 
@@ -165,7 +165,7 @@ def score_rows(model, tokenizer, vectors, items: list[BinaryItem], arms, *, batc
     """
     texts = [render(tokenizer, it.question, it.prefix) for it in items]
     ids, mask = _encode(tokenizer, texts, input_device(model))
-    check_fits_positions(model, mask.sum(-1).tolist(), lambda i: f"prompts[{i}] {items[i].question!r:.40}",
+    check_fits_positions(model, mask.sum(-1).tolist(), lambda i: f"prompts[{i}] {short_repr(items[i].question)}",
                          fix="shorten the question")
     count = len(items)
     rows = [(a, p) for a in range(len(arms)) for p in range(count)]
@@ -424,7 +424,7 @@ def generate_rows(model, tokenizer, vectors, prompts: list[str], arms, *, max_ne
     """
     device = input_device(model)
     ids, mask = _encode(tokenizer, [render(tokenizer, p, answer=False) for p in prompts], device)
-    check_fits_positions(model, mask.sum(-1).tolist(), lambda i: f"generation prompt {prompts[i]!r:.40}",
+    check_fits_positions(model, mask.sum(-1).tolist(), lambda i: f"generation prompt {short_repr(prompts[i])}",
                          extra=max_new_tokens, fix="shorten the prompt or lower max_new_tokens")
     count = len(prompts)
     rows = [(a, g) for a in range(len(arms)) for g in range(count)]

@@ -10,10 +10,13 @@ token context it is evaluated in.
 
 from __future__ import annotations
 
+import reprlib
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def text_token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -60,6 +63,8 @@ def position_limit(model: nn.Module) -> tuple[int | None, bool]:
     and whether the model has a learned absolute position table (GPT-2's ``wpe``, OPT's
     ``embed_positions``), which cannot index past it; rotary and ALiBi models run past it with
     degraded quality."""
+    from torch import nn  # here: steerkern.data's messages use this module without torch
+
     config = getattr(model, "config", None)
     limit = None
     for part in (getattr(config, "text_config", None), config):
@@ -98,3 +103,11 @@ def check_fits_positions(model: nn.Module, lengths: list[int], name: Callable[[i
         raise ValueError(f"{what} but the model has {limit} learned positions: {fix}")
     warnings.warn(f"{what}, beyond the model's max_position_embeddings={limit}: its states there "
                   "may be degraded", stacklevel=3)
+
+
+def short_repr(value, width: int = 40) -> str:
+    """``repr(value)`` for an error message, strings longer than ``width`` cut in the middle
+    (``'I like ... do'``), quotes and brackets kept."""
+    shortener = reprlib.Repr()
+    shortener.maxstring = shortener.maxother = width
+    return shortener.repr(value)

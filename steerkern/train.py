@@ -67,7 +67,7 @@ from steerkern.models import (
     resolve_module,
     set_training_flags,
 )
-from steerkern.tokens import check_fits_positions, text_token_ids
+from steerkern.tokens import check_fits_positions, short_repr, text_token_ids
 from steerkern.vectors import SteeringVector
 
 IGNORE = -100
@@ -154,7 +154,7 @@ def _encode(model, tokenizer, texts: list[str], n_last: int) -> list[list[int]]:
     for i, (text, ids) in enumerate(zip(texts, out)):
         if len(ids) < max(n_last, 2):
             raise ValueError(
-                f"{pair_text_name(i)} {text!r:.60} has {len(ids)} tokens, fewer than n_last={n_last} "
+                f"{pair_text_name(i)} {short_repr(text, 60)} has {len(ids)} tokens, fewer than n_last={n_last} "
                 "(or 2): lower n_last or give longer texts"
             )
     check_fits_positions(model, [len(ids) for ids in out], pair_text_name, fix="shorten the text")

@@ -131,7 +131,7 @@ def test_evaluation_refuses_prompts_and_generations_past_learned_positions(smol_
     tokenizer = smol_tokenizers[0]
     gpt2 = _tiny("gpt2", 64)
     items = binary_items(tokenizer, [{"prompt": "Is it?", "label": 1}, {"prompt": "long " * 80, "label": 1}])
-    with pytest.raises(ValueError, match=r"prompts\[1\] 'long long.*64 learned positions"):
+    with pytest.raises(ValueError, match=r"prompts\[1\] 'long long[ .long]*long ' has \d+ tokens.*64 learned positions"):
         score_rows(gpt2, tokenizer, [], items, [(-1, 0.0)])
     with pytest.raises(ValueError, match=r"generation prompt 'Hi'.*\(\+64 generated\).*lower max_new_tokens"):
         generate_rows(gpt2, tokenizer, [], ["Hi"], [(-1, 0.0)], max_new_tokens=64)
