@@ -528,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "label), its slope against the coefficient with a standard error "
                                    "paired by prompt, and ΔNLL of steered generations.",
                        epilog="Prompt files: JSON list or JSONL of {\"prompt\": ..., \"label\": 1|-1} "
-                              "or model-written-evals items. Without --prompts/--mwe the vector's "
+                              "or model-written-evals items (where an item lists several answers for "
+                              "a side, the score pools them). Without --prompts/--mwe the vector's "
                               "shipped concept prompts are used.")
     p.add_argument("--vector", required=True, metavar="FILE", help=".safetensors or .gguf vector")
     p.add_argument("--coeffs", nargs="+", default=["-2", "-1", "0", "1", "2"], metavar="C",

@@ -229,28 +229,53 @@ def _answer_form(answer) -> tuple[str, str]:
 @dataclass
 class MWEItem:
     """One model-written-evals item: ``question``, ``matching`` / ``not_matching`` answers as in
-    the file (" Yes", " (A)", ...)."""
+    the file (" Yes", " (A)", ...). Where the file lists several answers for a side (``[" (B)",
+    " (C)"]``), ``matching`` / ``not_matching`` is the first and ``all_matching`` /
+    ``all_not_matching`` holds them all (empty: the one answer): contrast pairs read the first,
+    scores pool them all."""
 
     question: str
     matching: str
     not_matching: str
+    all_matching: tuple[str, ...] = ()
+    all_not_matching: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
         return "ab" if _LETTER.match(self.matching) else "yes_no"
 
+    def answers(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Every matching answer and every non-matching one."""
+        return tuple(self.all_matching) or (self.matching,), tuple(self.all_not_matching) or (self.not_matching,)
+
     def check(self) -> MWEItem:
-        """Raise ``ValueError`` unless the question is text and the two answers are Yes/No
-        opposites or two different choice letters (``" (C)"`` vs ``" (A)"`` included)."""
+        """Raise ``ValueError`` unless the question is text and the answers are Yes/No opposites
+        or different choice letters (``" (C)"`` vs ``" (A)"`` included; every listed one)."""
         if not isinstance(self.question, str) or not self.question.strip():
             raise ValueError(f"question must be a non-empty string, got {short_repr(self.question, 60)}")
-        (kind, first), (other_kind, second) = _answer_form(self.matching), _answer_form(self.not_matching)
-        if kind != other_kind or first == second:
+        matching, not_matching = self.answers()
+        forms = [[_answer_form(a) for a in side] for side in (matching, not_matching)]
+        kinds = {kind for side in forms for kind, _ in side}
+        firsts = {form for _, form in forms[0]}
+        if (len(kinds) != 1 or firsts & {form for _, form in forms[1]}
+                or (kinds == {"yes_no"} and len(matching) + len(not_matching) > 2)
+                or self.matching != matching[0] or self.not_matching != not_matching[0]):
             raise ValueError(
-                f"answers {self.matching!r} / {self.not_matching!r} must be ' Yes' / ' No' or two "
+                f"answers {self.matching!r} / {self.not_matching!r} must be ' Yes' / ' No' or "
                 "different choice letters"
+                + (f" (all listed: {list(matching)!r} / {list(not_matching)!r})"
+                   if len(matching) + len(not_matching) > 2 else "")
             )
         return self
+
+    @classmethod
+    def from_record(cls, row: dict) -> MWEItem:
+        """The item of a model-written-evals record (a dict as in the JSONL files), checked."""
+        matching = _answer_list(row["answer_matching_behavior"])
+        not_matching = _answer_list(row["answer_not_matching_behavior"])
+        return cls(row["question"], matching[0], not_matching[0],
+                   matching if len(matching) > 1 else (),
+                   not_matching if len(not_matching) > 1 else ()).check()
 
 
 def load_mwe(path, *, limit: int | None = None) -> list[MWEItem]:
@@ -259,8 +284,8 @@ def load_mwe(path, *, limit: int | None = None) -> list[MWEItem]:
     The file is JSONL, one item per line, as in Anthropic's evals repository, or one JSON array
     of items, as in CAA's ``datasets/*/*.json`` (UTF-8, a byte-order mark allowed). Each item
     needs ``question``, ``answer_matching_behavior`` and ``answer_not_matching_behavior``
-    (``" Yes"`` / ``" No"``, ``" (A)"`` / ``"(B)"`` / ``" (C)"`` ..., or lists of those: the first
-    is read). Raises ``FileNotFoundError`` / ``ValueError`` naming the path and the line (JSONL)
+    (``" Yes"`` / ``" No"``, ``" (A)"`` / ``"(B)"`` / ``" (C)"`` ..., or lists of those: see
+    :class:`MWEItem`). Raises ``FileNotFoundError`` / ``ValueError`` naming the path and the line (JSONL)
     or item (array).
     """
     path = Path(os.fspath(path))
@@ -271,8 +296,7 @@ def load_mwe(path, *, limit: int | None = None) -> list[MWEItem]:
     items = []
     for where, row in json_records(path):
         try:
-            item = MWEItem(row["question"], _first(row["answer_matching_behavior"]),
-                           _first(row["answer_not_matching_behavior"])).check()
+            item = MWEItem.from_record(row)
         except (ValueError, KeyError, TypeError, IndexError) as error:
             raise ValueError(
                 f"{str(path)!r} {where} is not a model-written-evals item (needs "
@@ -338,8 +362,7 @@ def _as_item(entry, index: int) -> MWEItem:
         if isinstance(entry, MWEItem):
             return entry.check()
         if isinstance(entry, dict):
-            return MWEItem(entry["question"], _first(entry["answer_matching_behavior"]),
-                           _first(entry["answer_not_matching_behavior"])).check()
+            return MWEItem.from_record(entry)
         raise TypeError(f"expected an MWEItem or a dict row, got {type(entry).__name__}")
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(
@@ -348,13 +371,13 @@ def _as_item(entry, index: int) -> MWEItem:
         ) from None
 
 
-def _first(answer):
-    """Some model-written-evals files list several answers: the first one is read."""
+def _answer_list(answer) -> tuple:
+    """A record's answer as a tuple: some model-written-evals files list several answers."""
     if isinstance(answer, list):
         if not answer:
             raise ValueError("an answer list is empty")
-        return answer[0]
-    return answer
+        return tuple(answer)
+    return (answer,)
 
 
 def split_items(items: list, held_out: float = 0.2, seed: int = 0) -> tuple[list, list]:
@@ -411,11 +434,19 @@ def mwe_eval_prompts(items: list[MWEItem]) -> list[dict]:
     ``choices`` is ``("Yes", "No")`` or the item's two letters in alphabetical order (``("A",
     "B")``, or ``("A", "C")`` for an item whose answers are " (C)" / " (A)"); ``label`` is +1
     when the first choice matches the behaviour, -1 otherwise (so ``label * (log p(first) -
-    log p(second))`` rises when the model moves toward the behaviour). Raises ``ValueError``
-    naming the item when its answers are not Yes/No or two different letters."""
+    log p(second))`` rises when the model moves toward the behaviour). An item listing several
+    answers for a side (``[" (B)", " (C)"]``) stays a model-written-evals record
+    ``{"question", "answer_matching_behavior", "answer_not_matching_behavior"}`` with its
+    lists, which ``evaluate`` scores pooling each side's letters. Raises ``ValueError`` naming
+    the item when its answers are not Yes/No or different letters."""
     prompts = []
     for index, item in enumerate(items):
         item = _as_item(item, index)
+        matching_all, not_matching_all = item.answers()
+        if len(matching_all) + len(not_matching_all) > 2:
+            prompts.append({"question": item.question, "answer_matching_behavior": list(matching_all),
+                            "answer_not_matching_behavior": list(not_matching_all)})
+            continue
         kind, matching = _answer_form(item.matching)
         if kind == "ab":
             choices = tuple(sorted((matching, _answer_form(item.not_matching)[1])))

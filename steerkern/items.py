@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from steerkern.data import render_prompt
+from steerkern.data import MWEItem, render_prompt
 
 YES_NO = ("yes", "no")
 LETTER_PREFIX = "("  # the reply opened before a letter answer, so the next token is the letter
@@ -144,7 +144,11 @@ def binary_items(tokenizer, prompts) -> list[BinaryItem]:
 
 
 def _item(entry, variants) -> BinaryItem:
-    if all(hasattr(entry, a) for a in ("question", "matching", "not_matching")):  # data.MWEItem
+    if isinstance(entry, MWEItem):
+        matching, not_matching = entry.answers()
+        entry = {"question": entry.question, "answer_matching_behavior": list(matching),
+                 "answer_not_matching_behavior": list(not_matching)}
+    elif all(hasattr(entry, a) for a in ("question", "matching", "not_matching")):  # an item-like object
         entry = {"question": entry.question, "answer_matching_behavior": entry.matching,
                  "answer_not_matching_behavior": entry.not_matching}
     if not isinstance(entry, Mapping):

@@ -140,6 +140,35 @@ def test_mwe_reader_pairs_and_eval_prompts(tmp_path, tokenizer):
         load_mwe(tmp_path / "missing.jsonl")
 
 
+def test_items_listing_several_answers_score_alike_from_a_file_or_records(tmp_path, tokenizer):
+    """An item whose answers are lists: the contrast pair reads the first, scoring pools every
+    listed letter, whether the item comes from load_mwe, a raw record or mwe_eval_prompts."""
+    from steerkern.items import binary_items
+
+    record = {"question": "Which?\n (A) x\n (B) y\n (C) z", "answer_matching_behavior": [" (B)", " (C)"],
+              "answer_not_matching_behavior": " (A)"}
+    path = tmp_path / "lists.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    item = load_mwe(path)[0]
+    assert (item.matching, item.not_matching) == (" (B)", " (A)")
+    assert item.answers() == ((" (B)", " (C)"), (" (A)",))
+    assert mwe_pairs([item], tokenizer)[0][0].endswith("(B")
+    from_file, from_record, from_prompt = (binary_items(tokenizer, [x])[0]
+                                           for x in (item, record, mwe_eval_prompts([item])[0]))
+    assert from_file == from_record == from_prompt
+    pooled = set(tokenizer.convert_ids_to_tokens(list(from_file.positive)))
+    assert {"B", "C"} <= pooled and "A" not in pooled
+    with pytest.raises(ValueError, match="different choice letters"):
+        load_mwe(_lines(tmp_path / "overlap.jsonl", {**record, "answer_not_matching_behavior": [" (A)", " (C)"]}))
+    with pytest.raises(ValueError, match="Yes"):
+        load_mwe(_lines(tmp_path / "mixed.jsonl", {**record, "answer_not_matching_behavior": [" (A)", " No"]}))
+
+
+def _lines(path, *records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
 def test_mwe_reader_on_published_files():
     persona = sorted((SHARED / "mwe_persona").glob("*.jsonl"))[0]
@@ -201,8 +230,11 @@ def test_mwe_letters_beyond_a_and_b(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     items = load_mwe(path)
     prompts = mwe_eval_prompts(items)
-    assert [p["choices"] for p in prompts] == [("A", "C"), ("A", "B"), ("Yes", "No")]
-    assert [p["label"] for p in prompts] == [-1, 1, -1]
+    assert [prompts[i]["choices"] for i in (0, 2)] == [("A", "C"), ("Yes", "No")]
+    assert [prompts[i]["label"] for i in (0, 2)] == [-1, -1]
+    # Q2 lists two non-matching letters: it stays a record, scored pooling (B) and (C)
+    assert prompts[1] == {"question": rows[1]["question"], "answer_matching_behavior": ["(A)"],
+                          "answer_not_matching_behavior": ["(B)", "(C)"]}
     assert mwe_pairs(items).pairs[0] == ("Q1\n\nChoices:\n (A) x\n (B) y\n (C) z\nAnswer: (C",
                                          rows[0]["question"] + "\nAnswer: (A")
     # raw JSON rows work as items too (they used to fail with AttributeError)
@@ -274,7 +306,8 @@ def test_mwe_reader_reads_caa_json_arrays(tmp_path):
         (rows[0]["question"], "(B)", "(A)"), (rows[1]["question"], " Yes", " No"),
         (rows[2]["question"], "(C)", "(A)")]
     prompts = mwe_eval_prompts(items)
-    assert [(p["choices"], p["label"]) for p in prompts] == [(("A", "B"), -1), (("Yes", "No"), 1), (("A", "C"), -1)]
+    assert [(p["choices"], p["label"]) for p in prompts[:2]] == [(("A", "B"), -1), (("Yes", "No"), 1)]
+    assert prompts[2]["answer_not_matching_behavior"] == ["(A)", "(B)"]  # both pooled when scored
     assert [i.question for i in load_mwe(path, limit=2)] == [rows[0]["question"], rows[1]["question"]]
     assert make_pairs(mwe=path).concept == "generate_dataset" and len(make_pairs(mwe=path)) == 3
     bad = tmp_path / "bad.json"
