@@ -340,6 +340,7 @@ def _resolve_dtype(dtype):
 def _load_pretrained(source, name: str | None, options: dict):
     """``(model, tokenizer)`` from ``source``, every failure a :class:`ModelLoadError` that says
     whether the tokenizer or the model failed, and what to do about it."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     call = f"load_model(name={name!r})"
@@ -366,7 +367,7 @@ def _load_pretrained(source, name: str | None, options: dict):
     except ImportError as error:  # remote code or an attention backend needing another package
         raise ModelLoadError(f"{call}: cannot load the model ({_first_line(error)}): install the "
                              "library it names") from None
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
         given = {key: value for key, value in options.items()
                  if key not in ("dtype", "torch_dtype") or value not in ("auto", torch.float32)}
         if given:

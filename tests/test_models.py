@@ -237,6 +237,18 @@ def save_checkpoint(directory, arch="gpt2", dtype=torch.float32, tokenizer=True)
     return directory
 
 
+def test_corrupt_weights_are_a_load_error(tmp_path):
+    """Damaged safetensors weights (a header of garbage, a truncated file) fail as
+    ModelLoadError naming the model, not as safetensors' own exception."""
+    directory = save_checkpoint(tmp_path / "damaged")
+    weights = directory / "model.safetensors"
+    original = weights.read_bytes()
+    for damaged in (b"\xff" * len(original), original[: len(original) // 2]):
+        weights.write_bytes(damaged)
+        with pytest.raises(ModelLoadError, match="cannot load the model"):
+            load_model(str(directory))
+
+
 @pytest.fixture(scope="module")
 def own_checkpoint(tmp_path_factory):
     """A tiny GPT-2 saved in float16 with its tokenizer."""
