@@ -352,6 +352,7 @@ class _Adapter:
 # --- public -------------------------------------------------------------------------------------
 
 
+@torch.inference_mode(False)  # trains also when called under inference_mode() (as under no_grad())
 def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank: int = 4,
                   target: str = RESIDUAL, steps: int = 100, lr: float = 3e-3, batch_size: int = 4,
                   n_last: int = 4, tau: float = 0.5, kind: str = "log_barrier", kappa: float = 1.0,

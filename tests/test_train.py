@@ -389,8 +389,8 @@ def test_logits_transformed_beyond_a_factor_are_refused(tiny_model_factory):
 
 def test_gradient_accumulation_is_refused_and_no_grad_is_no_obstacle(tiny_model_factory):
     """train_adapter steps its optimizer every batch: an accelerator set to accumulate would be
-    silently ignored, so it is refused (raise batch_size instead). Called under no_grad() it
-    trains as usual."""
+    silently ignored, so it is refused (raise batch_size instead). Called under no_grad() or
+    inference_mode() it trains as usual."""
     from accelerate import Accelerator
 
     model = tiny_model_factory("llama")
@@ -404,4 +404,7 @@ def test_gradient_accumulation_is_refused_and_no_grad_is_no_obstacle(tiny_model_
         got = train_adapter(model, ToyTokenizer(), PAIRS, **args)
     history = lambda vector: vector.metadata["loss_history"]  # noqa: E731
     assert history(got) == pytest.approx(history(expected)) and len(history(got)) == 2
+    with torch.inference_mode():
+        got = train_adapter(model, ToyTokenizer(), PAIRS, **args)
+    assert history(got) == pytest.approx(history(expected))
     assert_unchanged(model, before)
