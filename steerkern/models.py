@@ -118,6 +118,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def cache_entry_name(gguf_path: Path) -> str:
+    """The cache directory's name for a converted GGUF: the model, the file's SHA-256 and
+    transformers' major version (4.x cannot read the tokenizer files 5.x writes)."""
+    import transformers
+
+    major = transformers.__version__.split(".")[0]
+    return f"{DEFAULT_MODEL_NAME}-{_sha256(gguf_path)[:16]}-transformers{major}"
+
+
 def _cache_is_complete(directory: Path) -> bool:
     """A cache entry is complete when its manifest exists and every file has the recorded size."""
     manifest = directory / "steerkern_manifest.json"
@@ -212,10 +221,7 @@ def default_model_path(*, rebuild: bool = False) -> Path:
     """
     gguf_path = default_model_file()
     directory = cache_dir()
-    import transformers
-
-    major = transformers.__version__.split(".")[0]
-    target = directory / f"{DEFAULT_MODEL_NAME}-{_sha256(gguf_path)[:16]}-transformers{major}"
+    target = directory / cache_entry_name(gguf_path)
     if not rebuild and _cache_is_complete(target):
         return target
     from filelock import FileLock

@@ -407,7 +407,7 @@ def test_concurrent_conversions_convert_once(small_gguf, monkeypatch):
     monkeypatch.setattr(models, "_convert_default_model", _fake_conversion(calls, delay=0.3))
     cache = models.cache_dir()
     cache.mkdir(parents=True)
-    name = f"{models.DEFAULT_MODEL_NAME}-{models._sha256(small_gguf)[:16]}"
+    name = models.cache_entry_name(small_gguf)
     stale = cache / (name + ".partial-killed")
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
