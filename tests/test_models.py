@@ -505,13 +505,7 @@ def test_eval_mode_sets_flags_without_calling_train():
     without calling ``eval()`` / ``train()``, which a module may override to do more (loralib's
     LoRA layers merge their update into the weight on ``eval()``)."""
     from steerkern.models import eval_mode
-
-    class MergesOnEval(torch.nn.Linear):
-        def train(self, mode=True):
-            if not mode and self.training:
-                with torch.no_grad():
-                    self.weight.add_(1.0)
-            return super().train(mode)
+    from tests.tiny_models import MergesOnEval
 
     model = torch.nn.Sequential(MergesOnEval(4, 4), torch.nn.Dropout(0.5)).train()
     model[1].eval()

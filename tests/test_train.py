@@ -8,6 +8,7 @@ from steerkern.control import steer
 from steerkern.models import decoder_layers
 from steerkern.train import train_adapter
 from tests.hooks import steerkern_hook_count
+from tests.tiny_models import MergesOnEval
 
 
 class ToyTokenizer:
@@ -230,16 +231,6 @@ def test_error_mid_training_restores_model(tiny_model_factory, monkeypatch):
     finally:
         model.model.embed_tokens.weight.requires_grad_(True)
         model.eval()
-
-
-class MergesOnEval(torch.nn.Linear):
-    """A LoRA-style layer (as loralib's): ``eval()`` merges its update into the weight."""
-
-    def train(self, mode=True):
-        if not mode and self.training:
-            with torch.no_grad():
-                self.weight.add_(1.0)
-        return super().train(mode)
 
 
 def test_a_module_whose_train_does_more_than_set_its_flag_is_left_alone(tiny_model_factory):

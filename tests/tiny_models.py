@@ -84,3 +84,13 @@ def skip_if_rows_couple(model, name: str) -> None:
         pytest.skip(f"{name} under transformers {transformers.__version__} couples the rows of "
                     f"a batch ({(alone - batch).abs().max():.1e} between a row alone and in "
                     "the batch): steering one row moves the others")
+
+
+class MergesOnEval(torch.nn.Linear):
+    """A LoRA-style layer (as loralib's): ``eval()`` merges its update into the weight."""
+
+    def train(self, mode=True):
+        if not mode and self.training:
+            with torch.no_grad():
+                self.weight.add_(1.0)
+        return super().train(mode)
