@@ -256,8 +256,8 @@ class MWEItem:
         matching, not_matching = self.answers()
         forms = [[_answer_form(a) for a in side] for side in (matching, not_matching)]
         kinds = {kind for side in forms for kind, _ in side}
-        firsts = {form for _, form in forms[0]}
-        if (len(kinds) != 1 or firsts & {form for _, form in forms[1]}
+        matching_forms = {form for _, form in forms[0]}
+        if (len(kinds) != 1 or matching_forms & {form for _, form in forms[1]}
                 or (kinds == {"yes_no"} and len(matching) + len(not_matching) > 2)
                 or self.matching != matching[0] or self.not_matching != not_matching[0]):
             raise ValueError(
