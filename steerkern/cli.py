@@ -540,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use at most this many prompts (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sample (0: skip ΔNLL)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="rows per forward pass (default: all rows in one, split only where memory asks)")
+                   help="most rows per forward pass (default: as many as fit memory; on CPU, scoring "
+                        "passes of about 4096 prompt tokens)")
     p.add_argument("--positions", default="all", choices=("all", "prompt", "generated"),
                    help="tokens steered: all, only the prompt's, or only the generated ones")
     p.add_argument("--out", metavar="DIR", default=None,

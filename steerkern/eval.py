@@ -201,9 +201,10 @@ def evaluate(model, tokenizer, vector, *, coeffs=DEFAULT_COEFFS, prompts=None, m
             samples; 0 skips generation.
         batch_size: most rows per forward pass / generate call (default ``None``: all ``C * P``
             scoring rows in one batch, all ``C * G`` generation rows in another (``G`` more,
-            unsteered, when 0 is not among ``coeffs``: ΔNLL needs them), split
-            into equal passes only where the estimated memory would pass half the free memory,
-            ``steerkern.memory``).
+            unsteered, when 0 is not among ``coeffs``: ΔNLL needs them), split where the
+            estimated memory would pass half the free memory (``steerkern.memory``) and, on
+            CPU, scoring passes past about 4096 padded prompt tokens). Passes hold whole
+            prompts (every coefficient of each) of similar lengths (``steerkern.passes``).
         gen_prompts: ``[G]`` open-ended prompts for coherence (default ``DEFAULT_GEN_PROMPTS``).
         positions: "all", "prompt" or "generated" (as in ``steer``). When scoring,
             "generated" steers only the answer position (the last prompt token, whose output

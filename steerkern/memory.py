@@ -3,9 +3,9 @@
 A sweep of ``C`` coefficients over ``P`` prompts is one batch of ``C * P`` rows when it fits,
 which it does for every shipped concept; a whole model-written-evals file (1000 items x 5
 coefficients) does not: its KV cache alone would take tens of GiB on the default model. The
-estimate here lets ``batch_size=None`` mean "as many rows as fit": the rows are split into as
-few, equal passes as keep the estimated peak under a fraction of the free memory of the device
-the inputs go to.
+estimate here lets ``batch_size=None`` mean "as many rows as fit": no pass's estimated peak
+goes over a fraction of the free memory of the device the inputs go to (how the rows are then
+cut into passes: :mod:`steerkern.passes`).
 
 Per row of ``T`` tokens (prompt and generated) whose last ``keep`` positions' logits are read:
 
@@ -23,8 +23,6 @@ model (research_notes.md, 2026-11-30 session 6), where the plain sum was 1.7-1.9
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -78,16 +76,8 @@ def free_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def rows_per_pass(model: nn.Module, total: int, tokens: int, keep: int = 1,
-                  batch_size: int | None = None) -> int:
-    """Rows per pass for ``total`` rows: ``batch_size`` when given, else the rows split into as
-    few equal passes as keep ``row_bytes * rows`` under ``MEMORY_FRACTION`` of the free memory
-    (at least one row per pass)."""
-    if total < 1:
-        return 1
-    if batch_size:
-        return batch_size
+def rows_that_fit(model: nn.Module, tokens: int, keep: int = 1) -> int:
+    """Most rows of ``tokens`` tokens one pass can hold: ``row_bytes * rows`` under
+    ``MEMORY_FRACTION`` of the free memory of the device the inputs go to (at least 1)."""
     budget = MEMORY_FRACTION * free_bytes(input_device(model))
-    fit = max(1, int(budget // max(row_bytes(model, tokens, keep), 1)))
-    passes = math.ceil(total / fit)
-    return math.ceil(total / passes)
+    return max(1, int(budget // max(row_bytes(model, tokens, keep), 1)))

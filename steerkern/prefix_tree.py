@@ -135,19 +135,23 @@ def tree_tokens(segments: list[Segment]) -> int:
 PASS_COST_TOKENS = 16
 
 
-def pack_by_length(lengths: list[int], max_rows: int, pass_cost: int = PASS_COST_TOKENS) -> list[list[int]]:
+def pack_by_length(lengths: list[int], max_rows: int, pass_cost: float = PASS_COST_TOKENS,
+                   max_tokens: int | None = None) -> list[list[int]]:
     """Batches of indices into ``lengths`` for left-padded forward passes, minimising the padded
     tokens ``sum_b rows_b * max_len_b`` plus ``pass_cost`` token-equivalents per pass, with at
-    most ``max_rows`` rows each. Exact: a batch holds a contiguous run of the length-sorted
-    order in some optimal packing, so a dynamic program over that order finds one in
-    ``O(n max_rows)``."""
+    most ``max_rows`` rows each and, given ``max_tokens``, at most ``max(1, max_tokens //
+    max_len_b)`` rows (padded tokens ``rows_b * max_len_b <= max_tokens`` unless one row alone
+    exceeds it). Exact: a batch holds a contiguous run of the length-sorted order in some
+    optimal packing, so a dynamic program over that order finds one in ``O(n max_rows)``.
+    The sort is stable: indices of equal lengths keep their order."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n = len(order)
     best = [0] + [float("inf")] * n  # best[i]: cost of packing the i shortest
     cut = [0] * (n + 1)
     for end in range(1, n + 1):
         width = lengths[order[end - 1]]
-        for begin in range(max(0, end - max_rows), end):
+        rows = max_rows if max_tokens is None else min(max_rows, max(1, max_tokens // max(width, 1)))
+        for begin in range(max(0, end - rows), end):
             cost = best[begin] + pass_cost + (end - begin) * width
             if cost < best[end]:
                 best[end], cut[end] = cost, begin

@@ -6,8 +6,10 @@ NLL under the unsteered model. An *arm* is a ``(slot, coeff)`` pair: the row is 
 **One batch per sweep.** Sweeping P prompts over C coefficients is one batch of ``C * P`` rows:
 row ``(j, p)`` is prompt ``p`` with its own coefficient ``c_j`` (and, in ``steerkern.compare``,
 its own vector slot), through ``steer(model, vectors, slots=..., coeff=...)``. A batch too big for
-memory (a whole model-written-evals file) is split into as few equal passes as fit
-(``steerkern.memory``); ``batch_size`` sets the rows per pass by hand.
+memory (a whole model-written-evals file; ``steerkern.memory``), or on CPU a scoring batch
+past about ``CPU_PASS_TOKENS`` padded tokens, runs in passes of whole prompts (every arm of
+each) of similar lengths, each padded to its own longest prompt (``steerkern.passes``);
+``batch_size`` caps the rows per pass by hand.
 
 **Shared prefill.** The rows of a sweep repeat work: every chat-rendered prompt starts with
 the same template tokens, and when only generated tokens (or, when scoring, only the answer
@@ -23,18 +25,22 @@ plain batch up to float rounding.
 prompt token's next-token log-probabilities).
 
 **NLL** of a generation: the mean negative log-likelihood per generated token under the
-unsteered model, up to and including the first end-of-sequence token.
+unsteered model, up to and including the first end-of-sequence token. The forward stops at the
+output head and the log-probs are read from the final hidden states (:mod:`steerkern.head`),
+without the ``[rows, tokens, vocab]`` logits (full logits only for models that soft-cap them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 
 import numpy as np
 import torch
 
+from steerkern.head import IGNORE, FinalHidden, head_logprobs, head_matrix, logit_scale, output_head
 from steerkern.items import BinaryItem, render
 from steerkern.kvcache import (
     cache_argument,
@@ -44,8 +50,9 @@ from steerkern.kvcache import (
     reserve_columns,
     select_rows,
 )
-from steerkern.memory import rows_per_pass
+from steerkern.memory import rows_that_fit
 from steerkern.models import input_device
+from steerkern.passes import Pass, plan_passes
 from steerkern.prefill import SharedPrompt, forward_rest, shared_prefill
 from steerkern.tokens import check_fits_positions, short_repr, text_token_ids
 from steerkern.trunk import lowest_steered_layer
@@ -126,13 +133,31 @@ def _share(model, tokenizer, vectors, ids, mask, prompt_index, slots: list[int],
                           unsteered_layers=lowest_steered_layer(vectors, slots))
 
 
-def _chunks(model, total: int, batch_size: int | None, tokens: int, keep: int = 1):
-    """``(start, stop)`` of each pass over ``total`` rows of ``tokens`` tokens: ``batch_size``
-    rows at a time, or with ``None`` as few equal passes as fit memory (all rows in one for
-    typical sweeps; ``steerkern.memory``)."""
-    step = rows_per_pass(model, total, tokens, keep, batch_size)
-    for start in range(0, total, step):
-        yield start, min(start + step, total)
+# Padded prompt tokens per scoring pass on CPU when ``batch_size`` is not given: bigger passes
+# run the same FLOPs slower there (research_notes.md, 2026-12-01 session 12).
+CPU_PASS_TOKENS = 4096
+
+
+def _plan(model, lengths: list[int], arms: int, batch_size: int | None, *, extra: int = 0,
+          keep: int = 1, token_budget: bool = False) -> list[Pass]:
+    """The passes of ``len(lengths)`` prompts x ``arms`` arms (:mod:`steerkern.passes`): at most
+    ``batch_size`` rows each, or with ``None`` as many as fit memory (rows of the longest prompt
+    plus ``extra`` tokens, reading ``keep`` positions' logits: ``steerkern.memory``), and with
+    ``token_budget`` on CPU about ``CPU_PASS_TOKENS`` padded prompt tokens."""
+    if batch_size:
+        return plan_passes(lengths, arms, max_rows=batch_size)
+    max_rows = rows_that_fit(model, max(lengths, default=1) + extra, keep)
+    on_cpu = token_budget and input_device(model).type == "cpu"
+    return plan_passes(lengths, arms, max_rows=max_rows, max_tokens=CPU_PASS_TOKENS if on_cpu else None)
+
+
+def _pass_prompts(ids, mask, part: Pass) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids, mask, prompt_index)`` of one pass: its prompts ``[P', W]`` left-padded to their own
+    longest (``W``), and ``[R]`` the index among them of each of the pass's rows."""
+    pick = torch.tensor(part.prompts, device=ids.device)
+    width = int(mask[pick].sum(-1).max())
+    prompt_index = torch.arange(len(part.prompts), device=ids.device).repeat_interleave(len(part.arms))
+    return ids[pick, -width:], mask[pick, -width:], prompt_index
 
 
 def _bar(total: int, desc: str, enabled: bool, unit: str = "row"):
@@ -168,14 +193,13 @@ def score_rows(model, tokenizer, vectors, items: list[BinaryItem], arms, *, batc
     check_fits_positions(model, mask.sum(-1).tolist(), lambda i: f"prompts[{i}] {short_repr(items[i].question)}",
                          fix="shorten the question")
     count = len(items)
-    rows = [(a, p) for a in range(len(arms)) for p in range(count)]
     scores = np.empty((len(arms), count), dtype=np.float64)
-    with _bar(len(rows), "scoring", progress) as bar:
-        for start, stop in _chunks(model, len(rows), batch_size, ids.shape[1]):
-            chunk = rows[start:stop]
-            prompt_index = torch.tensor([p for _, p in chunk], device=ids.device)
+    with _bar(len(arms) * count, "scoring", progress) as bar:
+        for part in _plan(model, mask.sum(-1).tolist(), len(arms), batch_size, token_budget=True):
+            chunk = part.rows
+            pids, pmask, prompt_index = _pass_prompts(ids, mask, part)
             slots, coeffs = [arms[a][0] for a, _ in chunk], [arms[a][1] for a, _ in chunk]
-            shared = _share(model, tokenizer, vectors, ids, mask, prompt_index, slots, coeffs,
+            shared = _share(model, tokenizer, vectors, pids, pmask, prompt_index, slots, coeffs,
                             positions) if share_prefill else None
             if shared is not None:
                 # what is left to run: the suffixes (prompt steered, "all"/"prompt") or the
@@ -183,7 +207,7 @@ def score_rows(model, tokenizer, vectors, items: list[BinaryItem], arms, *, batc
                 with _steering(model, vectors, slots, coeffs, "all"):
                     logits = forward_rest(model, shared, shared.ids, shared.mask, keep=1)[:, -1]
             else:
-                cids, cmask = ids[prompt_index], mask[prompt_index]
+                cids, cmask = pids[prompt_index], pmask[prompt_index]
                 where = positions
                 if positions == "generated":
                     where = torch.zeros_like(cmask, dtype=torch.bool)
@@ -403,6 +427,42 @@ def _sweep_sharing_first_token(model, tokenizer, vectors, ids, mask, prompt_inde
     return new[:, :1 + rest.shape[1]]
 
 
+def _fused_head(model, ids, mask) -> tuple[torch.nn.Module, torch.Tensor] | None:
+    """``(head, W)`` for the NLL's fused log-probs (:mod:`steerkern.head`), the model's logit
+    factor measured on the shortest of the ``[P, T]`` prompts; ``None`` when the model has no
+    usable head or transforms its logits beyond a constant factor (soft-capping): its NLL then
+    reads full logits."""
+    try:
+        head = output_head(model, "the sweep's NLL")
+        shortest = int(mask.sum(-1).argmin())
+        width = int(mask[shortest].sum())
+        one_ids, one_mask = ids[shortest:shortest + 1, -width:], mask[shortest:shortest + 1, -width:]
+        return head, head_matrix(head, logit_scale(model, head, one_ids, one_mask, positions_from_mask(one_mask)))
+    except ValueError:
+        return None
+
+
+def _generated_logprobs(run, fused_head, new: torch.Tensor, gen_mask: torch.Tensor) -> torch.Tensor:
+    """``[R, N]`` log-probs of the generated tokens ``new`` (0 where ``gen_mask`` is False) from
+    ``run(keep=keep)``, the forward over prompt and generation that returns the logits of the last
+    ``keep`` positions. With ``fused_head`` (:func:`_fused_head`) the forward stops at the
+    head's input and the log-probs never build ``[R, N, V]`` logits
+    (:func:`steerkern.head.head_logprobs`); else (or when the forward never calls the head)
+    they are read from the logits."""
+    keep = new.shape[1] + 1
+    labels = new.masked_fill(~gen_mask, IGNORE)
+    if fused_head is not None:
+        head, W = fused_head
+        with FinalHidden(head) as final:
+            logits = run(keep=keep)
+        if final.h is not None:
+            return head_logprobs(final.h[:, -keep:], W, labels)
+    else:
+        logits = run(keep=keep)
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, new[..., None])[..., 0].masked_fill(~gen_mask, 0.0)
+
+
 @torch.no_grad()
 def generate_rows(model, tokenizer, vectors, prompts: list[str], arms, *, max_new_tokens=48,
                   batch_size=None, positions="all", progress=False, share_prefill=True):
@@ -427,35 +487,35 @@ def generate_rows(model, tokenizer, vectors, prompts: list[str], arms, *, max_ne
     check_fits_positions(model, mask.sum(-1).tolist(), lambda i: f"generation prompt {short_repr(prompts[i])}",
                          extra=max_new_tokens, fix="shorten the prompt or lower max_new_tokens")
     count = len(prompts)
-    rows = [(a, g) for a in range(len(arms)) for g in range(count)]
     eos = torch.tensor(_eos_ids(model, tokenizer), device=device)
     config = _greedy_config(model, tokenizer, max_new_tokens)
     texts = [[""] * count for _ in arms]
     nll = np.empty((len(arms), count), dtype=np.float64)
-    for start, stop in _chunks(model, len(rows), batch_size, ids.shape[1] + max_new_tokens,
-                               keep=max_new_tokens + 1):
-        chunk = rows[start:stop]
-        index = torch.tensor([g for _, g in chunk], device=device)
+    nll_head = _fused_head(model, ids, mask) if count and arms else None
+    for part in _plan(model, mask.sum(-1).tolist(), len(arms), batch_size, extra=max_new_tokens,
+                      keep=1 if nll_head is not None else max_new_tokens + 1):
+        chunk = part.rows
+        pids, pmask, index = _pass_prompts(ids, mask, part)
         slots, coeffs = [arms[a][0] for a, _ in chunk], [arms[a][1] for a, _ in chunk]
-        cids, cmask = ids[index], mask[index]
+        cids, cmask = pids[index], pmask[index]
         with _bar(max_new_tokens, f"generating {len(chunk)} rows", progress, unit="tok") as bar:
-            new = sweep_generate(model, tokenizer, vectors, ids, mask, index, slots, coeffs,
+            new = sweep_generate(model, tokenizer, vectors, pids, pmask, index, slots, coeffs,
                                  config=config, positions=positions, share_prefill=share_prefill,
                                  logits_processor=[_StepBar(bar)] if progress else None)
         is_eos = torch.isin(new, eos) if eos.numel() else torch.zeros_like(new, dtype=torch.bool)
         # keep tokens up to and including the first EOS
         gen_mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
-        unsteered = _share(model, tokenizer, vectors, ids, mask, index, [-1] * len(chunk),
+        unsteered = _share(model, tokenizer, vectors, pids, pmask, index, [-1] * len(chunk),
                            [0.0] * len(chunk), "all", new.shape[1]) if share_prefill else None
         if unsteered is not None:
             full_ids = torch.cat([unsteered.ids, new], dim=1)
             full_mask = torch.cat([unsteered.mask, gen_mask.to(unsteered.mask.dtype)], dim=1)
-            logits = forward_rest(model, unsteered, full_ids, full_mask, keep=new.shape[1] + 1)[:, :-1]
+            run = functools.partial(forward_rest, model, unsteered, full_ids, full_mask)
         else:
             full_ids = torch.cat([cids, new], dim=1)
             full_mask = torch.cat([cmask, gen_mask.to(cmask.dtype)], dim=1)
-            logits = _forward_logits(model, full_ids, full_mask, keep=new.shape[1] + 1)[:, :-1]
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, new[..., None])[..., 0]
+            run = functools.partial(_forward_logits, model, full_ids, full_mask)
+        logp = _generated_logprobs(run, nll_head, new, gen_mask)
         weights = gen_mask.float()
         row_nll = (-(logp * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)).cpu()
         for row, (a, g) in enumerate(chunk):

@@ -17,7 +17,7 @@ One training step on a batch of ``B`` (chosen, rejected) pairs:
    ones at ``c = -1``, ``steerkern.ops.token_logprobs(h_final, W_head, next_tokens)`` (fused,
    never ``[N, V]``), against the reference log-probs of the same tokens. ``W_head`` includes
    the constant factor some models apply to the head's output (Cohere's ``logit_scale``,
-   Granite's ``1 / logits_scaling``), measured once on one text (``_logit_scale``).
+   Granite's ``1 / logits_scaling``), measured once on one text (:mod:`steerkern.head`).
 3. **Loss**: :func:`steerkern.loss.inner_contrastive_loss` with the reference (unsteered, frozen)
    loss-layer states and the frozen unit direction ``u``. By default its bounded form: the
    projection reward ``-m tanh(z / m)`` (``projection="tanh"``) of the shift
@@ -51,6 +51,7 @@ import torch
 
 from steerkern.control import SteeringBank, first_tensor
 from steerkern.data import as_pairs, pair_text_name
+from steerkern.head import IGNORE, StopAtHead, head_logprobs, head_matrix, logit_scale, output_head
 from steerkern.kvcache import positions_from_mask
 from steerkern.loss import PENALTY_KINDS, PROJECTIONS, CoherenceInputs, inner_contrastive_loss
 from steerkern.models import (
@@ -70,11 +71,7 @@ from steerkern.models import (
 from steerkern.tokens import check_fits_positions, short_repr, text_token_ids
 from steerkern.vectors import SteeringVector
 
-IGNORE = -100
-
-
-class _StopAtHead(Exception):
-    """Raised by the output-head pre-hook once the final hidden state is captured."""
+COHERENCE = "train_adapter's per-token coherence term"
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -127,23 +124,6 @@ def _output_width(model, module, target: str) -> int:
         return hidden_size(model)
 
 
-def _output_head(model):
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ValueError(
-            f"{type(model).__name__} has no output head (get_output_embeddings()): train_adapter "
-            "needs a causal LM for the per-token coherence term"
-        )
-    config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
-    if getattr(config, "final_logit_softcapping", None):
-        raise ValueError(
-            "the model soft-caps its logits (config.final_logit_softcapping), which the fused "
-            "token log-probs do not model; the coherence term would be wrong for it"
-        )
-    return head
-
-
 # --- tokens -------------------------------------------------------------------------------------
 
 
@@ -194,8 +174,8 @@ class _Reader:
     def __init__(self, model, loss_layer: int, n_last: int):
         self.model, self.n_last = model, n_last
         self.loss_module = decoder_layers(model)[loss_layer]
-        self.head = _output_head(model)
-        self.head_weight = _head_matrix(self.head)
+        self.head = output_head(model, COHERENCE)
+        self.head_weight = head_matrix(self.head)
         self.handles: list = []
         self.h_loss = self.h_final = None
 
@@ -206,7 +186,7 @@ class _Reader:
 
         def read_final(module, args):
             self.h_final = args[0]
-            raise _StopAtHead
+            raise StopAtHead
 
         self.handles.append(self.loss_module.register_forward_hook(read_loss, with_kwargs=True))
         self.handles.append(self.head.register_forward_pre_hook(read_final))
@@ -222,7 +202,7 @@ class _Reader:
         self.h_loss = self.h_final = None
         try:
             self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-        except _StopAtHead:
+        except StopAtHead:
             pass
         if self.h_loss is None or self.h_final is None:
             raise RuntimeError("the forward pass did not reach the loss layer and the output head")
@@ -230,67 +210,6 @@ class _Reader:
             raise RuntimeError(f"the output head saw {tuple(self.h_final.shape)} hidden states, not "
                                f"every position of the {tuple(ids.shape)} batch")
         return self.h_loss, self.h_final
-
-
-def _head_matrix(head, scale: float = 1.0) -> torch.Tensor:
-    """The output head as one matrix, times the model's logit factor ``a``
-    (:func:`_logit_scale`): ``a W`` ``[V, D]``, or ``a [W | b]`` ``[V, D + 1]`` for a head with a
-    bias (GPT-J, Phi), so that ``[h, 1] @ (a [W | b])^T = a (W h + b)``, the model's logits."""
-    weight = head.weight.detach()
-    if getattr(head, "bias", None) is not None:
-        weight = torch.cat([weight, head.bias.detach().to(weight.dtype)[:, None]], dim=1)
-    return weight if scale == 1.0 else weight * scale
-
-
-@torch.no_grad()
-def _logit_scale(model, head, ids, mask, positions) -> float:
-    """The factor ``a`` with ``logits = a * head(h)`` for this model, measured on one pass.
-
-    Most causal LMs return the head's output as their logits (``a = 1``); some scale it after
-    the head: Cohere multiplies by ``config.logit_scale`` (0.0625 by default), Granite divides by
-    ``config.logits_scaling``. The coherence term must see the model's own distribution, so the
-    factor is folded into the head matrix. ``a`` is the least-squares fit
-    ``<logits, z> / <z, z>`` (``z`` the head's output), snapped to 1 within 1e-3; a model whose
-    logits are not such a multiple of ``z`` (soft-capping, an added bias) is refused.
-    """
-    seen = {}
-    handle = head.register_forward_hook(lambda module, args, output: seen.__setitem__("z", output))
-    try:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-    finally:
-        handle.remove()
-    logits = getattr(out, "logits", None)
-    z = seen.get("z")
-    if not isinstance(logits, torch.Tensor) or not isinstance(z, torch.Tensor) \
-            or logits.shape != z.shape:
-        raise ValueError(
-            f"{type(model).__name__}: could not compare its logits with its output head's output "
-            "(train_adapter needs logits = a * lm_head(h) for the per-token coherence term)")
-    tol = 1e-2 if z.dtype in (torch.float16, torch.bfloat16) else 1e-3  # relative, of max |logit|
-    logits, z = logits.double(), z.double()
-    if not bool(z.any()) and not bool(logits.any()):
-        return 1.0  # an all-zero head (any factor fits)
-    a = float((logits * z).sum() / (z * z).sum().clamp(min=1e-300))
-    if not (math.isfinite(a) and a > 0) or \
-            float((logits - a * z).abs().max()) > tol * max(float(logits.abs().max()), 1e-6):
-        raise ValueError(
-            f"{type(model).__name__} transforms its logits after the output head in a way other "
-            "than a constant factor (e.g. soft-capping); the fused token log-probs of the coherence "
-            "term cannot model it")
-    return 1.0 if abs(a - 1.0) <= 1e-3 else a
-
-
-def _logprobs(h_final: torch.Tensor, W: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token log-probs ``[R, W-1]`` (fp32) of ``labels`` from ``h_final [R, W, D]`` under the
-    head matrix ``W`` (:func:`_head_matrix`: ``[V, D]``, or ``[V, D + 1]`` with the bias)."""
-    from steerkern import ops
-
-    rows, width, dim = h_final.shape
-    flat = h_final[:, :-1, :].reshape(-1, dim)
-    if W.shape[1] == dim + 1:
-        flat = torch.cat([flat, flat.new_ones(flat.shape[0], 1)], dim=1)
-    return ops.token_logprobs(flat, W.to(flat.dtype), labels.reshape(-1),
-                              ignore_index=IGNORE).view(rows, width - 1)
 
 
 @torch.no_grad()
@@ -304,7 +223,7 @@ def _reference(reader, ids_list, pad_id, device, batch_size, progress):
     for chunk in tqdm(chunks, desc="train: reference", disable=not progress, leave=False):
         ids, mask, positions, labels = _left_pad([ids_list[i] for i in chunk], pad_id, device)
         h_loss, h_final = reader(ids, mask, positions)
-        logp = _logprobs(h_final, reader.head_weight, labels).float().cpu()
+        logp = head_logprobs(h_final, reader.head_weight, labels).float().cpu()
         for row, index in enumerate(chunk):
             h_ref[index] = h_loss[row].float().cpu()
             logp_ref[index] = logp[row, -(len(ids_list[index]) - 1):]
@@ -439,7 +358,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
     layer_list, loss_at = _check_layers(model, layers, loss_layer)
     for layer in layer_list:  # raises naming target
         first_tensor(resolve_module(model, layer, target), f"layer {layer}, target {target!r}")
-    _output_head(model)  # a model without a usable head fails here, before any work
+    output_head(model, COHERENCE)  # a model without a usable head fails here, before any work
     texts = [text for pair in pair_set.pairs for text in pair]
     ids_list = _encode(model, tokenizer, texts, n_last)
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else (
@@ -469,8 +388,8 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
         set_training_flags(model, False)
         shortest = min(ids_list, key=len)
         scale_ids, scale_mask, scale_pos, _ = _left_pad([shortest], pad_id, device)
-        reader.head_weight = _head_matrix(
-            reader.head, _logit_scale(model, reader.head, scale_ids, scale_mask, scale_pos))
+        reader.head_weight = head_matrix(
+            reader.head, logit_scale(model, reader.head, scale_ids, scale_mask, scale_pos))
         reader.attach()
         h_ref, logp_ref = _reference(reader, ids_list, pad_id, device, 4 * batch_size, show)
         reader.detach()
@@ -571,8 +490,8 @@ def _step(reader, bank, ids_list, h_ref, logp_ref, batch, pad_id, device, u, **l
     h_loss = h_loss.float()
     width = labels.shape[1]
     # coherence: chosen rows at c = +1 (rows 0..n-1), rejected rows at c = -1 (rows 3n..4n-1)
-    logp_pos = _logprobs(h_final[:n], reader.head_weight, labels[:n])
-    logp_neg = _logprobs(h_final[3 * n:], reader.head_weight, labels[3 * n:])
+    logp_pos = head_logprobs(h_final[:n], reader.head_weight, labels[:n])
+    logp_neg = head_logprobs(h_final[3 * n:], reader.head_weight, labels[3 * n:])
     ref_pos = _right_align([logp_ref[2 * i] for i in batch], width, 0.0).to(device)
     ref_neg = _right_align([logp_ref[2 * i + 1] for i in batch], width, 0.0).to(device)
     ref_states = (torch.stack([h_ref[2 * i] for i in batch]).to(device),

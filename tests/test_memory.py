@@ -34,18 +34,14 @@ def test_row_bytes_reads_the_architecture(tiny_model_factory):
         assert memory.row_bytes(llama, 64, 1) < memory.row_bytes(tiny_model_factory("gpt2"), 64, 1) * 4
 
 
-def test_rows_per_pass_splits_into_equal_passes(monkeypatch, tiny_model_factory):
+def test_rows_that_fit_divides_the_budget(monkeypatch, tiny_model_factory):
     model = tiny_model_factory("llama")
     per_row = memory.row_bytes(model, 10, 1)
     monkeypatch.setattr(memory, "free_bytes", lambda device: int(3.5 * per_row / memory.MEMORY_FRACTION))
-    assert memory.rows_per_pass(model, 10, 10) == 3  # 3 fit: ceil(10 / 3) = 4 passes of <= 3
-    assert memory.rows_per_pass(model, 8, 10) == 3  # 3 passes of 3, 3, 2
-    assert memory.rows_per_pass(model, 3, 10) == 3  # all in one
-    assert memory.rows_per_pass(model, 10, 10, batch_size=7) == 7  # given by hand
+    assert memory.rows_that_fit(model, 10) == 3
+    assert memory.rows_that_fit(model, 40) < 3  # longer rows, fewer of them
     monkeypatch.setattr(memory, "free_bytes", lambda device: 0)
-    assert memory.rows_per_pass(model, 10, 10) == 1  # never zero rows
-    monkeypatch.setattr(memory, "free_bytes", lambda device: 10**15)
-    assert memory.rows_per_pass(model, 10, 10) == 10
+    assert memory.rows_that_fit(model, 10) == 1  # never zero rows
 
 
 def test_free_bytes_of_the_host_is_positive():

@@ -102,6 +102,25 @@ def test_pack_by_length_is_optimal():
         assert price(batches, lengths, cost) == best
 
 
+def test_pack_by_length_with_a_token_budget_is_optimal():
+    """``max_tokens`` caps each batch's padded tokens (a single longer row still gets a batch);
+    the packing stays optimal among the partitions that respect it."""
+    rng = random.Random(2)
+    for _ in range(40):
+        lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 7))]
+        rows, cost, budget = rng.randint(1, 5), rng.choice([0, 5, 16, 10**4]), rng.randint(10, 90)
+
+        def allowed(batch, lengths=lengths, budget=budget):
+            return len(batch) <= max(1, budget // max(lengths[i] for i in batch))
+
+        batches = pack_by_length(lengths, rows, cost, max_tokens=budget)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert all(1 <= len(b) <= rows and allowed(b) for b in batches)
+        best = min(price(p, lengths, cost) for p in partitions(list(range(len(lengths))), rows)
+                   if all(allowed(b) for b in p))
+        assert price(batches, lengths, cost) == best
+
+
 def tree_depth(segments):
     return 1 + max((tree_depth(s.children) for s in segments), default=0) if segments else 0
 

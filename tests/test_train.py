@@ -315,7 +315,7 @@ def test_output_head_bias_is_part_of_the_log_probs():
     h = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(1))
     labels[1, 0] = train_mod.IGNORE
-    got = train_mod._logprobs(h, reader.head_weight, labels)
+    got = train_mod.head_logprobs(h, reader.head_weight, labels)
     with torch.no_grad():
         logp = torch.log_softmax(model.lm_head(h[:, :-1]), -1)
     want = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0].masked_fill(labels < 0, 0.0)

@@ -1,0 +1,133 @@
+"""A causal LM's output head as one matrix, for per-token log-probs that never build logits.
+
+Reading the log-probability of one given token per position needs ``logsumexp`` over the
+vocabulary, not the ``[rows, T, V]`` logits a forward pass returns (0.2 MB per position in fp32
+for a 49k vocabulary). So the forward stops at the head's input, the final normed hidden state
+``h`` (:class:`FinalHidden`), and :func:`steerkern.ops.token_logprobs` walks the vocabulary in
+chunks:
+
+    logits = a (W h + b)        logp[n] = logits[n, y[n]] - logsumexp_v logits[n, v]
+
+``W [V, D]`` and ``b`` are the head's weight and bias (:func:`head_matrix` appends ``b`` as a
+column, with a 1 appended to ``h``), and ``a`` the constant factor some models apply after the
+head (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``), measured once on a real pass
+(:func:`logit_scale`). A model that transforms its logits otherwise (soft-capping) is refused.
+
+Used by ``steerkern.train`` (the coherence term's log-probs) and ``steerkern.sweep`` (the ΔNLL
+of a sweep's generations).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+IGNORE = -100
+
+
+class StopAtHead(Exception):
+    """Raised by the output-head pre-hook once the final hidden state is captured."""
+
+
+def output_head(model, purpose: str):
+    """The model's output head module (``get_output_embeddings()``), or ``ValueError`` naming
+    ``purpose`` when it has none with a weight, or soft-caps its logits."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(
+            f"{type(model).__name__} has no output head (get_output_embeddings()): {purpose} "
+            "needs a causal LM"
+        )
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    if getattr(config, "final_logit_softcapping", None):
+        raise ValueError(
+            "the model soft-caps its logits (config.final_logit_softcapping), which the fused "
+            f"token log-probs do not model; {purpose} would be wrong for it"
+        )
+    return head
+
+
+def head_matrix(head, scale: float = 1.0) -> torch.Tensor:
+    """The output head as one matrix, times the model's logit factor ``a``
+    (:func:`logit_scale`): ``a W`` ``[V, D]``, or ``a [W | b]`` ``[V, D + 1]`` for a head with a
+    bias (GPT-J, Phi), so that ``[h, 1] @ (a [W | b])^T = a (W h + b)``, the model's logits."""
+    weight = head.weight.detach()
+    if getattr(head, "bias", None) is not None:
+        weight = torch.cat([weight, head.bias.detach().to(weight.dtype)[:, None]], dim=1)
+    return weight if scale == 1.0 else weight * scale
+
+
+@torch.no_grad()
+def logit_scale(model, head, ids, mask, positions) -> float:
+    """The factor ``a`` with ``logits = a * head(h)`` for this model, measured on one pass of
+    ``ids``/``mask``/``positions`` ``[B, T]``.
+
+    Most causal LMs return the head's output as their logits (``a = 1``); some scale it after
+    the head: Cohere multiplies by ``config.logit_scale`` (0.0625 by default), Granite divides by
+    ``config.logits_scaling``. ``a`` is the least-squares fit ``<logits, z> / <z, z>`` (``z`` the
+    head's output), snapped to 1 within 1e-3; a model whose logits are not such a multiple of
+    ``z`` (soft-capping, an added bias) raises ``ValueError`` ("constant factor").
+    """
+    seen = {}
+    handle = head.register_forward_hook(lambda module, args, output: seen.__setitem__("z", output))
+    try:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    finally:
+        handle.remove()
+    logits = getattr(out, "logits", None)
+    z = seen.get("z")
+    if not isinstance(logits, torch.Tensor) or not isinstance(z, torch.Tensor) \
+            or logits.shape != z.shape:
+        raise ValueError(
+            f"{type(model).__name__}: could not compare its logits with its output head's output "
+            "(the fused token log-probs need logits = a * lm_head(h))")
+    tol = 1e-2 if z.dtype in (torch.float16, torch.bfloat16) else 1e-3  # relative, of max |logit|
+    logits, z = logits.double(), z.double()
+    if not bool(z.any()) and not bool(logits.any()):
+        return 1.0  # an all-zero head (any factor fits)
+    a = float((logits * z).sum() / (z * z).sum().clamp(min=1e-300))
+    if not (math.isfinite(a) and a > 0) or \
+            float((logits - a * z).abs().max()) > tol * max(float(logits.abs().max()), 1e-6):
+        raise ValueError(
+            f"{type(model).__name__} transforms its logits after the output head in a way other "
+            "than a constant factor (e.g. soft-capping); the fused token log-probs cannot model it")
+    return 1.0 if abs(a - 1.0) <= 1e-3 else a
+
+
+def head_logprobs(h_final: torch.Tensor, W: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probs ``[R, L-1]`` (fp32) of ``labels [R, L-1]`` (``IGNORE``: 0) from
+    ``h_final [R, L, D]`` under the head matrix ``W`` (:func:`head_matrix`: ``[V, D]``, or
+    ``[V, D + 1]`` with the bias): position ``t``'s state scores ``labels[:, t]``."""
+    from steerkern import ops
+
+    rows, width, dim = h_final.shape
+    flat = h_final[:, :-1, :].reshape(-1, dim)
+    if W.shape[1] == dim + 1:
+        flat = torch.cat([flat, flat.new_ones(flat.shape[0], 1)], dim=1)
+    return ops.token_logprobs(flat, W.to(flat.dtype), labels.reshape(-1),
+                              ignore_index=IGNORE).view(rows, width - 1)
+
+
+class FinalHidden:
+    """``with FinalHidden(head) as final:`` a pre-hook on ``head`` that keeps its input (the
+    final hidden state, ``final.h``) and stops the forward pass there (:class:`StopAtHead`, which
+    the ``with`` block swallows), so the head never runs. ``final.h`` stays ``None`` when the
+    pass completed without calling the head."""
+
+    def __init__(self, head):
+        self.head, self.h, self.handle = head, None, None
+
+    def __enter__(self):
+        def read(module, args):
+            self.h = args[0]
+            raise StopAtHead
+
+        self.h = None
+        self.handle = self.head.register_forward_pre_hook(read)
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        self.handle.remove()
+        return kind is StopAtHead

@@ -1,0 +1,86 @@
+"""The NLL of a sweep's generations (``steerkern.sweep.generate_rows``) against an independent
+reference: each row alone, unpadded, through the model's own logits and ``log_softmax``."""
+
+import numpy as np
+import pytest
+import torch
+
+from steerkern import sweep
+from steerkern.items import render
+from steerkern.tokens import text_token_ids
+from steerkern.vectors import SteeringVector
+from tests.test_eval import word_tokenizer
+
+PROMPTS = ["Are you happy ?", "Tell me about your weekend , I like cats", "Hello !"]
+ARMS = [(0, -2.0), (-1, 0.0), (0, 2.0)]
+NEW = 5
+
+
+def build(arch):
+    if arch in ("llama", "gpt2", "gemma2"):
+        from tests.tiny_models import build_tiny_model
+
+        return build_tiny_model(arch)
+    from tests.test_more_architectures import build as build_more
+
+    model = build_more(arch)
+    if arch == "gptj":
+        with torch.no_grad():
+            model.lm_head.bias.normal_(0, 2.0)
+    return model
+
+
+def tokens_for(prompt_ids, coeff):
+    """The fixed "generation" of a row: a function of its prompt and coefficient; rows at
+    coefficient 2 end with an EOS (2) at their third token."""
+    tokens = [(sum(prompt_ids) + 7 * int(coeff + 2) + 13 * k) % 117 + 3 for k in range(NEW)]
+    if coeff == 2.0:
+        tokens[2] = 2
+    return tokens
+
+
+def reference_nll(model, prompt_ids, new, eos=2):
+    """Mean -log p of ``new`` through its first ``eos``, the row alone and unpadded."""
+    stop = new.index(eos) + 1 if eos in new else len(new)
+    tokens = torch.tensor([prompt_ids + new[:stop]])
+    with torch.no_grad():
+        logits = model(input_ids=tokens).logits[0].double()
+    logp = torch.log_softmax(logits[len(prompt_ids) - 1:-1], -1)
+    return float(-logp.gather(-1, tokens[0, len(prompt_ids):, None]).mean())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gptj", "cohere", "granite", "gemma2"])
+@pytest.mark.parametrize("share_prefill", [True, False])
+def test_generation_nll_matches_each_row_alone(monkeypatch, arch, share_prefill):
+    """Fixed generated tokens (one row ending at an EOS mid-way): the NLL equals each row's own
+    under the unsteered model, for a plain head (Llama), a tied one (GPT-2), one with a bias
+    (GPT-J), logits scaled after the head (Cohere, Granite) and soft-capped (Gemma 2, read from
+    full logits). Where the fused path applies, no ``[rows, N, V]`` logits are built."""
+    model = build(arch)
+    if arch == "granite":
+        model.config.logits_scaling = 4.0
+    tokenizer = word_tokenizer("left")
+    width = model.get_input_embeddings().weight.shape[1]
+    vector = SteeringVector.from_directions({1: torch.randn(width, generator=torch.Generator().manual_seed(0))})
+    rows = len(PROMPTS) * len(ARMS)
+
+    def fake_generate(model, tokenizer, vectors, ids, mask, index, slots, coeffs, **kwargs):
+        assert len(slots) == rows  # one pass
+        out = [tokens_for(ids[p][mask[p].bool()].tolist(), c) for p, c in zip(index.tolist(), coeffs)]
+        return torch.tensor(out)
+
+    monkeypatch.setattr(sweep, "sweep_generate", fake_generate)
+    wide_logits = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: wide_logits.append(output.shape[0] > 1 and output.shape[1] > 1))
+    try:
+        _, nll = sweep.generate_rows(model, tokenizer, [vector], PROMPTS, ARMS, max_new_tokens=NEW,
+                                     share_prefill=share_prefill)
+    finally:
+        handle.remove()
+    prompt_ids = text_token_ids(tokenizer, [render(tokenizer, p, answer=False) for p in PROMPTS])
+    for g, ids in enumerate(prompt_ids):
+        for a, (_, coeff) in enumerate(ARMS):
+            want = reference_nll(model, ids, tokens_for(ids, coeff))
+            np.testing.assert_allclose(nll[a, g], want, rtol=1e-4, atol=1e-4)
+    assert any(wide_logits) == (arch == "gemma2")
