@@ -99,14 +99,15 @@ def logit_scale(model, head, ids, mask, positions) -> float:
 def head_logprobs(h_final: torch.Tensor, W: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token log-probs ``[R, L-1]`` (fp32) of ``labels [R, L-1]`` (``IGNORE``: 0) from
     ``h_final [R, L, D]`` under the head matrix ``W`` (:func:`head_matrix`: ``[V, D]``, or
-    ``[V, D + 1]`` with the bias): position ``t``'s state scores ``labels[:, t]``."""
+    ``[V, D + 1]`` with the bias): position ``t``'s state scores ``labels[:, t]``. Runs on
+    ``W``'s device (a model split by ``device_map`` hands its head states from another one)."""
     from steerkern import ops
 
     rows, width, dim = h_final.shape
-    flat = h_final[:, :-1, :].reshape(-1, dim)
+    flat = h_final[:, :-1, :].reshape(-1, dim).to(W.device)
     if W.shape[1] == dim + 1:
         flat = torch.cat([flat, flat.new_ones(flat.shape[0], 1)], dim=1)
-    return ops.token_logprobs(flat, W.to(flat.dtype), labels.reshape(-1),
+    return ops.token_logprobs(flat, W.to(flat.dtype), labels.reshape(-1).to(W.device),
                               ignore_index=IGNORE).view(rows, width - 1)
 
 

@@ -230,6 +230,31 @@ def test_shared_prefix_capture_across_gpu_and_cpu(mode):
         assert _rel(got[layer], want[layer]) < 1e-4
 
 
+@pytest.mark.parametrize("mode", ["split", "offload"])
+def test_sweep_generations_and_nll_across_gpu_and_cpu(mode):
+    """A sweep's generations and their NLL on a model split across the GPU and the CPU (the
+    fused head log-probs get the head's input from the layer before it, the labels from the
+    GPU) equal the one-device run's."""
+    from accelerate import dispatch_model
+
+    from steerkern.sweep import generate_rows
+    from tests.test_eval import word_tokenizer
+
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
+                  "model.layers.1": 0, "model.layers.2": "cpu", "model.layers.3": "cpu",
+                  "model.norm": 0, "lm_head": "cpu"}
+    model = dispatch_model(build_tiny_model("llama"), device_map=device_map,
+                           main_device="cpu" if mode == "split" else None)
+    reference = build_tiny_model("llama")
+    vectors = _vectors(reference, [1, 2], 1)
+    tokenizer = word_tokenizer("left")
+    prompts, arms = ["Are you happy ?", "Tell me about your weekend"], [(0, -4.0), (-1, 0.0), (0, 4.0)]
+    texts, nll = generate_rows(model, tokenizer, vectors, prompts, arms, max_new_tokens=4)
+    want_texts, want_nll = generate_rows(reference, tokenizer, vectors, prompts, arms, max_new_tokens=4)
+    assert texts == want_texts
+    assert float(abs(torch.tensor(nll) - torch.tensor(want_nll)).max()) < 1e-4
+
+
 class steer_generate:
     """``with steer_generate(model, vectors, slots, coeff) as gen: gen(ids, mask)`` greedy."""
 
