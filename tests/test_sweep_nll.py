@@ -30,6 +30,17 @@ def build(arch):
     return model
 
 
+def flagging(run, flags):
+    """``run`` that keeps a True in ``flags`` while it runs."""
+    def wrapped(*args, **kwargs):
+        flags.append(True)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            flags.pop()
+    return wrapped
+
+
 def tokens_for(prompt_ids, coeff):
     """The fixed "generation" of a row: a function of its prompt and coefficient; rows at
     coefficient 2 end with an EOS (2) at their third token."""
@@ -55,7 +66,7 @@ def test_generation_nll_matches_each_row_alone(monkeypatch, arch, share_prefill)
     """Fixed generated tokens (one row ending at an EOS mid-way): the NLL equals each row's own
     under the unsteered model, for a plain head (Llama), a tied one (GPT-2), one with a bias
     (GPT-J), logits scaled after the head (Cohere, Granite) and soft-capped (Gemma 2, read from
-    full logits). Where the fused path applies, no ``[rows, N, V]`` logits are built."""
+    full logits). Where the fused path applies, the NLL pass never runs the head."""
     model = build(arch)
     if arch == "granite":
         model.config.logits_scaling = 4.0
@@ -70,9 +81,11 @@ def test_generation_nll_matches_each_row_alone(monkeypatch, arch, share_prefill)
         return torch.tensor(out)
 
     monkeypatch.setattr(sweep, "sweep_generate", fake_generate)
-    wide_logits = []
+    in_nll_pass, wide_logits = [], []  # generate is faked: these forwards are the NLL pass's
+    for name in ("forward_rest", "_forward_logits"):
+        monkeypatch.setattr(sweep, name, flagging(getattr(sweep, name), in_nll_pass))
     handle = model.get_output_embeddings().register_forward_hook(
-        lambda module, args, output: wide_logits.append(output.shape[0] > 1 and output.shape[1] > 1))
+        lambda module, args, output: wide_logits.append(bool(in_nll_pass)))
     try:
         _, nll = sweep.generate_rows(model, tokenizer, [vector], PROMPTS, ARMS, max_new_tokens=NEW,
                                      share_prefill=share_prefill)
