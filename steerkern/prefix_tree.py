@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 MIN_SAVED_TOKENS = 8
 MAX_DEPTH = 32
 
@@ -142,19 +144,21 @@ def pack_by_length(lengths: list[int], max_rows: int, pass_cost: float = PASS_CO
     most ``max_rows`` rows each and, given ``max_tokens``, at most ``max(1, max_tokens //
     max_len_b)`` rows (padded tokens ``rows_b * max_len_b <= max_tokens`` unless one row alone
     exceeds it). Exact: a batch holds a contiguous run of the length-sorted order in some
-    optimal packing, so a dynamic program over that order finds one in ``O(n max_rows)``.
+    optimal packing, so a dynamic program over that order finds one in ``O(n max_rows)``
+    (vectorised over the batch's first index).
     The sort is stable: indices of equal lengths keep their order."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n = len(order)
-    best = [0] + [float("inf")] * n  # best[i]: cost of packing the i shortest
+    best = np.zeros(n + 1)  # best[i]: cost of packing the i shortest
     cut = [0] * (n + 1)
     for end in range(1, n + 1):
         width = lengths[order[end - 1]]
         rows = max_rows if max_tokens is None else min(max_rows, max(1, max_tokens // max(width, 1)))
-        for begin in range(max(0, end - rows), end):
-            cost = best[begin] + pass_cost + (end - begin) * width
-            if cost < best[end]:
-                best[end], cut[end] = cost, begin
+        begin = max(0, end - rows)
+        # the batch order[b:end] for every b >= begin, at once (argmin: the first best)
+        costs = best[begin:end] + pass_cost + (end - np.arange(begin, end)) * float(width)
+        pick = int(np.argmin(costs))
+        best[end], cut[end] = costs[pick], begin + pick
     batches, end = [], n
     while end > 0:
         batches.append(order[cut[end]:end])
