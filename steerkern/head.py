@@ -68,14 +68,25 @@ def logit_scale(model, head, ids, mask, positions) -> float:
     the head: Cohere multiplies by ``config.logit_scale`` (0.0625 by default), Granite divides by
     ``config.logits_scaling``. ``a`` is the least-squares fit ``<logits, z> / <z, z>`` (``z`` the
     head's output), snapped to 1 within 1e-3; a model whose logits are not such a multiple of
-    ``z`` (soft-capping, an added bias) raises ``ValueError`` ("constant factor").
+    ``z`` (soft-capping, an added bias) raises ``ValueError`` ("constant factor"), as does a
+    head whose input is not the ``[B, T, D]`` states of the batch's positions (which
+    :func:`head_logprobs` reads).
     """
     seen = {}
-    handle = head.register_forward_hook(lambda module, args, output: seen.__setitem__("z", output))
+
+    def read(module, args, output):
+        seen["h"], seen["z"] = args[0] if args else None, output
+
+    handle = head.register_forward_hook(read)
     try:
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
     finally:
         handle.remove()
+    h = seen.get("h")
+    if not isinstance(h, torch.Tensor) or tuple(h.shape[:-1]) != tuple(ids.shape):
+        raise ValueError(
+            f"{type(model).__name__}: its output head's input is not the [batch, tokens, hidden] "
+            "states of the batch (the fused token log-probs read those)")
     logits = getattr(out, "logits", None)
     z = seen.get("z")
     if not isinstance(logits, torch.Tensor) or not isinstance(z, torch.Tensor) \

@@ -1,6 +1,8 @@
 """The NLL of a sweep's generations (``steerkern.sweep.generate_rows``) against an independent
 reference: each row alone, unpadded, through the model's own logits and ``log_softmax``."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +99,33 @@ def test_generation_nll_matches_each_row_alone(monkeypatch, arch, share_prefill)
             want = reference_nll(model, ids, tokens_for(ids, coeff))
             np.testing.assert_allclose(nll[a, g], want, rtol=1e-4, atol=1e-4)
     assert any(wide_logits) == (arch == "gemma2")
+
+
+class FlatHeadModel(torch.nn.Module):
+    """A toy causal LM that hands its head the states flattened to ``[B * T, D]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(128, 16)
+        self.lm_head = torch.nn.Linear(16, 128, bias=False)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids, **kwargs):
+        rows, width = input_ids.shape
+        logits = self.lm_head(self.embed(input_ids).reshape(rows * width, -1)).view(rows, width, -1)
+        return SimpleNamespace(logits=logits)
+
+
+def test_a_head_fed_other_than_batch_states_reads_full_logits():
+    """The fused log-probs read the head's input as ``[B, T, D]``: a model that feeds it other
+    shapes is refused by the logit-factor measurement, and its sweep NLL reads full logits."""
+    from steerkern.head import logit_scale
+
+    model = FlatHeadModel()
+    ids = torch.tensor([[3, 4, 5]])
+    mask = torch.ones_like(ids)
+    with pytest.raises(ValueError, match="batch, tokens, hidden"):
+        logit_scale(model, model.lm_head, ids, mask, mask.cumsum(-1) - 1)
+    assert sweep._fused_head(model, ids, mask) is None
