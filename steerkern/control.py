@@ -491,8 +491,24 @@ def _past_length(kwargs, mask, length, recurrent_seen) -> int | torch.Tensor:
             past = cache.get_seq_length()
         except ValueError:  # recurrent layers only: no sequence length to ask
             return counted if counted is not None else _recurrent_past(cache, length, recurrent_seen)
-        return past if isinstance(past, torch.Tensor) else int(past)
+        return past if isinstance(past, torch.Tensor) else int(past) or _later_layers_length(cache)
     return start if start is not None else 0
+
+
+def _later_layers_length(cache) -> int:
+    """The longest key/value length of ``cache``'s layers after the first, for a cache whose
+    first layer stays empty while the others fill (MiniMax keeps its linear-attention layers'
+    state apart, so its ``get_seq_length()``, which asks layer 0, answers 0 while decoding)."""
+    longest = 0
+    for index in range(1, len(cache) if hasattr(cache, "__len__") else 0):
+        try:
+            length = cache.get_seq_length(index)
+        except (ValueError, TypeError, IndexError):  # a layer that keeps no sequence length
+            continue
+        if isinstance(length, torch.Tensor):
+            length = int(length)
+        longest = max(longest, length)
+    return longest
 
 
 def _is_recurrent(cache) -> bool:

@@ -344,3 +344,36 @@ def test_sweeps_of_a_model_that_keeps_rope_deltas_between_generates(default_mode
     assert shared.samples == plain.samples
     assert shared.scores == pytest.approx(plain.scores, abs=1e-4)
     assert shared.delta_nll == pytest.approx(plain.delta_nll, abs=1e-4)
+
+
+def test_generated_positions_with_a_cache_whose_first_layer_holds_no_keys():
+    """MiniMax's cache keeps its linear-attention layers' state apart, so layer 0 of the
+    key/value cache stays empty and the cache's length answers 0 while decoding; a single
+    unpadded prompt also gets no attention mask in the decode steps. positions="generated" must
+    still steer every decode step: as the explicit mask of the generated columns does when the
+    whole sequence is rerun at each step without a cache."""
+    if not hasattr(transformers, "MiniMaxForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no MiniMaxForCausalLM")
+    config = transformers.MiniMaxConfig(**dict(COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                               layer_types=["linear_attention", "full_attention"] * 2))
+    torch.manual_seed(0)
+    model = transformers.MiniMaxForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 100, (1, 6), generator=generator)
+    vector = SteeringVector.from_directions({1: 4 * torch.randn(64, generator=generator)})
+    options = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                   pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    columns = torch.zeros(1, 6 + 4, dtype=torch.bool)
+    columns[:, 6:] = True
+    with torch.no_grad():
+        plain = model.generate(**options)
+        with steer(model, vector, coeff=1.0, positions="generated"):
+            steered = model.generate(**options)
+        with steer(model, vector, coeff=1.0, positions=columns):
+            rerun = model.generate(**options, use_cache=False)
+    assert torch.equal(steered.scores[0], plain.scores[0])
+    assert (steered.scores[1] - plain.scores[1]).abs().max() > 1e-3
+    assert torch.equal(steered.sequences, rerun.sequences)
+    for ours, theirs in zip(steered.scores, rerun.scores):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert steerkern_hook_count(model) == 0
