@@ -31,6 +31,14 @@ round runs the three in turn (the order reversed every other round) so load on a
 machine hits them alike; the reported speedup is the median over rounds of the per-round
 ratio, with its range, in wall time and in process CPU time (which other processes on a
 shared machine inflate less). One torch thread on CPU (``STEERKERN_BENCH_THREADS`` to change it).
+
+Where the default model cannot be installed (the device machine: its package is over the
+64 MiB that travels there), ``STEERKERN_BENCH_SKELETON=DIR`` runs the same sweep on a model of
+the default model's config with seeded random weights and its real tokenizer (so the same
+prompt lengths and shared template prefix), both read from ``DIR``; write ``DIR`` here with
+``uv run python bench/bench_eval.py --write-skeleton DIR`` (config and tokenizer, about 4 MB).
+The sweep's cost depends on the shapes, not the weights, but random weights rarely end a row
+early and the greedy tokens of the three variants agree less (near-ties are common).
 """
 
 import os
@@ -44,7 +52,7 @@ import torch
 from steerkern.control import steer
 from steerkern.data import concept_eval_prompts
 from steerkern.items import render
-from steerkern.models import load_model
+from steerkern.models import load_model, prepare_tokenizer
 from steerkern.sweep import _encode, _greedy_config, sweep_generate
 from steerkern.vectors import SteeringVector
 
@@ -60,7 +68,11 @@ FORCE_LENGTH = os.environ.get("STEERKERN_BENCH_FORCE_LENGTH", "0") == "1"
 def make_setup():
     if not CUDA:
         torch.set_num_threads(int(os.environ.get("STEERKERN_BENCH_THREADS", "1")))
-    model, tokenizer = load_model(device_map="cuda" if CUDA else None)
+    skeleton = os.environ.get("STEERKERN_BENCH_SKELETON")
+    if skeleton:
+        model, tokenizer = skeleton_model(skeleton)
+    else:
+        model, tokenizer = load_model(device_map="cuda" if CUDA else None)
     device = model.get_input_embeddings().weight.device
     texts = [render(tokenizer, p["prompt"], answer=False)
              for p in concept_eval_prompts("sentiment")[:PROMPTS]]
@@ -72,6 +84,24 @@ def make_setup():
     if FORCE_LENGTH:
         config.min_new_tokens = NEW_TOKENS
     return model, tokenizer, vector, ids, mask, config
+
+
+def write_skeleton(directory: str) -> None:
+    """The default model's config and tokenizer (no weights) into ``directory``."""
+    model, tokenizer = load_model()
+    model.config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def skeleton_model(directory: str):
+    """A model of ``directory``'s config with seeded random weights, and its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(directory)
+    torch.manual_seed(0)
+    with torch.device("cuda" if CUDA else "cpu"):
+        model = AutoModelForCausalLM.from_config(config).eval()
+    return model, prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +216,9 @@ def _line(positions, result) -> str:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--write-skeleton"]:
+        write_skeleton(sys.argv[2])
+        sys.exit()
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else ROUNDS
     chosen = sys.argv[2:] or POSITIONS
     state = make_setup()
