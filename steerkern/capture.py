@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from steerkern import _callable_module
+from steerkern.checks import count
 from steerkern.kvcache import cache_argument, empty_model_cache, filled_layers, positions_from_mask
 from steerkern.models import (
     RESIDUAL,
@@ -76,20 +77,13 @@ def _tokenize(model, tokenizer, texts: list[str], name=_text_name) -> list[list[
 
 def _check_reads(ids: list[list[int]], last_n_tokens, name=_text_name) -> int:
     """``last_n_tokens`` as an int ``1 <= n <= len(shortest text)``, or a clear error."""
-    if isinstance(last_n_tokens, bool) or not isinstance(last_n_tokens, int) or last_n_tokens < 1:
-        raise ValueError(f"last_n_tokens must be a positive int, got {last_n_tokens!r}")
+    last_n_tokens = count(last_n_tokens, "last_n_tokens")
     shortest = min(range(len(ids)), key=lambda i: len(ids[i]))
     if len(ids[shortest]) < last_n_tokens:
         raise ValueError(f"last_n_tokens={last_n_tokens} but {name(shortest)} has only "
                          f"{len(ids[shortest])} tokens: lower last_n_tokens")
     return last_n_tokens
 
-
-def _check_batch_size(batch_size) -> int:
-    """``batch_size`` (rows per forward pass) as a positive int, or a clear error."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
 
 
 def _layer_indices(model, layers) -> dict:
@@ -308,7 +302,7 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
     """
     texts = _check_texts(texts)
     given = _layer_indices(model, layers)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = count(batch_size, "batch_size")
     ids = _tokenize(model, tokenizer, texts, text_names)
     last_n_tokens = _check_reads(ids, last_n_tokens, text_names)
     layers = sorted(set(given.values()))
@@ -360,7 +354,7 @@ def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=R
     ``h`` is a fresh leaf, so nothing below it is differentiated. Runs with autograd on even
     inside ``torch.no_grad()`` or ``torch.inference_mode()``."""
     texts = _check_texts(texts)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = count(batch_size, "batch_size")
     ids = _tokenize(model, tokenizer, texts, text_names)
     last_n_tokens = _check_reads(ids, last_n_tokens, text_names)
     if any(p.is_inference() for p in model.parameters()):

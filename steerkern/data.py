@@ -31,6 +31,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from steerkern.checks import count
 from steerkern.tokens import short_repr
 
 DEFAULT_TEMPLATE = "Pretend you're {persona} person making statements about the world."
@@ -291,8 +292,7 @@ def load_mwe(path, *, limit: int | None = None) -> list[MWEItem]:
     path = Path(os.fspath(path))
     if not path.is_file():
         raise FileNotFoundError(f"load_mwe: no such file {str(path)!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    limit = count(limit, "limit", optional=True)
     items = []
     for where, row in json_records(path):
         try:

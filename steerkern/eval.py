@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from steerkern.checks import count
 from steerkern.control import FLOAT32_MAX
 from steerkern.eval_report import (
     ComparisonReport,
@@ -106,13 +107,13 @@ def _check_vector(model, vector, argument: str = "vector"):
     return vector
 
 
-def _check_common(max_new_tokens, batch_size, positions):
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0 (0: no coherence measurement), got {max_new_tokens!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be None (one batch) or an int >= 1, got {batch_size!r}")
+def _check_common(max_new_tokens, batch_size, positions) -> tuple[int, int | None]:
+    """``(max_new_tokens, batch_size)`` as Python ints (``batch_size`` may be ``None``)."""
+    max_new_tokens = count(max_new_tokens, "max_new_tokens", minimum=0, meaning=" (0: no coherence measurement)")
+    batch_size = count(batch_size, "batch_size", optional=True, meaning=" (None: one batch)")
     if positions not in POSITIONS:
         raise ValueError(f"positions={positions!r}: use one of {POSITIONS}")
+    return max_new_tokens, batch_size
 
 
 def _gen_prompts(gen_prompts) -> list[str]:
@@ -228,7 +229,7 @@ def evaluate(model, tokenizer, vector, *, coeffs=DEFAULT_COEFFS, prompts=None, m
         >>> print(report); report.save("out/")                              # doctest: +SKIP
     """
     coeffs = _check_coeffs(coeffs)
-    _check_common(max_new_tokens, batch_size, positions)
+    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size, positions)
     vector = _check_vector(model, vector)
     items = binary_items(tokenizer, _eval_prompts(prompts, vector))
     gens = _gen_prompts(gen_prompts)
@@ -268,7 +269,7 @@ def compare(model, tokenizer, vectors: Mapping, *, coeffs=DEFAULT_COEFFS, prompt
     if not isinstance(vectors, Mapping) or not vectors:
         raise ValueError("vectors must be a non-empty dict {name: SteeringVector}")
     coeffs = _check_coeffs(coeffs)
-    _check_common(max_new_tokens, batch_size, positions)
+    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size, positions)
     names = [str(n) for n in vectors]
     if len(set(names)) != len(names):
         raise ValueError(f"vectors has names that are equal as text {names}: the report keys them by "
@@ -343,11 +344,8 @@ def calibrate(model, tokenizer, vector, *, max_delta_nll=0.5, max_coeff=16.0, si
     signs = {"both": (1.0, -1.0), "+": (1.0,), "-": (-1.0,)}.get(sign)
     if signs is None:
         raise ValueError(f"sign={sign!r}: use 'both', '+' or '-'")
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
-        raise ValueError(f"grid must be an int >= 2, got {grid!r}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
-    _check_common(max_new_tokens, batch_size, positions)
+    grid, rounds = count(grid, "grid", minimum=2), count(rounds, "rounds")
+    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size, positions)
     if max_new_tokens < 1:
         raise ValueError("calibrate needs max_new_tokens >= 1: ΔNLL is measured on generations")
     vector = _check_vector(model, vector)

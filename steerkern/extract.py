@@ -21,6 +21,7 @@ import torch
 from steerkern import _callable_module
 from steerkern import directions as maths
 from steerkern.capture import capture, last_positions, vjp_gradients
+from steerkern.checks import count
 from steerkern.data import PairSet, as_pairs, pair_text_name
 from steerkern.models import (
     RESIDUAL,
@@ -61,14 +62,6 @@ class _Plan:
     weights: dict = field(default_factory=dict)  # weight_svd: {layer: W [out, in]}
 
 
-def _positive_int(value, name: str, optional: bool = False):
-    if optional and value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
-    return value
-
-
 def _check_layers(model, layers) -> list[int]:
     if layers is None:
         return default_layers(model)
@@ -81,9 +74,9 @@ def _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readou
         raise ValueError(f"method={method!r} is not one of {list(maths.METHODS)}")
     if method != "grad" and (readout_layer is not None or fisher_lambda is not None):
         raise ValueError("readout_layer and fisher_lambda apply to method='grad' only")
-    plan = _Plan(method, _check_layers(model, layers), target, _positive_int(rank, "rank"),
-                 _positive_int(last_n_tokens, "last_n_tokens"),
-                 _positive_int(batch_size, "batch_size", optional=True), bool(share_prefixes))
+    plan = _Plan(method, _check_layers(model, layers), target, count(rank, "rank"),
+                 count(last_n_tokens, "last_n_tokens"),
+                 count(batch_size, "batch_size", optional=True), bool(share_prefixes))
     modules = {layer: resolve_module(model, layer, target) for layer in plan.layers}
     if method == "weight_svd":
         for layer, module in modules.items():

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from steerkern import ops
+from steerkern.checks import count
 
 PENALTY_KINDS = ("log_barrier", "hinge", "squared_hinge")
 REDUCTIONS = ("none", "mean", "sum")
@@ -417,8 +418,7 @@ def inner_contrastive_loss(
     Returns:
         ``ContrastiveLoss(loss, proj_pos, proj_neg, coh_pos, coh_neg, order, shift)``, all scalars.
     """
-    if not isinstance(n_last, int) or isinstance(n_last, bool) or n_last < 1:
-        raise ValueError(f"n_last must be a positive int, got {n_last!r}")
+    n_last = count(n_last, "n_last")
     for name, value, low in (("eps", eps, "> 0"), ("order_weight", order_weight, ">= 0"),
                              ("shift_weight", shift_weight, ">= 0"),
                              ("order_margin", order_margin, None)):

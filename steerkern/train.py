@@ -49,6 +49,7 @@ import math
 
 import torch
 
+from steerkern.checks import count
 from steerkern.control import SteeringBank, first_tensor
 from steerkern.data import as_pairs, pair_text_name
 from steerkern.head import IGNORE, StopAtHead, head_logprobs, head_matrix, logit_scale, output_head
@@ -75,12 +76,6 @@ COHERENCE = "train_adapter's per-token coherence term"
 
 
 # --- checks -------------------------------------------------------------------------------------
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _real(value, name: str, *, positive: bool = False, non_negative: bool = False) -> float:
@@ -335,12 +330,12 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
     from tqdm.auto import tqdm
 
     # 1. every check, before anything about the model changes
-    rank = _positive_int(rank, "rank")
+    rank = count(rank, "rank")
     if rank > 64:
         raise ValueError(f"rank must be at most 64 (the steering operator's limit), got {rank}")
-    steps = _positive_int(steps, "steps")
-    batch_size = _positive_int(batch_size, "batch_size")
-    n_last = _positive_int(n_last, "n_last")
+    steps = count(steps, "steps")
+    batch_size = count(batch_size, "batch_size")
+    n_last = count(n_last, "n_last")
     lr = _real(lr, "lr", positive=True)
     tau = _real(tau, "tau", non_negative=True)
     kappa = _real(kappa, "kappa", positive=True)

@@ -331,6 +331,25 @@ def test_evaluate_bad_arguments(default_model, direction):
         calibrate(model, tokenizer, direction, max_coeff=1e39)
 
 
+def test_counts_of_any_integral_type(default_model, direction, tmp_path):
+    """numpy integers are counts like ints (and reach report.json as ints); bools, floats and
+    strings are refused with the argument's name."""
+    model, tokenizer = default_model
+    options = dict(coeffs=(-1.0, 0.0, 1.0), prompts=PROMPTS[:2], gen_prompts=["Hi"])
+    report = evaluate(model, tokenizer, direction, max_new_tokens=np.int64(1), batch_size=np.int32(2), **options)
+    plain = evaluate(model, tokenizer, direction, max_new_tokens=1, batch_size=2, **options)
+    assert report.scores == pytest.approx(plain.scores, abs=1e-5)
+    report.save(tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["metadata"]["max_new_tokens"] == 1
+    for bad in (True, 2.0, "2", 0, np.int64(-1)):
+        with pytest.raises(ValueError, match=r"batch_size must be a positive int or None \(None: one batch\)"):
+            evaluate(model, tokenizer, direction, batch_size=bad, **options)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+        evaluate(model, tokenizer, direction, max_new_tokens=1.0, **options)
+    with pytest.raises(ValueError, match="grid must be an int >= 2"):
+        calibrate(model, tokenizer, direction, grid=np.int64(1))
+
+
 # --- calibrate (search logic, with a synthetic coherence cost) --------------------------------
 
 
