@@ -85,7 +85,6 @@ def _check_reads(ids: list[list[int]], last_n_tokens, name=_text_name) -> int:
     return last_n_tokens
 
 
-
 def _layer_indices(model, layers) -> dict:
     """``{layer as given: non-negative index}`` for an int or a non-empty list of layer indices
     (negative ones count from the last layer)."""
