@@ -204,21 +204,31 @@ def test_recurrent_cache_generated_positions_with_a_padded_batch():
     mask = torch.ones_like(ids)
     ids[1, :2], mask[1, :2] = 0, 0  # row 1 is left-padded
     vector = SteeringVector.from_directions({1: 4 * torch.randn(64, generator=generator)})
-    options = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+    assert_generated_positions_match_their_columns(model, vector, ids, mask, new_tokens=3, atol=1e-6)
+
+
+def assert_generated_positions_match_their_columns(model, vector, ids, mask, *, new_tokens, atol,
+                                                   rerun_without_cache=False):
+    """Greedy generate under ``positions="generated"`` leaves the first token's scores alone,
+    moves the next, and gives the tokens and scores of the explicit mask of the generated
+    columns (with ``rerun_without_cache``, run on the whole sequence at every step, where the
+    bank's count of cached tokens plays no part)."""
+    options = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                    pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    columns = torch.zeros(2, 6 + 3, dtype=torch.bool)
-    columns[:, 6:] = True
+    columns = torch.zeros(ids.shape[0], ids.shape[1] + new_tokens, dtype=torch.bool)
+    columns[:, ids.shape[1]:] = True
     with torch.no_grad():
         plain = model.generate(**options)
         with steer(model, vector, coeff=1.0, positions="generated"):
             steered = model.generate(**options)
         with steer(model, vector, coeff=1.0, positions=columns):
-            explicit = model.generate(**options)
+            explicit = model.generate(**options, use_cache=not rerun_without_cache)
     assert torch.equal(steered.scores[0], plain.scores[0])
     assert (steered.scores[1] - plain.scores[1]).abs().max() > 1e-3
     assert torch.equal(steered.sequences, explicit.sequences)
     for ours, theirs in zip(steered.scores, explicit.scores):
-        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(ours, theirs, atol=atol, rtol=atol)
+    assert steerkern_hook_count(model) == 0
 
 
 def test_capture_of_a_model_that_ignores_the_attention_mask():
@@ -361,19 +371,5 @@ def test_generated_positions_with_a_cache_whose_first_layer_holds_no_keys():
     generator = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 100, (1, 6), generator=generator)
     vector = SteeringVector.from_directions({1: 4 * torch.randn(64, generator=generator)})
-    options = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                   pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    columns = torch.zeros(1, 6 + 4, dtype=torch.bool)
-    columns[:, 6:] = True
-    with torch.no_grad():
-        plain = model.generate(**options)
-        with steer(model, vector, coeff=1.0, positions="generated"):
-            steered = model.generate(**options)
-        with steer(model, vector, coeff=1.0, positions=columns):
-            rerun = model.generate(**options, use_cache=False)
-    assert torch.equal(steered.scores[0], plain.scores[0])
-    assert (steered.scores[1] - plain.scores[1]).abs().max() > 1e-3
-    assert torch.equal(steered.sequences, rerun.sequences)
-    for ours, theirs in zip(steered.scores, rerun.scores):
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    assert steerkern_hook_count(model) == 0
+    assert_generated_positions_match_their_columns(model, vector, ids, torch.ones_like(ids), new_tokens=4,
+                                                   atol=1e-5, rerun_without_cache=True)
