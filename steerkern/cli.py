@@ -211,6 +211,11 @@ def cmd_extract(args) -> int:
         except ValueError as error:
             raise CLIError(f"--mwe: {error}") from None
     model, tokenizer = _load_model(args)
+    if output.suffix.lower() == ".gguf" and layers is not None and min(layers) < 0:
+        from steerkern.models import decoder_layers
+
+        depth = len(decoder_layers(model))  # negative indices count from the last layer
+        _check_gguf_extraction(args.method, [layer + depth if layer < 0 else layer for layer in layers])
     if args.concept is not None:
         pairs = concept_pairs(args.concept, tokenizer, max_suffixes=args.max_suffixes)
     elif args.mwe is not None:
@@ -272,8 +277,6 @@ def cmd_generate(args) -> int:
 
     coeffs, args.prompts = _coeffs_then_prompts(args.coeff, args.prompts)
     vector = _load_vector(args.vector)
-    if args.max_new_tokens < 1:
-        raise CLIError("--max-new-tokens must be >= 1")
     model, tokenizer = _load_model(args)
     try:
         vector.validate(model)
@@ -320,7 +323,10 @@ def cmd_eval(args) -> int:
     elif args.mwe is not None:
         from steerkern.data import load_mwe
 
-        prompts = load_mwe(_existing_file(args.mwe, "--mwe"), limit=args.limit)
+        try:
+            prompts = load_mwe(_existing_file(args.mwe, "--mwe"), limit=args.limit)
+        except ValueError as error:
+            raise CLIError(f"--mwe: {error}") from None
     elif not vector.metadata.get("concept"):
         raise CLIError("--prompts or --mwe is needed: the vector names no shipped concept")
     elif vector.metadata["concept"] not in list_concepts():
@@ -494,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--pairs", metavar="FILE", help="contrast pairs, .jsonl or .json")
     source.add_argument("--mwe", metavar="FILE", help="model-written-evals JSONL (CAA pairs at the answer token)")
     p.add_argument("--method", default="mean_diff", choices=EXTRACT_METHODS, help="extraction method")
-    p.add_argument("--layers", default=None, help="layers like 10-14 or 8,10,12 (default: a middle band)")
+    p.add_argument("--layers", default=None, help="layers like 10-14 or 8,10,12; a negative one counts from the last layer "
+                        "(default: a middle band)")
     p.add_argument("--rank", type=int, default=1, help="rank for lowrank / weight_svd")
     _target_flag(p)
     p.add_argument("--limit", type=int, default=None, help="use at most this many pairs / items (default: all)")
@@ -573,8 +580,9 @@ def _check_counts(args) -> None:
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise CLIError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if getattr(args, "max_new_tokens", 1) < 0:
-        raise CLIError("--max-new-tokens must be >= 0")
+    least = 1 if args.run is cmd_generate else 0  # eval and demo: 0 skips the ΔNLL
+    if getattr(args, "max_new_tokens", least) < least:
+        raise CLIError(f"--max-new-tokens must be >= {least}, got {args.max_new_tokens}")
     samples = getattr(args, "samples", None)
     if samples is not None and not 1 <= samples <= len(DEMO_PROMPTS):
         raise CLIError(f"--samples must be in 1..{len(DEMO_PROMPTS)}")

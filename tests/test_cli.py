@@ -244,10 +244,32 @@ def test_sweep_arguments_are_checked_before_the_model_loads(tiny_cli, tmp_path, 
         (["demo", "--out", str(a_file)], "is a file"),
         (["generate", "--vector", str(vector), "--coeff", "1e39", "Hi"], "--coeff: 1e+39 is not a finite float32"),
         (["generate", "--vector", str(vector), "--coeff", "nan", "Hi"], "--coeff: nan"),
+        (["generate", "--vector", str(vector), "--max-new-tokens", "0", "Hi"], "--max-new-tokens must be >= 1, got 0"),
+        (["generate", "--vector", str(vector), "--max-new-tokens", "-1", "Hi"], "--max-new-tokens must be >= 1"),
+        (["eval", "--vector", str(vector), "--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
     ]:
         assert main(argv) == 2, argv
         assert message in _error_line(capsys)
+    bad_mwe = tmp_path / "bad.jsonl"
+    bad_mwe.write_text('{"question": "q"}\n')
+    assert main(["eval", "--vector", str(vector), "--mwe", str(bad_mwe)]) == 2
+    assert _error_line(capsys).startswith("steerkern eval: error: --mwe: ")
     assert calls == []
+
+
+def test_a_negative_layer_that_is_layer_0_is_refused_for_gguf_before_extracting(tiny_cli, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """``--layers=-4`` on a 4-layer model is layer 0, which a .gguf control vector cannot hold:
+    refused once the model's depth is known, before any extraction, naming --layers."""
+    import steerkern.extract
+
+    _, calls = tiny_cli
+    monkeypatch.setattr(steerkern.extract, "extract", lambda *a, **k: pytest.fail("extraction ran"))
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text('[["I like cats", "I hate cats"], ["Are you happy ?", "Are you sad ?"]]')
+    assert main(["extract", "--pairs", str(pairs), "--layers=-4", "-o", str(tmp_path / "v.gguf")]) == 2
+    assert "--layers: llama.cpp's .gguf control vectors cannot steer layer 0" in _error_line(capsys)
+    assert len(calls) == 1
 
 
 def test_output_locations_are_checked_before_the_model_loads(tiny_cli, tmp_path, capsys):
