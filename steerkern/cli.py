@@ -129,7 +129,11 @@ def _load_vector(path: str):
 
     file = _existing_file(path, "--vector")
     try:
-        if file.suffix.lower() == ".gguf":
+        with open(file, "rb") as handle:
+            head = handle.read(9)
+        # the content decides where it is recognisable (GGUF's magic; safetensors' 8-byte header
+        # length then its JSON), else the name
+        if head[:4] == b"GGUF" or (file.suffix.lower() == ".gguf" and head[8:9] != b"{"):
             return SteeringVector.from_gguf(file)
         return SteeringVector.load(file)
     except (ValueError, OSError, KeyError) as error:

@@ -204,6 +204,20 @@ def tiny_cli(monkeypatch, tmp_path, tiny_model_factory):
     return vector.save(tmp_path / "tiny.safetensors"), calls
 
 
+def test_vector_files_are_read_by_their_content_not_their_name(tiny_cli, tmp_path, capsys):
+    """A GGUF control vector named .safetensors, or a safetensors vector named .gguf, is read as
+    what it holds."""
+    import shutil
+
+    vector, _ = tiny_cli
+    gguf = SteeringVector.load(vector).to_gguf(tmp_path / "v.gguf")
+    for source, misnamed in ((gguf, "gguf_as.safetensors"), (vector, "safetensors_as.gguf")):
+        shutil.copy(source, tmp_path / misnamed)
+        assert main(["generate", "--vector", str(tmp_path / misnamed), "--coeff", "2",
+                     "--max-new-tokens", "1", "Hello"]) == 0, misnamed
+        assert "coeff +2:" in capsys.readouterr().out
+
+
 def test_generate_takes_prompts_after_the_coefficients(tiny_cli, capsys):
     """The README's form: ``--coeff -2 0 2 "prompt"`` (argparse gives --coeff every following
     word; the numbers are coefficients, the rest prompts)."""
