@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -151,6 +152,11 @@ def _report(coeffs, score_cols: np.ndarray, items, gen_prompts, texts, nll_cols,
             prompts_text, metadata) -> EvalReport:
     """``score_cols`` ``[C, P]``; ``nll_cols`` ``[C, G]`` (or None); ``base_nll`` ``[G]``."""
     prompt_scores = score_cols.T  # [P, C]
+    overflowed = [c for c, column in zip(coeffs, score_cols) if not np.isfinite(column).all()]
+    if overflowed:
+        warnings.warn(f"steering at coeffs {overflowed} made the model's scores non-finite (its activations "
+                      "overflowed): those columns read n/a and the effect is n/a; lower the coefficient or "
+                      "the vector's norm", RuntimeWarning, stacklevel=3)
     effect, effect_se = paired_slope(coeffs, prompt_scores)
     score_mean, score_se = mean_se(prompt_scores, axis=0)
     if nll_cols is None:

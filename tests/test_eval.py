@@ -350,6 +350,17 @@ def test_counts_of_any_integral_type(default_model, direction, tmp_path):
         calibrate(model, tokenizer, direction, grid=np.int64(1))
 
 
+def test_a_coefficient_that_overflows_the_model_is_reported(default_model):
+    """A coefficient whose steering drives the activations past float32 gives non-finite
+    scores: the report says n/a there, and a warning names the coefficient."""
+    model, tokenizer = default_model
+    huge = SteeringVector.from_directions({12: torch.full((576,), 1e30)})
+    with pytest.warns(RuntimeWarning, match=r"coeffs \[1e\+30\] made the model's scores non-finite"):
+        report = evaluate(model, tokenizer, huge, coeffs=(0.0, 1e-30, 1e30), prompts=PROMPTS[:2],
+                          max_new_tokens=0)
+    assert math.isfinite(report.scores[1]) and not math.isfinite(report.scores[2])
+
+
 # --- calibrate (search logic, with a synthetic coherence cost) --------------------------------
 
 
