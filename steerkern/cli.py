@@ -216,10 +216,9 @@ def cmd_extract(args) -> int:
             raise CLIError(f"--mwe: {error}") from None
     model, tokenizer = _load_model(args)
     if output.suffix.lower() == ".gguf" and layers is not None and min(layers) < 0:
-        from steerkern.models import decoder_layers
+        from steerkern.models import check_layer  # a negative layer counts from the last
 
-        depth = len(decoder_layers(model))  # negative indices count from the last layer
-        _check_gguf_extraction(args.method, [layer + depth if layer < 0 else layer for layer in layers])
+        _check_gguf_extraction(args.method, [check_layer(model, layer, "--layers") for layer in layers])
     if args.concept is not None:
         pairs = concept_pairs(args.concept, tokenizer, max_suffixes=args.max_suffixes)
     elif args.mwe is not None:
@@ -504,8 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--pairs", metavar="FILE", help="contrast pairs, .jsonl or .json")
     source.add_argument("--mwe", metavar="FILE", help="model-written-evals JSONL (CAA pairs at the answer token)")
     p.add_argument("--method", default="mean_diff", choices=EXTRACT_METHODS, help="extraction method")
-    p.add_argument("--layers", default=None, help="layers like 10-14 or 8,10,12; a negative one counts from the last layer "
-                        "(default: a middle band)")
+    p.add_argument("--layers", default=None,
+                   help="layers like 10-14 or 8,10,12; a negative one counts from the last (default: a middle band)")
     p.add_argument("--rank", type=int, default=1, help="rank for lowrank / weight_svd")
     _target_flag(p)
     p.add_argument("--limit", type=int, default=None, help="use at most this many pairs / items (default: all)")

@@ -154,7 +154,7 @@ def _report(coeffs, score_cols: np.ndarray, items, gen_prompts, texts, nll_cols,
     prompt_scores = score_cols.T  # [P, C]
     overflowed = [c for c, column in zip(coeffs, score_cols) if not np.isfinite(column).all()]
     if overflowed:
-        warnings.warn(f"steering at coeffs {overflowed} made the model's scores non-finite (its activations "
+        warnings.warn(f"steering {metadata['name']!r} at coeffs {overflowed} made the model's scores non-finite (its activations "
                       "overflowed): those columns read n/a and the effect is n/a; lower the coefficient or "
                       "the vector's norm", RuntimeWarning, stacklevel=3)
     effect, effect_se = paired_slope(coeffs, prompt_scores)

@@ -355,7 +355,7 @@ def test_a_coefficient_that_overflows_the_model_is_reported(default_model):
     scores: the report says n/a there, and a warning names the coefficient."""
     model, tokenizer = default_model
     huge = SteeringVector.from_directions({12: torch.full((576,), 1e30)})
-    with pytest.warns(RuntimeWarning, match=r"coeffs \[1e\+30\] made the model's scores non-finite"):
+    with pytest.warns(RuntimeWarning, match=r"'vector' at coeffs \[1e\+30\] made the model's scores non-finite"):
         report = evaluate(model, tokenizer, huge, coeffs=(0.0, 1e-30, 1e30), prompts=PROMPTS[:2],
                           max_new_tokens=0)
     assert math.isfinite(report.scores[1]) and not math.isfinite(report.scores[2])
