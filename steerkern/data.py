@@ -214,6 +214,23 @@ def persona_pairs(tokenizer, positive: list[str], negative: list[str], suffixes:
 
 _LETTER = re.compile(r"^\s*\(([A-Za-z])\)\s*$")
 _YES_NO = ("yes", "no")
+_OPPOSITE = {"yes": "no", "no": "yes", "a": "b", "b": "a"}
+
+
+def opposite_answer(answer) -> str:
+    """The other answer of a two-way question, for an item that gives only
+    ``answer_matching_behavior``: ``" Yes"`` <-> ``" No"``, ``" (A)"`` <-> ``" (B)"`` (spacing,
+    brackets and case kept; a one-answer list counts as its answer). Raises ``ValueError`` where
+    the other side is not determined: a letter beyond A/B, several answers, anything else."""
+    if isinstance(answer, (list, tuple)) and len(answer) == 1:
+        answer = answer[0]
+    word = answer.strip().strip("()").strip() if isinstance(answer, str) else ""
+    other = _OPPOSITE.get(word.lower())
+    if other is None:
+        raise ValueError(f"'answer_not_matching_behavior' is needed: it follows from "
+                         f"'answer_matching_behavior' only for Yes/No and (A)/(B), got {answer!r}")
+    other = other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+    return answer.replace(word, other, 1)
 
 
 def _answer_form(answer) -> tuple[str, str]:
@@ -273,7 +290,8 @@ class MWEItem:
     def from_record(cls, row: dict) -> MWEItem:
         """The item of a model-written-evals record (a dict as in the JSONL files), checked."""
         matching = _answer_list(row["answer_matching_behavior"])
-        not_matching = _answer_list(row["answer_not_matching_behavior"])
+        other = row.get("answer_not_matching_behavior")
+        not_matching = _answer_list(opposite_answer(matching) if other is None else other)
         return cls(row["question"], matching[0], not_matching[0],
                    matching if len(matching) > 1 else (),
                    not_matching if len(not_matching) > 1 else ()).check()
@@ -286,7 +304,8 @@ def load_mwe(path, *, limit: int | None = None) -> list[MWEItem]:
     of items, as in CAA's ``datasets/*/*.json`` (UTF-8, a byte-order mark allowed). Each item
     needs ``question``, ``answer_matching_behavior`` and ``answer_not_matching_behavior``
     (``" Yes"`` / ``" No"``, ``" (A)"`` / ``"(B)"`` / ``" (C)"`` ..., or lists of those: see
-    :class:`MWEItem`). Raises ``FileNotFoundError`` / ``ValueError`` naming the path and the line (JSONL)
+    :class:`MWEItem`); the last may be left out where it follows from the first (Yes/No,
+    (A)/(B): :func:`opposite_answer`), as ``evaluate`` takes such items too. Raises ``FileNotFoundError`` / ``ValueError`` naming the path and the line (JSONL)
     or item (array).
     """
     path = Path(os.fspath(path))

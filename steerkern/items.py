@@ -17,8 +17,9 @@ where the sets hold every single-token spelling of an answer ("Yes", " Yes", "ye
   (as ``steerkern.data.mwe_eval_prompts`` writes) makes it a letter item: then ``label = +1``
   means the first choice agrees.
 - model-written-evals / CAA items ``{"question", "answer_matching_behavior",
-  "answer_not_matching_behavior"}`` or ``steerkern.data.MWEItem`` s (``load_mwe``): positive = the matching
-  answer, so ``score = log p(matching) - log p(not matching)``. Yes/No answers (" Yes"/" No")
+  "answer_not_matching_behavior"}`` (the last may be left out for Yes/No and (A)/(B) answers:
+  ``steerkern.data.opposite_answer``) or ``steerkern.data.MWEItem`` s (``load_mwe``): positive =
+  the matching answer, so ``score = log p(matching) - log p(not matching)``. Yes/No answers (" Yes"/" No")
   compare the yes/no variant sets. Letter answers (" (A)"/" (B)") are scored with the reply
   prefix ``"("`` rendered after the chat template, so the answer position predicts the letter,
   and compare the letters' variants ("A", " A" vs "B", " B"). Where an item lists several
@@ -32,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from steerkern.data import MWEItem, render_prompt
+from steerkern.data import MWEItem, opposite_answer, render_prompt
 
 YES_NO = ("yes", "no")
 LETTER_PREFIX = "("  # the reply opened before a letter answer, so the next token is the letter
@@ -177,18 +178,16 @@ def _item(entry, variants) -> BinaryItem:
             raise ValueError("'question' must be a non-empty string")
         match = _answers(entry["answer_matching_behavior"], "answer_matching_behavior")
         other = entry.get("answer_not_matching_behavior")
-        not_match = None if other is None else _answers(other, "answer_not_matching_behavior")
+        if other is None:
+            other = opposite_answer(entry["answer_matching_behavior"])
+        not_match = _answers(other, "answer_not_matching_behavior")
         shown = f"{entry['answer_matching_behavior']!r} / {other!r}"
         if match[0] in YES_NO:
             flip = "no" if match[0] == "yes" else "yes"
-            if len(match) > 1 or (not_match is not None and not_match != [flip]):
+            if len(match) > 1 or not_match != [flip]:
                 raise ValueError(f"answers {shown} mix Yes/No with another form")
             return BinaryItem(question, "", variants(match[0]), variants(flip),
                               1 if match[0] == "yes" else -1, "yes_no")
-        if not_match is None:
-            if len(match) != 1 or match[0] not in ("A", "B"):
-                raise ValueError("'answer_not_matching_behavior' is needed beyond A/B choices")
-            not_match = ["B" if match[0] == "A" else "A"]
         if any(w in YES_NO for w in match + not_match) or set(match) & set(not_match):
             raise ValueError(f"answers {shown} are not different letters")
         positive = tuple(sorted({t for w in match for t in variants(w)}))

@@ -349,9 +349,30 @@ def test_mwe_reader_odd_but_valid_and_broken_text(tmp_path):
     with pytest.raises(ValueError, match="blank.jsonl.*no items"):
         load_mwe(blank)
     two = tmp_path / "two.jsonl"
-    two.write_text(line + "\n" + '{"question": "Q", "answer_matching_behavior": " Yes"}\n')
-    with pytest.raises(ValueError, match="two.jsonl.*line 2 .*answer_not_matching_behavior"):
+    two.write_text(line + "\n" + '{"question": "Q", "answer_matching_behavior": " (C)"}\n')
+    with pytest.raises(ValueError, match="two.jsonl.*line 2 .*answer_not_matching_behavior.*only for Yes/No"):
         load_mwe(two)
+
+
+def test_a_missing_non_matching_answer_follows_for_two_way_answers(tmp_path, tokenizer):
+    """Without ``answer_not_matching_behavior`` a Yes/No or (A)/(B) item takes the other answer,
+    in load_mwe as in evaluate's prompts (binary_items), written as the matching one is."""
+    from steerkern.items import binary_items
+
+    rows = [{"question": "Q1", "answer_matching_behavior": " Yes"},
+            {"question": "Q2", "answer_matching_behavior": "(B)", "answer_not_matching_behavior": None},
+            {"question": "Q3", "answer_matching_behavior": [" (a)"]},
+            {"question": "Q4", "answer_matching_behavior": " NO"}]
+    items = load_mwe(_lines(tmp_path / "short.jsonl", *rows))
+    assert [(i.matching, i.not_matching) for i in items] == [
+        (" Yes", " No"), ("(B)", "(A)"), (" (a)", " (b)"), (" NO", " YES")]
+    assert binary_items(tokenizer, rows) == binary_items(tokenizer, items)
+    for row in ({"question": "Q", "answer_matching_behavior": " (C)"},
+                {"question": "Q", "answer_matching_behavior": [" (A)", " (B)"]}):
+        with pytest.raises(ValueError, match="answer_not_matching_behavior"):
+            load_mwe(_lines(tmp_path / "bad.jsonl", row))
+        with pytest.raises(ValueError, match=r"prompts\[0\].*answer_not_matching_behavior"):
+            binary_items(tokenizer, [row])
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
