@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import tempfile
 import textwrap
@@ -26,7 +27,9 @@ EXIT_USAGE = 2
 # Spelled here rather than imported: steerkern.directions / steerkern.models import torch, which
 # would slow `--help` (tests/test_cli.py checks they agree).
 EXTRACT_METHODS = ("mean_diff", "pca_diff", "pca_center", "lowrank", "weight_svd", "grad")
+RANK_METHODS = ("lowrank", "weight_svd")  # the methods --rank applies to
 RESIDUAL = "residual"
+FLOAT32_MAX = 3.4028234663852886e38  # steerkern.control.FLOAT32_MAX: coefficients are held as float32
 
 
 class CLIError(Exception):
@@ -48,31 +51,39 @@ def _numbers(values: list[str], flag: str) -> list[float]:
             if not piece.strip():
                 continue
             try:
-                numbers.append(float(piece))
+                number = float(piece)
             except ValueError:
                 raise CLIError(f"{flag}: {piece!r} is not a number") from None
+            if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+                raise CLIError(f"{flag}: {piece.strip()!r} is not a finite float32 number "
+                               f"(|c| <= {FLOAT32_MAX:.3g}): coefficients are held in float32")
+            numbers.append(number)
     if not numbers:
         raise CLIError(f"{flag}: give at least one number")
     return numbers
 
 
+_LAYER_PIECE = re.compile(r"^(-?\d+)(?:\s*-\s*(-?\d+))?$")
+
+
 def _layers(text: str | None) -> list[int] | None:
-    """``"10-14"``, ``"8,10,12"`` or ``"8-10,14"`` -> layer list."""
+    """``"10-14"``, ``"8,10,12"``, ``"8-10,14"`` or, counted from the last layer, ``"-3--1"``
+    -> layer list (negative indices are resolved once the model's depth is known)."""
     if text is None:
         return None
     layers = []
     for piece in text.split(","):
         piece = piece.strip()
-        try:
-            if "-" in piece[1:]:
-                start, stop = (int(end) for end in piece.split("-", 1))
-                if start > stop:
-                    raise CLIError(f"--layers: {piece!r} is an empty range: write it low-high, e.g. {stop}-{start}")
-                layers.extend(range(start, stop + 1))
-            else:
-                layers.append(int(piece))
-        except ValueError:
-            raise CLIError(f"--layers: {piece!r} is not a layer index or range like 10-14") from None
+        match = _LAYER_PIECE.match(piece)
+        if match is None:
+            raise CLIError(f"--layers: {piece!r} is not a layer index or range like 10-14 or -3--1")
+        start, stop = int(match[1]), int(match[2] if match[2] is not None else match[1])
+        if (start < 0) != (stop < 0):
+            raise CLIError(f"--layers: {piece!r} mixes an index from the first layer with one from "
+                           "the last: write both ends the same way, like 10-14 or -5--1")
+        if start > stop:
+            raise CLIError(f"--layers: {piece!r} is an empty range: write it low-high, e.g. {stop}-{start}")
+        layers.extend(range(start, stop + 1))
     if not layers:
         raise CLIError("--layers: give layer indices like 10-14 or 8,10,12")
     return layers
@@ -140,6 +151,14 @@ def _load_vector(path: str):
         raise CLIError(f"--vector: cannot read {path!r}: {error}") from None
 
 
+def _check_vector_fits(vector, model) -> None:
+    """A vector whose layers or widths the loaded model lacks, refused naming ``--vector``."""
+    try:
+        vector.validate(model)
+    except ValueError as error:
+        raise CLIError(f"--vector: {error}") from None
+
+
 def _load_model(args):
     from steerkern.models import load_model
 
@@ -171,6 +190,9 @@ def _output_file(output: str) -> Path:
     """``-o/--output``, checked before any model is loaded: a .safetensors or .gguf name that
     is not a directory, in a place that can be written (missing directories are created)."""
     path = Path(output).expanduser()
+    if path.name.lower() in (".safetensors", ".gguf"):
+        raise CLIError(f"-o/--output: {output!r} has no name before its extension: give one, "
+                       f"e.g. vector{path.name.lower()}")
     if path.suffix.lower() not in (".safetensors", ".gguf"):
         raise CLIError(f"-o/--output: {output!r} must end in .safetensors or .gguf")
     if path.is_dir():
@@ -207,6 +229,11 @@ def cmd_extract(args) -> int:
     if output.suffix.lower() == ".gguf":
         _check_gguf_extraction(args.method, layers, args.target)
     _check_target(args.method, args.target)
+    if args.rank is not None and args.method not in RANK_METHODS:
+        raise CLIError(f"--rank applies to --method {' | '.join(RANK_METHODS)}; --method {args.method} "
+                       "gives one direction per layer: drop --rank")
+    if args.max_suffixes is not None and args.concept is None:
+        raise CLIError("--max-suffixes applies to --concept (its persona pairs): drop it with --pairs or --mwe")
     if args.pairs is not None:
         pairs = _read_pairs(_existing_file(args.pairs, "--pairs"))
     elif args.mwe is not None:
@@ -225,11 +252,21 @@ def cmd_extract(args) -> int:
         pairs = mwe_pairs(items, tokenizer, concept=Path(args.mwe).stem)
     if args.limit is not None and args.mwe is None:
         pairs = pairs[: args.limit]
-    vector = extract(model, tokenizer, pairs, layers=layers, method=args.method, rank=args.rank,
-                     target=args.target, progress=True, concept=args.name)
+    try:
+        vector = extract(model, tokenizer, pairs, layers=layers, method=args.method, rank=args.rank or 1,
+                         target=args.target, progress=True, concept=args.name)
+    except ValueError as error:
+        raise CLIError(_in_flag_terms(" ".join(str(error).split()))) from None
     path = _save_vector(vector, args.output)
-    print(f"wrote {path} ({vector!r}, {len(pairs)} pairs, method {args.method})")
+    print(f"wrote {path} ({vector!r}, {len(pairs)} pair{'s' * (len(pairs) != 1)}, method {args.method})")
     return 0
+
+
+def _in_flag_terms(message: str) -> str:
+    """An ``extract`` error in the command's terms: its arguments (``rank=10``,
+    ``target='mlp'``, ``extract(method='lowrank')``) as the flags that set them."""
+    message = re.sub(r"\bextract\(method='([^']*)'\)", r"--method \1", message)
+    return re.sub(r"(?<![-\w])(layers|method|rank|target)=('?)([^'\s,:]*)\2", r"--\1 \3", message)
 
 
 def _check_target(method: str, target: str) -> None:
@@ -263,12 +300,7 @@ def _coeffs_then_prompts(values: list[str], prompts: list[str]) -> tuple[list[fl
     count = 0
     while count < len(values) and _is_number_list(values[count]):
         count += 1
-    from steerkern.control import FLOAT32_MAX
-
     coeffs = _numbers(values[: max(count, 1)], "--coeff")
-    bad = [c for c in coeffs if not math.isfinite(c) or abs(c) > FLOAT32_MAX]
-    if bad:
-        raise CLIError(f"--coeff: {bad[0]!r} is not a finite float32 number (|c| <= {FLOAT32_MAX:.3g})")
     prompts = list(prompts) + list(values[count:])
     if not prompts:
         raise CLIError('give at least one PROMPT, e.g. steerkern generate --vector v.safetensors "Tell me about yourself."')
@@ -281,10 +313,7 @@ def cmd_generate(args) -> int:
     coeffs, args.prompts = _coeffs_then_prompts(args.coeff, args.prompts)
     vector = _load_vector(args.vector)
     model, tokenizer = _load_model(args)
-    try:
-        vector.validate(model)
-    except ValueError as error:
-        raise CLIError(f"--vector: {error}") from None
+    _check_vector_fits(vector, model)
     arms = [(-1 if c == 0 else 0, c) for c in coeffs]
     texts, _ = generate_rows(model, tokenizer, [vector], args.prompts, arms,
                              max_new_tokens=args.max_new_tokens, positions=args.positions,
@@ -336,6 +365,7 @@ def cmd_eval(args) -> int:
         raise CLIError(f"--prompts or --mwe is needed: the vector's concept "
                        f"{vector.metadata['concept']!r} ships no eval prompts (shipped: {list_concepts()})")
     model, tokenizer = _load_model(args)
+    _check_vector_fits(vector, model)
     if prompts is None:
         from steerkern.data import concept_eval_prompts
 
@@ -505,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="mean_diff", choices=EXTRACT_METHODS, help="extraction method")
     p.add_argument("--layers", default=None,
                    help="layers like 10-14 or 8,10,12; a negative one counts from the last (default: a middle band)")
-    p.add_argument("--rank", type=int, default=1, help="rank for lowrank / weight_svd")
+    p.add_argument("--rank", type=int, default=None, help="rank for lowrank / weight_svd (default: 1)")
     _target_flag(p)
     p.add_argument("--limit", type=int, default=None, help="use at most this many pairs / items (default: all)")
     p.add_argument("--max-suffixes", type=int, default=None,

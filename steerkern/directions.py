@@ -172,7 +172,9 @@ def lowrank(cho: torch.Tensor, rej: torch.Tensor, rank: int = 1, ridge: float = 
     cho, rej = cho.to(dtype), rej.to(dtype)
     diffs = cho - rej
     if not 1 <= rank <= min(diffs.shape):
-        raise ValueError(f"rank={rank} must be between 1 and min(n_rows, D) = {min(diffs.shape)}")
+        raise ValueError(f"rank={rank} must be between 1 and {min(diffs.shape)}, the smaller of the "
+                         f"{diffs.shape[0]} difference rows (one per pair and token read) and the "
+                         f"width {diffs.shape[1]}")
     basis = top_right_singular(diffs, rank)
     signs = torch.where(diffs.mean(0) @ basis < 0, -1.0, 1.0).to(dtype)
     basis = basis * signs

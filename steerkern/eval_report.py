@@ -115,6 +115,11 @@ def _float(value) -> float:
     return float("nan") if value is None else float(value)
 
 
+def _counted(n: int, noun: str) -> str:
+    """``1 prompt``, ``3 prompts``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _fmt(value: float, se: float | None = None, digits: int = 3) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
@@ -188,7 +193,8 @@ class EvalReport:
     def summary(self) -> str:
         name = _one_line(self.metadata.get("name") or self.metadata.get("concept") or "vector")
         return (f"{name}: effect {_fmt(self.effect, self.effect_se)} nats per unit coefficient "
-                f"({len(self.prompts)} prompts, {len(self.gen_prompts)} generation prompts)")
+                f"({_counted(len(self.prompts), 'prompt')}, "
+                f"{_counted(len(self.gen_prompts), 'generation prompt')})")
 
     def table(self) -> str:
         """Markdown table: one row per coefficient (score ± SE, ΔNLL ± SE, a sample)."""

@@ -284,11 +284,11 @@ class SteeringVector:
         """Check that every part fits ``model``: layer in range, target module present, widths
         equal to the module's output (and input for ``source="input"``). Returns ``self``."""
         from steerkern.models import (
-            check_layer,
             hidden_size,
             model_id,
             model_type,
             module_weight,
+            num_layers,
             resolve_module,
         )
 
@@ -310,8 +310,11 @@ class SteeringVector:
                 f"this control vector's model_hint is {hinted!r} but {model_id(model)} is a {kind!r} "
                 "model: a direction does not transfer between models; extract one from this model "
                 "unless the file's hint is wrong", stacklevel=2)
+        depth = num_layers(model)
         for (layer, target), part in self.parts.items():
-            check_layer(model, layer, argument="vector layer")
+            if not -depth <= layer < depth:
+                raise ValueError(f"this vector steers layer {layer}{hint} but {model_id(model)} has {depth} "
+                                 f"layers (0..{depth - 1}): use a vector extracted from this model")
             module = resolve_module(model, layer, target)
             expected_out, expected_in = width, width
             try:

@@ -256,8 +256,9 @@ def test_sweep_arguments_are_checked_before_the_model_loads(tiny_cli, tmp_path, 
         (["eval", "--vector", str(vector), "--out", str(a_file)], "is a file"),
         (["demo", "--coeffs", "2"], "--coeffs"),
         (["demo", "--out", str(a_file)], "is a file"),
-        (["generate", "--vector", str(vector), "--coeff", "1e39", "Hi"], "--coeff: 1e+39 is not a finite float32"),
-        (["generate", "--vector", str(vector), "--coeff", "nan", "Hi"], "--coeff: nan"),
+        (["generate", "--vector", str(vector), "--coeff", "1e39", "Hi"], "--coeff: '1e39' is not a finite float32"),
+        (["generate", "--vector", str(vector), "--coeff", "nan", "Hi"], "--coeff: 'nan'"),
+        (["eval", "--vector", str(vector), "--coeffs", "0", "1e400"], "--coeffs: '1e400' is not a finite float32"),
         (["generate", "--vector", str(vector), "--max-new-tokens", "0", "Hi"], "--max-new-tokens must be >= 1, got 0"),
         (["generate", "--vector", str(vector), "--max-new-tokens", "-1", "Hi"], "--max-new-tokens must be >= 1"),
         (["eval", "--vector", str(vector), "--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
@@ -415,3 +416,64 @@ def test_a_bad_prompts_record_names_the_flag_and_file(tiny_cli, tmp_path, capsys
     assert main(["eval", "--vector", str(vector), "--prompts", str(prompts), "--max-new-tokens", "0"]) == 2
     line = _error_line(capsys)
     assert line.startswith("steerkern eval: error: --prompts ") and "p.jsonl" in line and "prompts[1]" in line
+
+
+def test_flags_the_chosen_method_or_source_ignores_are_refused_before_the_model_loads(tiny_cli, tmp_path,
+                                                                                      capsys):
+    """``--rank`` with a method that gives one direction, ``--max-suffixes`` without
+    ``--concept``, an output named only by its extension and a --layers range from both ends were
+    accepted silently or refused in confusing words."""
+    _, calls = tiny_cli
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text('[["I like cats", "I hate cats"], ["Are you happy ?", "Are you sad ?"]]')
+    out = str(tmp_path / "v.safetensors")
+    for argv, message in [
+        (["extract", "--pairs", str(pairs), "--rank", "2", "-o", out], "--rank applies to --method lowrank"),
+        (["extract", "--pairs", str(pairs), "--method", "grad", "--rank", "1", "-o", out], "drop --rank"),
+        (["extract", "--pairs", str(pairs), "--max-suffixes", "2", "-o", out], "--max-suffixes applies to --concept"),
+        (["extract", "--pairs", str(pairs), "-o", str(tmp_path / ".safetensors")], "has no name before its extension"),
+        (["extract", "--pairs", str(pairs), "--layers=1--1", "-o", out], "'1--1' mixes an index"),
+        (["extract", "--pairs", str(pairs), "--layers=-1--3", "-o", out], "'-1--3' is an empty range"),
+    ]:
+        assert main(argv) == 2, argv
+        assert message in _error_line(capsys), argv
+    assert calls == []
+
+
+def test_layer_lists_and_ranges_counted_from_the_last():
+    from steerkern.cli import CLIError, _layers
+
+    assert _layers("-3--1") == [-3, -2, -1]
+    assert _layers(" 8 - 10, -1") == [8, 9, 10, -1]
+    assert _layers("-2") == [-2] and _layers("4") == [4]
+    for bad in ("1-", "--1", "a-b", "1.5", ""):
+        with pytest.raises(CLIError, match="--layers"):
+            _layers(bad)
+
+
+def test_errors_found_after_the_model_loads_name_the_flags(tiny_cli, tmp_path, capsys):
+    """extract's and the vector's checks against the loaded model speak of --rank, --target,
+    --layers and --vector, not of the Python arguments behind them; negative --layers ranges
+    count from the last layer."""
+    vector, _ = tiny_cli
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text('[["I like cats", "I hate cats"], ["Are you happy ?", "Are you sad ?"]]')
+    out = str(tmp_path / "v.safetensors")
+    deep = SteeringVector.from_directions({9: torch.ones(64)}, concept="x").save(tmp_path / "deep.safetensors")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Are you happy ?", "label": 1}\n')
+    for argv, message in [
+        (["extract", "--pairs", str(pairs), "--method", "lowrank", "--rank", "5", "--layers", "1", "-o", out],
+         "--method lowrank at layer 1: --rank 5 must be between 1 and 2, the smaller of the 2 difference rows"),
+        (["extract", "--pairs", str(pairs), "--target", "nope", "--layers", "1", "-o", out],
+         "--target nope is not a sub-module of layer 1"),
+        (["extract", "--pairs", str(pairs), "--layers", "7", "-o", out], "--layers 7 is out of range"),
+        (["eval", "--vector", str(deep), "--prompts", str(prompts), "--max-new-tokens", "0"], "--vector: "),
+    ]:
+        assert main(argv) == 2, argv
+        line = _error_line(capsys)
+        assert message in line, (argv, line)
+        assert "=" not in line.split("error: ", 1)[1].split("(")[0], line
+    assert main(["extract", "--pairs", str(pairs), "--layers=-2--1", "-o", out]) == 0
+    assert SteeringVector.load(out).layers == [2, 3]
+    assert "2 pairs" in capsys.readouterr().out

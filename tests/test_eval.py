@@ -83,6 +83,7 @@ def test_report_table_json_roundtrip_and_files(tmp_path):
     assert table == report.table()
     lines = table.splitlines()
     assert lines[0].startswith("happy: effect +")
+    assert lines[0].endswith("(3 prompts, 1 generation prompt)")
     assert sum(line.startswith("| ") and "---" not in line for line in lines) == 1 + 3  # header + rows
     assert "happy text" in table and "+0.300 ± 0.050" in table
     data = json.loads(json.dumps(report.to_dict()))

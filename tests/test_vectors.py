@@ -124,7 +124,7 @@ def test_validate_against_a_model(tiny_model_factory):
     additive(dim=64).validate(model)
     with pytest.raises(ValueError, match="expects 64"):
         additive(dim=32).validate(model)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match=r"this vector steers layer 9 but .* has 4 layers \(0..3\)"):
         additive(layers=(9,)).validate(model)
     with pytest.raises(ValueError, match="target='mlp.nope'"):
         SteeringVector.from_directions({1: torch.zeros(64)}, target="mlp.nope").validate(model)
