@@ -534,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--mwe", metavar="FILE", help="model-written-evals JSONL (CAA pairs at the answer token)")
     p.add_argument("--method", default="mean_diff", choices=EXTRACT_METHODS, help="extraction method")
     p.add_argument("--layers", default=None,
-                   help="layers like 10-14 or 8,10,12; a negative one counts from the last (default: a middle band)")
+                   help="layers like 10-14 or 8,10,12; negative ones count from the last (-3--1: the last three) "
+                        "(default: a middle band)")
     p.add_argument("--rank", type=int, default=None, help="rank for lowrank / weight_svd (default: 1)")
     _target_flag(p)
     p.add_argument("--limit", type=int, default=None, help="use at most this many pairs / items (default: all)")
