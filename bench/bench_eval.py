@@ -26,11 +26,11 @@ the 80-row batch more per row than 16-row calls whose scores stay in cache:
   do (repeng, steering-vectors) — one ``generate`` of 16 rows per coefficient, 5 calls,
   ``steer(model, v, coeff=c, positions=...)``.
 
-All three give the same token ids up to float near-ties (checked). Timings are paired: each
-round runs the three in turn (the order reversed every other round) so load on a shared
-machine hits them alike; the reported speedup is the median over rounds of the per-round
-ratio, with its range, in wall time and in process CPU time (which other processes on a
-shared machine inflate less). One torch thread on CPU (``STEERKERN_BENCH_THREADS`` to change it).
+All three give the same token ids up to float near-ties (checked). Timings are paired
+(``bench/paired.py``): each round runs the three in turn (the order reversed every other
+round) so load on a shared machine hits them alike; the reported speedup is the median over
+rounds of the per-round ratio, with its range, in wall time and in process CPU time (which
+other processes on a shared machine inflate less). One torch thread on CPU (``STEERKERN_BENCH_THREADS`` to change it).
 
 Where the default model cannot be installed (the device machine: its package is over the
 64 MiB that travels there), ``STEERKERN_BENCH_SKELETON=DIR`` runs the same sweep on a model of
@@ -42,10 +42,9 @@ early and the greedy tokens of the three variants agree less (near-ties are comm
 """
 
 import os
-import statistics
 import sys
-import time
 
+import paired
 import pytest
 import torch
 
@@ -148,39 +147,24 @@ def _agreement(a: torch.Tensor, b: torch.Tensor, pad_id: int) -> float:
 
 
 def paired_rounds(setup, positions, rounds=ROUNDS) -> dict:
-    """Alternating rounds of per_coeff / shared / plain; per-round times and ratios."""
+    """Paired rounds (``bench/paired.py``) of per_coeff / shared / plain; times and ratios."""
     variants = {"per_coeff": lambda: per_coeff(setup, positions),
                 "shared": lambda: batched(setup, positions, share=True),
                 "plain": lambda: batched(setup, positions, share=False)}
-    times = {name: [] for name in variants}
-    cpu = {name: [] for name in variants}  # process CPU seconds: less sensitive to other load
-    outputs = {}
-    for r in range(rounds):
-        order = list(variants) if r % 2 == 0 else list(variants)[::-1]
-        for name in order:
-            if CUDA:
-                torch.cuda.synchronize()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            out = variants[name]()
-            if CUDA:
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-            outputs.setdefault(name, out)
+    run = paired.paired_rounds(variants, rounds)
+    times, cpu, outputs = run["wall"], run["cpu"], run["outputs"]
     pad_id = setup[5].pad_token_id
     agree = {f"shared_vs_{k}": _agreement(outputs["shared"], outputs[k], pad_id)
              for k in ("plain", "per_coeff")}
-    vs_per_coeff = [b / s for b, s in zip(times["per_coeff"], times["shared"])]
-    vs_plain = [p / s for p, s in zip(times["plain"], times["shared"])]
-    plain_vs_per_coeff = [b / p for b, p in zip(times["per_coeff"], times["plain"])]
-    cpu_ratio = [b / s for b, s in zip(cpu["per_coeff"], cpu["shared"])]
+    speedup, low, high = paired.ratios(times, "per_coeff", "shared")
+    cpu_speedup, cpu_low, cpu_high = paired.ratios(cpu, "per_coeff", "shared")
     return {"times": times, "cpu": cpu, "agreement": agree,
             "steps": {k: int(v.shape[1]) for k, v in outputs.items()},
-            "cpu_median_s": {k: statistics.median(v) for k, v in cpu.items()},
-            "cpu_speedup": statistics.median(cpu_ratio), "cpu_speedup_range": (min(cpu_ratio), max(cpu_ratio)), "median_s": {k: statistics.median(v) for k, v in times.items()},
-            "speedup": statistics.median(vs_per_coeff), "speedup_range": (min(vs_per_coeff), max(vs_per_coeff)),
-            "shared_vs_plain": statistics.median(vs_plain),
-            "plain_vs_per_coeff": statistics.median(plain_vs_per_coeff)}
+            "cpu_median_s": paired.medians(cpu), "median_s": paired.medians(times),
+            "cpu_speedup": cpu_speedup, "cpu_speedup_range": (cpu_low, cpu_high),
+            "speedup": speedup, "speedup_range": (low, high),
+            "shared_vs_plain": paired.ratios(times, "plain", "shared")[0],
+            "plain_vs_per_coeff": paired.ratios(times, "per_coeff", "plain")[0]}
 
 
 @pytest.mark.parametrize("positions", POSITIONS)

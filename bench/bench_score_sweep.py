@@ -20,12 +20,12 @@ the variants in turn, the order reversed every other round; speedups are medians
 ratios of process CPU time. One torch thread on CPU (``STEERKERN_BENCH_THREADS``).
 """
 
+import functools
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
+import paired
 import pytest
 import torch
 
@@ -93,20 +93,14 @@ VARIANTS = {"bottom": bottom, "prefix": prefix, "plain": plain, "per_coeff": per
 
 
 def paired_rounds(setup, rounds=ROUNDS) -> dict:
-    cpu = {name: [] for name in VARIANTS}
-    scores = {}
-    for r in range(rounds):
-        order = list(VARIANTS) if r % 2 == 0 else list(VARIANTS)[::-1]
-        for name in order:
-            start = time.process_time()
-            scores[name] = VARIANTS[name](setup)
-            cpu[name].append(time.process_time() - start)
+    run = paired.paired_rounds({name: functools.partial(call, setup) for name, call in VARIANTS.items()},
+                               rounds)
+    cpu, scores = run["cpu"], run["outputs"]
     gap = max(float(np.abs(scores["bottom"] - scores[k]).max()) for k in VARIANTS)
-    ratio = {k: [b / a for a, b in zip(cpu["bottom"], cpu[k])] for k in VARIANTS if k != "bottom"}
-    return {"cpu": cpu, "max_score_gap": gap,
-            "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
-            "speedup": {k: statistics.median(v) for k, v in ratio.items()},
-            "range": {k: (min(v), max(v)) for k, v in ratio.items()}}
+    ratio = {k: paired.ratios(cpu, k, "bottom") for k in VARIANTS if k != "bottom"}
+    return {"cpu": cpu, "max_score_gap": gap, "median_cpu_s": paired.medians(cpu),
+            "speedup": {k: r[0] for k, r in ratio.items()},
+            "range": {k: r[1:] for k, r in ratio.items()}}
 
 
 def test_score_sweep_sharing(benchmark, setup):

@@ -23,15 +23,15 @@ In one process the allocator keeps what one variant freed for the next, which hi
 difference. One torch thread on CPU (``STEERKERN_BENCH_THREADS``).
 """
 
+import functools
 import gc
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+import paired
 import pytest
 import torch
 
@@ -136,21 +136,13 @@ def peak_mb(variants: dict) -> dict:
 
 
 def paired_rounds(setup, variants: dict, rounds=ROUNDS) -> dict:
-    cpu = {name: [] for name in variants}
-    outputs = {}
-    for name in variants:  # untimed: the first call in a process pays one-time costs
-        variants[name](setup)
-    for r in range(rounds):
-        order = list(variants) if r % 2 == 0 else list(variants)[::-1]
-        for name in order:
-            start = time.process_time()
-            outputs[name] = variants[name](setup)
-            cpu[name].append(time.process_time() - start)
+    run = paired.paired_rounds({name: functools.partial(call, setup) for name, call in variants.items()},
+                               rounds, warm_up=True)
+    cpu, outputs = run["cpu"], run["outputs"]
     base, *others = list(variants)
     gap = max(float(np.abs(outputs[base] - outputs[k]).max()) for k in others)
-    ratio = {k: statistics.median(b / a for a, b in zip(cpu[base], cpu[k])) for k in others}
-    return {"cpu": cpu, "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
-            "peak_mb": peak_mb(variants), "speedup": ratio, "max_gap": gap}
+    return {"cpu": cpu, "median_cpu_s": paired.medians(cpu), "peak_mb": peak_mb(variants),
+            "speedup": {k: paired.ratios(cpu, k, base)[0] for k in others}, "max_gap": gap}
 
 
 def _line(result) -> str:
