@@ -331,6 +331,11 @@ def test_target_flag_steers_a_sub_module_and_weight_svd_needs_one(tiny_cli, tmp_
     from steerkern.models import RESIDUAL as MODELS_RESIDUAL
 
     assert RESIDUAL == MODELS_RESIDUAL and set(EXTRACT_METHODS) == set(METHODS)
+    from steerkern.cli import FLOAT32_MAX, RANK_METHODS
+    from steerkern.control import FLOAT32_MAX as CONTROL_FLOAT32_MAX
+    from steerkern.directions import ADDITIVE_METHODS
+
+    assert FLOAT32_MAX == CONTROL_FLOAT32_MAX and set(RANK_METHODS) == set(METHODS) - set(ADDITIVE_METHODS)
     _, calls = tiny_cli
     pairs = tmp_path / "pairs.json"
     pairs.write_text('[["I like cats", "I hate cats"], ["Are you happy ?", "Are you sad ?"]]')
