@@ -2,7 +2,6 @@
 extraction, bad input, and a real steering effect on the default model."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -558,15 +557,12 @@ def test_a_model_in_training_mode_is_read_without_dropout(method):
 # --- distributed ------------------------------------------------------------------------------
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _distributed_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _distributed_worker(rank, world, out_dir):
+    # a file store: no TCP store server thread in rank 0 to race the other rank's teardown
+    # (rank 0 once aborted, "terminate called without an active exception", on CI) and no
+    # port picked here that another process can take before the store binds it
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank, world_size=world)
     try:
         from tests.tiny_models import build_tiny_model
 
@@ -575,6 +571,7 @@ def _distributed_worker(rank, world, port, out_dir):
             vector = extract(model, CharTokenizer(), PAIRS, layers=[1, 2], method=method,
                              batch_size=2, progress=False)
             vector.save(os.path.join(out_dir, f"{method}-{rank}.safetensors"))
+        torch.distributed.barrier()  # neither rank tears down while the other still talks
     finally:
         torch.distributed.destroy_process_group()
 
@@ -585,7 +582,7 @@ def test_two_process_extraction_equals_one_process(tmp_path, tiny_model_factory)
 
     from steerkern.vectors import SteeringVector
 
-    mp.spawn(_distributed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     model = tiny_model_factory("llama")
     for method in ("pca_center", "grad"):
         single = extract(model, CharTokenizer(), PAIRS, layers=[1, 2], method=method, progress=False)
