@@ -220,6 +220,7 @@ def _save_vector(vector, output: str) -> Path:
 
 def cmd_extract(args) -> int:
     from steerkern.data import concept_pairs, list_concepts, load_mwe, mwe_pairs
+    from steerkern.eval_report import counted
     from steerkern.extract import extract
 
     output = _output_file(args.output)
@@ -258,7 +259,7 @@ def cmd_extract(args) -> int:
     except ValueError as error:
         raise CLIError(_in_flag_terms(" ".join(str(error).split()))) from None
     path = _save_vector(vector, args.output)
-    print(f"wrote {path} ({vector!r}, {len(pairs)} pair{'s' * (len(pairs) != 1)}, method {args.method})")
+    print(f"wrote {path} ({vector!r}, {counted(len(pairs), 'pair')}, method {args.method})")
     return 0
 
 

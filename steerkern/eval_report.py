@@ -115,7 +115,7 @@ def _float(value) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _counted(n: int, noun: str) -> str:
+def counted(n: int, noun: str) -> str:
     """``1 prompt``, ``3 prompts``."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -193,8 +193,8 @@ class EvalReport:
     def summary(self) -> str:
         name = _one_line(self.metadata.get("name") or self.metadata.get("concept") or "vector")
         return (f"{name}: effect {_fmt(self.effect, self.effect_se)} nats per unit coefficient "
-                f"({_counted(len(self.prompts), 'prompt')}, "
-                f"{_counted(len(self.gen_prompts), 'generation prompt')})")
+                f"({counted(len(self.prompts), 'prompt')}, "
+                f"{counted(len(self.gen_prompts), 'generation prompt')})")
 
     def table(self) -> str:
         """Markdown table: one row per coefficient (score ± SE, ΔNLL ± SE, a sample)."""

@@ -147,7 +147,7 @@ def test_cli_end_to_end(tmp_path, capsys, use_default_model):
     vector_path = tmp_path / "v.safetensors"
     assert main(["extract", "--pairs", str(pairs), "--layers", "10-12", "--method", "mean_diff",
                  "--name", "joy", "-o", str(vector_path)]) == 0
-    assert "wrote" in capsys.readouterr().out
+    assert "wrote" in (out := capsys.readouterr().out) and "3 pairs, method mean_diff" in out
     vector = SteeringVector.load(vector_path)
     assert vector.layers == [10, 11, 12] and vector.metadata["method"] == "mean_diff"
     gguf = tmp_path / "v.gguf"
