@@ -283,6 +283,7 @@ class SteeringVector:
     def validate(self, model) -> SteeringVector:
         """Check that every part fits ``model``: layer in range, target module present, widths
         equal to the module's output (and input for ``source="input"``). Returns ``self``."""
+        from steerkern.control import first_tensor
         from steerkern.models import (
             hidden_size,
             model_id,
@@ -303,6 +304,14 @@ class SteeringVector:
                 f"is a {kind!r} model: a direction does not transfer between architectures even "
                 "when the hidden sizes agree; extract a vector from this model"
             )
+        here = model_id(model)
+        if (isinstance(made_for, str) and made_for and made_for != type(model).__name__
+                and here != type(model).__name__ and _checkpoint_name(made_for) != _checkpoint_name(here)):
+            warnings.warn(
+                f"this vector was made for {made_for!r} and is applied to {here!r}: the architecture "
+                "and widths agree, but a direction found in one checkpoint may not carry over to "
+                "another; extract one from this model unless they share their weights' origin",
+                stacklevel=2)
         hinted = self.metadata.get("model_hint")
         if (not made_kind and kind and isinstance(hinted, str) and hinted != kind and _is_model_type(hinted)
                 and kind not in _LLAMA_CPP_ALIASES.get(hinted, ())):
@@ -316,6 +325,7 @@ class SteeringVector:
                 raise ValueError(f"this vector steers layer {layer}{hint} but {model_id(model)} has {depth} "
                                  f"layers (0..{depth - 1}): use a vector extracted from this model")
             module = resolve_module(model, layer, target)
+            first_tensor(module, f"layer {layer}, target {target!r}")  # steering needs its device and dtype
             expected_out, expected_in = width, width
             try:
                 weight = module_weight(module)
@@ -666,6 +676,12 @@ def _scalar(value) -> float | None:
 
 # llama.cpp writes its GGUF architecture name as the hint; it converts these model types to "llama"
 _LLAMA_CPP_ALIASES = {"llama": ("mistral", "mixtral", "mistral3", "llava")}
+
+
+def _checkpoint_name(name: str) -> str:
+    """``"HuggingFaceTB/SmolLM2-135M-Instruct"``, ``"/models/smollm2-135m-instruct/"`` ->
+    ``"smollm2-135m-instruct"``: the same checkpoint named by Hub id or local path."""
+    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
 
 
 def _is_model_type(name: str) -> bool:

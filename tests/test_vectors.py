@@ -134,6 +134,28 @@ def test_validate_against_a_model(tiny_model_factory):
         lowrank(dim=64, source="input", target="mlp.down_proj", d_src=80).validate(model)
     with pytest.raises(ValueError, match="not a linear module"):
         lowrank(dim=64, source="input", target="mlp", d_src=64).validate(model)
+    # a module without weights cannot be steered, whatever the vector's width (its own output,
+    # 96 wide here, was once refused as "expects 64")
+    for width in (96, 64):
+        with pytest.raises(ValueError, match=r"layer 1, target 'mlp.act_fn': \w+ holds no parameters"):
+            SteeringVector.from_directions({1: torch.ones(width)}, target="mlp.act_fn").validate(model)
+
+
+def test_validate_warns_when_a_vector_was_made_for_another_checkpoint(tiny_model_factory, monkeypatch):
+    """Same architecture and widths but another checkpoint's name: a warning, not an error (a
+    fine-tune may share the direction). A Hub id and a local directory of the same name agree;
+    models without a name (the class name stands in) are not compared."""
+    model = tiny_model_factory("llama")
+    vector = additive(dim=64, model="HuggingFaceTB/SmolLM-135M", model_type="llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vector.validate(model)  # the tiny model has no name
+        monkeypatch.setattr(model.config, "_name_or_path", "smollm-135m")
+        vector.validate(model)
+    monkeypatch.setattr(model.config, "_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.warns(UserWarning, match="made for 'HuggingFaceTB/SmolLM-135M' and is applied to "
+                                         "'HuggingFaceTB/SmolLM2-135M-Instruct'"):
+        vector.validate(model)
 
 
 # --- safetensors --------------------------------------------------------------------------------
