@@ -410,9 +410,10 @@ def cmd_demo(args) -> int:
     report.save(out)
     vector.save(out / f"{args.concept}.safetensors")
     print(report)
-    print()
-    print(side_by_side(report.gen_prompts, report.coeffs,
-                       [report.samples[c] for c in report.coeffs]))
+    if report.gen_prompts:  # none with --max-new-tokens 0
+        print()
+        print(side_by_side(report.gen_prompts, report.coeffs,
+                           [report.samples[c] for c in report.coeffs]))
     print(f"\nwrote {out / 'plot.png'}, {out / 'table.md'}, {out / 'report.json'} and "
           f"{out / (args.concept + '.safetensors')}")
     return 0
@@ -428,13 +429,15 @@ DEMO_PROMPTS = (
 
 def side_by_side(prompts, coeffs, texts, width: int | None = None) -> str:
     """Generations grouped by prompt, one wrapped paragraph per coefficient, aligned."""
+    from steerkern.eval_report import coeff_text
+
     width = width or min(100, max(60, os.get_terminal_size(sys.__stdout__.fileno()).columns
                                   if sys.__stdout__ and sys.__stdout__.isatty() else 100))
     blocks = []
     for g, prompt in enumerate(prompts):
         lines = [f"== {prompt}"]
         for j, c in enumerate(coeffs):
-            head = f"  coeff {c:+g}: "
+            head = f"  coeff {coeff_text(c, sign=True)}: "
             body = " ".join(texts[j][g].split()) or "(empty)"
             wrapped = textwrap.wrap(body, width=width - len(head)) or [""]
             lines.append(head + wrapped[0])

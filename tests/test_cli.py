@@ -182,6 +182,16 @@ def test_cli_demo(tmp_path, capsys, use_default_model):
     assert SteeringVector.load(out_dir / "sentiment.safetensors").metadata["concept"] == "sentiment"
 
 
+def test_demo_without_generations_prints_the_table(tiny_cli, tmp_path, capsys):
+    """``--max-new-tokens 0`` (no ΔNLL, no samples) once failed after writing the report."""
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "--out", str(out_dir), "--coeffs", "-2", "0", "2", "--max-new-tokens", "0",
+                 "--max-suffixes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "sentiment: effect" in out and "coeff -2:" not in out and "(no ΔNLL" not in out
+    assert (out_dir / "plot.png").is_file() and (out_dir / "sentiment.safetensors").is_file()
+
+
 # --- argument forms and early checks (tiny model: no default model needed) -------------------
 
 
