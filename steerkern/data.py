@@ -31,7 +31,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from steerkern.checks import count
+from steerkern.checks import count, encodable
 from steerkern.tokens import short_repr
 
 DEFAULT_TEMPLATE = "Pretend you're {persona} person making statements about the world."
@@ -113,6 +113,8 @@ def as_pairs(pairs, argument: str = "pairs") -> PairSet:
             raise ValueError(f"{argument}[{i}] must be a (chosen, rejected) pair, got {short_repr(pair, 80)}")
         if not all(isinstance(text, str) and text for text in pair):
             raise TypeError(f"{argument}[{i}] must hold two non-empty strings, got {short_repr(pair, 80)}")
+        for side, text in zip(("chosen", "rejected"), pair):
+            encodable(text, f"{argument}[{i}]'s {side} text")
     result.pairs = [tuple(p) for p in result.pairs]
     return result
 

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from steerkern.checks import count
+from steerkern.checks import count, encodable, model_and_tokenizer, real
 from steerkern.control import FLOAT32_MAX
 from steerkern.eval_report import (
     ComparisonReport,
@@ -58,12 +58,14 @@ POSITIONS = ("all", "prompt", "generated")
 
 
 def _without_dropout(function):
-    """Run ``function(model, ...)`` with ``model`` in eval mode (:func:`steerkern.models.eval_mode`):
-    a model left in training mode would score and generate through dropout."""
+    """Run ``function(model, tokenizer, ...)``, once both are checked, with ``model`` in eval
+    mode (:func:`steerkern.models.eval_mode`): a model left in training mode would score and
+    generate through dropout."""
     @functools.wraps(function)
-    def wrapper(model, *args, **kwargs):
+    def wrapper(model, tokenizer, *args, **kwargs):
+        model_and_tokenizer(model, tokenizer, ("encode", "decode"))  # answer tokens, samples
         with eval_mode(model):
-            return function(model, *args, **kwargs)
+            return function(model, tokenizer, *args, **kwargs)
     return wrapper
 
 
@@ -90,6 +92,9 @@ def _check_coeffs(coeffs, argument: str = "coeffs") -> list[float]:
         values.append(c + 0.0)  # -0.0 + 0.0 == +0.0
     if len(set(values)) != len(values):
         raise ValueError(f"{argument}={values} repeats a coefficient: give each once")
+    if len(set(np.float32(values).tolist())) != len(values):  # steering holds them as float32
+        raise ValueError(f"{argument}={values} holds coefficients that are equal as float32, the "
+                         "precision steering holds them in: give coefficients that differ more")
     if len(values) < 2:
         raise ValueError(f"{argument}={values}: a sweep needs at least two coefficients")
     return values
@@ -108,8 +113,10 @@ def _check_vector(model, vector, argument: str = "vector"):
     return vector
 
 
-def _check_common(max_new_tokens, batch_size, positions) -> tuple[int, int | None]:
+def _check_common(max_new_tokens, batch_size, positions, share_prefill) -> tuple[int, int | None]:
     """``(max_new_tokens, batch_size)`` as Python ints (``batch_size`` may be ``None``)."""
+    if not isinstance(share_prefill, (bool, np.bool_)):
+        raise TypeError(f"share_prefill must be True or False, got {share_prefill!r}")
     max_new_tokens = count(max_new_tokens, "max_new_tokens", minimum=0, meaning=" (0: no coherence measurement)")
     batch_size = count(batch_size, "batch_size", optional=True, meaning=" (None: one batch)")
     if positions not in POSITIONS:
@@ -125,7 +132,7 @@ def _gen_prompts(gen_prompts) -> list[str]:
     gen_prompts = list(gen_prompts)
     if not gen_prompts or not all(isinstance(p, str) and p.strip() for p in gen_prompts):
         raise ValueError("gen_prompts must be a non-empty list of non-empty strings (or None for the defaults)")
-    return gen_prompts
+    return [encodable(p, f"gen_prompts[{i}]") for i, p in enumerate(gen_prompts)]
 
 
 def _eval_prompts(prompts, vector):
@@ -235,7 +242,7 @@ def evaluate(model, tokenizer, vector, *, coeffs=DEFAULT_COEFFS, prompts=None, m
         >>> print(report); report.save("out/")                              # doctest: +SKIP
     """
     coeffs = _check_coeffs(coeffs)
-    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size, positions)
+    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size, positions, share_prefill)
     vector = _check_vector(model, vector)
     items = binary_items(tokenizer, _eval_prompts(prompts, vector))
     gens = _gen_prompts(gen_prompts)
@@ -272,10 +279,12 @@ def compare(model, tokenizer, vectors: Mapping, *, coeffs=DEFAULT_COEFFS, prompt
     Returns:
         :class:`ComparisonReport` with one :class:`EvalReport` per name.
     """
-    if not isinstance(vectors, Mapping) or not vectors:
-        raise ValueError("vectors must be a non-empty dict {name: SteeringVector}")
+    if not isinstance(vectors, Mapping):
+        raise TypeError(f"vectors must be a dict {{name: SteeringVector}}, got {type(vectors).__name__}")
+    if not vectors:
+        raise ValueError("vectors is empty: give a dict {name: SteeringVector} of at least one")
     coeffs = _check_coeffs(coeffs)
-    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size, positions)
+    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size, positions, share_prefill)
     names = [str(n) for n in vectors]
     if len(set(names)) != len(names):
         raise ValueError(f"vectors has names that are equal as text {names}: the report keys them by "
@@ -340,18 +349,14 @@ def calibrate(model, tokenizer, vector, *, max_delta_nll=0.5, max_coeff=16.0, si
         the magnitude (a float ``>= 0``; 0.0 when even the smallest magnitude tried exceeds the
         budget), or ``(magnitude, history)`` with ``return_history``.
     """
-    if isinstance(max_delta_nll, bool) or not isinstance(max_delta_nll, (int, float)) \
-            or not math.isfinite(max_delta_nll) or max_delta_nll <= 0:
-        raise ValueError(f"max_delta_nll must be a positive number (nats per token), got {max_delta_nll!r}")
-    if isinstance(max_coeff, bool) or not isinstance(max_coeff, (int, float)) \
-            or not math.isfinite(max_coeff) or not 0 < max_coeff <= FLOAT32_MAX:
-        raise ValueError(f"max_coeff must be a positive number within float32's range "
-                         f"(<= {FLOAT32_MAX:.3g}), got {max_coeff!r}")
+    max_delta_nll = real(max_delta_nll, "max_delta_nll", positive=True, meaning=" (nats per token)")
+    max_coeff = real(max_coeff, "max_coeff", positive=True, maximum=FLOAT32_MAX,
+                     meaning=" (the largest magnitude tried; float32's range)")
     signs = {"both": (1.0, -1.0), "+": (1.0,), "-": (-1.0,)}.get(sign)
     if signs is None:
         raise ValueError(f"sign={sign!r}: use 'both', '+' or '-'")
     grid, rounds = count(grid, "grid", minimum=2), count(rounds, "rounds")
-    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size, positions)
+    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size, positions, share_prefill)
     if max_new_tokens < 1:
         raise ValueError("calibrate needs max_new_tokens >= 1: ΔNLL is measured on generations")
     vector = _check_vector(model, vector)

@@ -66,7 +66,11 @@ def per_prompt_slopes(coeffs, scores) -> np.ndarray:
     """
     c, s = _check_grid(coeffs, scores)
     centred = c - c.mean()
-    return (s - s.mean(axis=1, keepdims=True)) @ centred / (centred @ centred)
+    spread = centred @ centred
+    if not spread > 0:
+        raise ValueError(f"coeffs={c.tolist()} are too close together for a slope (their squared "
+                         "spread underflows): give coefficients that differ more")
+    return (s - s.mean(axis=1, keepdims=True)) @ centred / spread
 
 
 def paired_slope(coeffs, scores) -> tuple[float, float]:
@@ -139,6 +143,15 @@ def _cell(text: str, width: int = 10**9) -> str:
     return _one_line(text, width).replace("|", "\\|")
 
 
+def coeff_text(c: float, sign: bool = False) -> str:
+    """A coefficient as short as it reads back exactly: ``{:g}`` (``2``, ``0.5``, ``1e-05``),
+    or Python's shortest round-trip ``repr`` where six digits would merge two coefficients."""
+    short = f"{c:+g}" if sign else f"{c:g}"
+    if float(short) == c:
+        return short
+    return f"{'+' if sign and c >= 0 else ''}{c!r}"
+
+
 def _literal(text: str) -> str:
     """``text`` for a matplotlib label or title, shown as written (``$`` would start maths)."""
     return str(text).replace("$", r"\$")
@@ -204,7 +217,7 @@ class EvalReport:
         for j, c in enumerate(self.coeffs):
             texts = self.samples.get(c) or []
             sample = _cell(texts[0], 60) if texts else ""
-            lines.append(f"| {c:g} | {_fmt(self.scores[j], self.score_se[j])} | "
+            lines.append(f"| {coeff_text(c)} | {_fmt(self.scores[j], self.score_se[j])} | "
                          f"{_fmt(self.delta_nll[j], self.delta_nll_se[j])} | {sample} |")
         return "\n".join(lines)
 
@@ -234,6 +247,9 @@ class EvalReport:
 
     @classmethod
     def from_dict(cls, data: dict) -> EvalReport:
+        if isinstance(data, dict) and data.get("kind") == "comparison":
+            raise ValueError("this is a comparison of several vectors (steerkern.compare): read it with "
+                             "ComparisonReport.load / from_dict")
         if not isinstance(data, dict) or data.get("kind") != "eval":
             raise ValueError("not an EvalReport dict (expected 'kind': 'eval', as written by to_dict)")
         try:
@@ -270,7 +286,7 @@ class EvalReport:
             for c in self.coeffs:
                 texts = self.samples.get(c) or []
                 text = _cell(texts[g], 400) if g < len(texts) else ""
-                lines.append(f"| {c:g} | {text} |")
+                lines.append(f"| {coeff_text(c)} | {text} |")
             lines.append("")
         return "\n".join(lines)
 
@@ -318,7 +334,7 @@ class ComparisonReport:
         for j, c in enumerate(self.coeffs):
             cells = [f"{_fmt(r.scores[j], r.score_se[j])} | {_fmt(r.delta_nll[j], r.delta_nll_se[j])}"
                      for r in self.reports.values()]
-            lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
+            lines.append(f"| {coeff_text(c)} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -330,6 +346,9 @@ class ComparisonReport:
 
     @classmethod
     def from_dict(cls, data: dict) -> ComparisonReport:
+        if isinstance(data, dict) and data.get("kind") == "eval":
+            raise ValueError("this is one vector's report (steerkern.evaluate): read it with "
+                             "EvalReport.load / from_dict")
         if not isinstance(data, dict) or data.get("kind") != "comparison":
             raise ValueError("not a ComparisonReport dict (expected 'kind': 'comparison')")
         reports = data.get("reports")
@@ -400,15 +419,17 @@ def _figure(coeffs, reports: dict[str, EvalReport], title: str):
     order = np.argsort(np.asarray(coeffs, dtype=np.float64), kind="stable")  # lines left to right
     x = np.asarray(coeffs, dtype=np.float64)[order]
     along = lambda values: np.asarray(values, dtype=np.float64)[order]  # noqa: E731
-    coherence = False  # whether any report measured ΔNLL (max_new_tokens > 0)
+    # legends are given their entries explicitly: matplotlib skips labels starting with "_"
+    score_entries, nll_entries = [], []
     for name, report in reports.items():
         label = _literal(_one_line(name, 60))
-        score_ax.errorbar(x, along(report.scores), yerr=np.nan_to_num(along(report.score_se)), marker="o",
-                          capsize=3, label=f"{label} (slope {_fmt(report.effect, report.effect_se, 2)})")
+        line = score_ax.errorbar(x, along(report.scores), yerr=np.nan_to_num(along(report.score_se)),
+                                 marker="o", capsize=3)
+        score_entries.append((line, f"{label} (slope {_fmt(report.effect, report.effect_se, 2)})"))
         if np.isfinite(along(report.delta_nll)).any():
-            nll_ax.errorbar(x, along(report.delta_nll), yerr=np.nan_to_num(along(report.delta_nll_se)),
-                            marker="o", capsize=3, label=label)
-            coherence = True
+            line = nll_ax.errorbar(x, along(report.delta_nll), yerr=np.nan_to_num(along(report.delta_nll_se)),
+                                   marker="o", capsize=3)
+            nll_entries.append((line, label))
     score_ax.set(xlabel="steering coefficient", ylabel="score (nats)",
                  title="behaviour: log p(yes) - log p(no), oriented")
     nll_ax.set(xlabel="steering coefficient", ylabel="ΔNLL (nats / token)",
@@ -416,9 +437,9 @@ def _figure(coeffs, reports: dict[str, EvalReport], title: str):
     for ax in (score_ax, nll_ax):
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.grid(alpha=0.3)
-    score_ax.legend(fontsize=8)
-    if coherence:
-        nll_ax.legend(fontsize=8)
+    score_ax.legend(*zip(*score_entries), fontsize=8)
+    if nll_entries:
+        nll_ax.legend(*zip(*nll_entries), fontsize=8)
     else:  # the zero line alone: say why the panel is empty
         nll_ax.text(0.5, 0.5, "not measured (max_new_tokens=0)", transform=nll_ax.transAxes,
                     ha="center", va="center", color="grey")

@@ -21,7 +21,7 @@ import torch
 from steerkern import _callable_module
 from steerkern import directions as maths
 from steerkern.capture import capture, last_positions, vjp_gradients
-from steerkern.checks import count
+from steerkern.checks import count, model_and_tokenizer
 from steerkern.data import PairSet, as_pairs, pair_text_name
 from steerkern.models import (
     RESIDUAL,
@@ -273,6 +273,7 @@ def extract(model, tokenizer, pairs, *, layers=None, method: str = "pca_diff", r
         >>> pairs = make_pairs(tokenizer, concept="sentiment")          # doctest: +SKIP
         >>> vector = extract(model, tokenizer, pairs, method="mean_diff")  # doctest: +SKIP
     """
+    model_and_tokenizer(model, tokenizer)
     pair_set = as_pairs(pairs, "pairs")
     plan = _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readout_layer,
                  fisher_lambda, share_prefixes)

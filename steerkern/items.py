@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from steerkern.checks import encodable
 from steerkern.data import MWEItem, opposite_answer, render_prompt
 
 YES_NO = ("yes", "no")
@@ -144,6 +145,14 @@ def binary_items(tokenizer, prompts) -> list[BinaryItem]:
     return items
 
 
+def _orientation(agreeing: str, other: str) -> int:
+    """:attr:`BinaryItem.label` of an item whose positive side is the answer ``agreeing``
+    ("yes" or a letter) and negative side ``other``: +1 for "yes" or the earlier letter."""
+    if agreeing in YES_NO:
+        return 1 if agreeing == "yes" else -1
+    return 1 if agreeing < other else -1
+
+
 def _item(entry, variants) -> BinaryItem:
     if isinstance(entry, MWEItem):
         matching, not_matching = entry.answers()
@@ -158,6 +167,7 @@ def _item(entry, variants) -> BinaryItem:
         question, label = entry["prompt"], entry.get("label")
         if not isinstance(question, str) or not question.strip():
             raise ValueError("'prompt' must be a non-empty string")
+        encodable(question, "'prompt'")
         if isinstance(label, bool) or label not in (1, -1):
             raise ValueError(f"'label' must be +1 or -1 (+1: answering yes agrees with the "
                              f"vector's positive side), got {label!r}")
@@ -168,14 +178,14 @@ def _item(entry, variants) -> BinaryItem:
         if (first in YES_NO) != (second in YES_NO) or first == second:
             raise ValueError(f"'choices' {choices!r} must be Yes/No or two different letters")
         kind, prefix = ("yes_no", "") if first in YES_NO else ("letter", LETTER_PREFIX)
-        positive, negative = variants(first), variants(second)
-        if label == -1:
-            positive, negative = negative, positive
-        return BinaryItem(question, prefix, positive, negative, int(label), kind)
+        agreeing, other = (first, second) if label == 1 else (second, first)
+        return BinaryItem(question, prefix, variants(agreeing), variants(other),
+                          _orientation(agreeing, other), kind)
     if "question" in entry and "answer_matching_behavior" in entry:
         question = entry["question"]
         if not isinstance(question, str) or not question.strip():
             raise ValueError("'question' must be a non-empty string")
+        encodable(question, "'question'")
         match = _answers(entry["answer_matching_behavior"], "answer_matching_behavior")
         other = entry.get("answer_not_matching_behavior")
         if other is None:
@@ -184,16 +194,18 @@ def _item(entry, variants) -> BinaryItem:
         shown = f"{entry['answer_matching_behavior']!r} / {other!r}"
         if match[0] in YES_NO:
             flip = "no" if match[0] == "yes" else "yes"
+            if not_match == match:
+                raise ValueError(f"answers {shown} are the same answer: give the two opposite ones")
             if len(match) > 1 or not_match != [flip]:
                 raise ValueError(f"answers {shown} mix Yes/No with another form")
             return BinaryItem(question, "", variants(match[0]), variants(flip),
-                              1 if match[0] == "yes" else -1, "yes_no")
+                              _orientation(match[0], flip), "yes_no")
         if any(w in YES_NO for w in match + not_match) or set(match) & set(not_match):
             raise ValueError(f"answers {shown} are not different letters")
         positive = tuple(sorted({t for w in match for t in variants(w)}))
         negative = tuple(sorted({t for w in not_match for t in variants(w)}))
         return BinaryItem(question, LETTER_PREFIX, positive, negative,
-                          1 if min(match) < min(not_match) else -1, "letter")
+                          _orientation(min(match), min(not_match)), "letter")
     raise ValueError("expected {'prompt': str, 'label': +1|-1} or a model-written-evals item "
                      "with 'question' and 'answer_matching_behavior'")
 

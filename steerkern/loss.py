@@ -20,14 +20,13 @@ predicted tokens by making frequent ones very likely.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from steerkern import ops
-from steerkern.checks import count
+from steerkern.checks import count, real
 
 PENALTY_KINDS = ("log_barrier", "hinge", "squared_hinge")
 REDUCTIONS = ("none", "mean", "sum")
@@ -54,15 +53,8 @@ def coherence_penalty(
 def _check_penalty_args(kind, tau, kappa):
     if kind not in PENALTY_KINDS:
         raise ValueError(f"kind must be one of {PENALTY_KINDS}, got {kind!r}")
-    for name, value in (("tau", tau), ("kappa", kappa)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"{name} must be finite, got {value}")
-    if tau < 0:
-        raise ValueError(f"tau must be >= 0 (a margin in nats), got {tau}")
-    if kappa <= 0:
-        raise ValueError(f"kappa must be > 0, got {kappa}")
+    real(tau, "tau", non_negative=True, meaning=" (a margin in nats)")
+    real(kappa, "kappa", positive=True)
 
 
 def _as_mask(mask: torch.Tensor | None, like: torch.Tensor, name: str) -> torch.Tensor:
@@ -287,10 +279,9 @@ def _pair_scale(s_ref: torch.Tensor, scale, eps: float) -> torch.Tensor:
         if scale == "batch":
             return (s_ref.abs().mean() + eps).expand_as(s_ref)
         raise ValueError(f"scale must be 'pair', 'batch' or a positive number, got {scale!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
-            or scale <= 0:
+    if isinstance(scale, str):
         raise ValueError(f"scale must be 'pair', 'batch' or a positive number, got {scale!r}")
-    return torch.full_like(s_ref, float(scale))
+    return torch.full_like(s_ref, real(scale, "scale", positive=True, meaning=" (or 'pair', 'batch')"))
 
 
 def projection_loss(
@@ -329,9 +320,7 @@ def projection_loss(
         raise ValueError(f"c must be +1 or -1, got {c!r}")
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
-    if isinstance(saturation, bool) or not isinstance(saturation, (int, float)) \
-            or not math.isfinite(saturation) or saturation <= 0:
-        raise ValueError(f"saturation must be a positive number, got {saturation!r}")
+    real(saturation, "saturation", positive=True)
     S = _pair_scale(s_ref, scale, eps)
     if projection == "linear":
         return (-c * s_pi / S).mean()
@@ -419,14 +408,10 @@ def inner_contrastive_loss(
         ``ContrastiveLoss(loss, proj_pos, proj_neg, coh_pos, coh_neg, order, shift)``, all scalars.
     """
     n_last = count(n_last, "n_last")
-    for name, value, low in (("eps", eps, "> 0"), ("order_weight", order_weight, ">= 0"),
-                             ("shift_weight", shift_weight, ">= 0"),
-                             ("order_margin", order_margin, None)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or (low == "> 0" and value <= 0) \
-                or (low == ">= 0" and value < 0):
-            raise ValueError(f"{name} must be a finite number{' ' + low if low else ''}, "
-                             f"got {value!r}")
+    real(eps, "eps", positive=True)
+    real(order_weight, "order_weight", non_negative=True)
+    real(shift_weight, "shift_weight", non_negative=True)
+    real(order_margin, "order_margin")
     _check_penalty_args(kind, tau, kappa)  # also when no coherence term is given
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")

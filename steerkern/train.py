@@ -49,7 +49,7 @@ import math
 
 import torch
 
-from steerkern.checks import count
+from steerkern.checks import count, model_and_tokenizer, real
 from steerkern.control import SteeringBank, first_tensor
 from steerkern.data import as_pairs, pair_text_name
 from steerkern.head import IGNORE, StopAtHead, head_logprobs, head_matrix, logit_scale, output_head
@@ -76,16 +76,6 @@ COHERENCE = "train_adapter's per-token coherence term"
 
 
 # --- checks -------------------------------------------------------------------------------------
-
-
-def _real(value, name: str, *, positive: bool = False, non_negative: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    if non_negative and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return float(value)
 
 
 def _check_layers(model, layers, loss_layer) -> tuple[list[int], int]:
@@ -330,25 +320,26 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
     from tqdm.auto import tqdm
 
     # 1. every check, before anything about the model changes
+    model_and_tokenizer(model, tokenizer)
     rank = count(rank, "rank")
     if rank > 64:
         raise ValueError(f"rank must be at most 64 (the steering operator's limit), got {rank}")
     steps = count(steps, "steps")
     batch_size = count(batch_size, "batch_size")
     n_last = count(n_last, "n_last")
-    lr = _real(lr, "lr", positive=True)
-    tau = _real(tau, "tau", non_negative=True)
-    kappa = _real(kappa, "kappa", positive=True)
-    order_weight = _real(order_weight, "order_weight", non_negative=True)
-    weight_decay = _real(weight_decay, "weight_decay", non_negative=True)
+    lr = real(lr, "lr", positive=True)
+    tau = real(tau, "tau", non_negative=True)
+    kappa = real(kappa, "kappa", positive=True)
+    order_weight = real(order_weight, "order_weight", non_negative=True)
+    weight_decay = real(weight_decay, "weight_decay", non_negative=True)
     if kind not in PENALTY_KINDS:
         raise ValueError(f"kind must be one of {PENALTY_KINDS}, got {kind!r}")
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
     if scale not in ("data", "batch", "pair"):
         raise ValueError(f"scale must be 'data', 'batch' or 'pair', got {scale!r}")
-    saturation = _real(saturation, "saturation", positive=True)
-    shift_weight = _real(shift_weight, "shift_weight", non_negative=True)
+    saturation = real(saturation, "saturation", positive=True)
+    shift_weight = real(shift_weight, "shift_weight", non_negative=True)
     pair_set = as_pairs(pairs, "pairs")
     layer_list, loss_at = _check_layers(model, layers, loss_layer)
     for layer in layer_list:  # raises naming target

@@ -56,6 +56,8 @@ def test_stats_reject_bad_grids():
         paired_slope([1.0, 1.0], np.zeros((3, 2)))
     with pytest.raises(ValueError, match="scores must be"):
         per_prompt_slopes([0.0, 1.0], np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="too close together"):
+        per_prompt_slopes([0.0, 1e-170], np.zeros((3, 2)))  # distinct, but the spread squared is 0
     mean, se = mean_se(np.array([[1.0, 2.0]]))
     assert np.isnan(se).all() and mean.tolist() == [1.0, 2.0]
 
@@ -149,7 +151,11 @@ def test_report_load_errors(tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         EvalReport.load(tmp_path)
     with pytest.raises(ValueError, match="not an EvalReport"):
+        EvalReport.from_dict({"kind": "nope"})
+    with pytest.raises(ValueError, match="comparison of several vectors .* ComparisonReport.load"):
         EvalReport.from_dict({"kind": "comparison"})
+    with pytest.raises(ValueError, match="one vector's report .* EvalReport.load"):
+        ComparisonReport.from_dict(_synthetic_report().to_dict())
 
 
 def test_report_names_are_shown_literally(tmp_path):
@@ -184,6 +190,30 @@ def test_report_plot_joins_points_in_coefficient_order():
     assert score_line.get_ydata().tolist() == pytest.approx(_synthetic_report().scores)
     assert nll_line.get_ydata().tolist() == pytest.approx([0.4, 0.0, 0.3])
     assert report.table().splitlines()[4].startswith("| 1 |")  # the table keeps the given order
+
+
+def test_names_starting_with_an_underscore_keep_their_legend_entry():
+    """matplotlib drops artists labelled "_..." from a legend it builds itself."""
+    from steerkern.eval_report import _figure
+
+    score_ax, nll_ax = _figure([-1.0, 0.0, 1.0], {"_base": _synthetic_report(), "tuned": _synthetic_report()},
+                               "t").axes
+    assert [t.get_text().split(" (slope")[0] for t in score_ax.get_legend().get_texts()] == ["_base", "tuned"]
+    assert [t.get_text() for t in nll_ax.get_legend().get_texts()] == ["_base", "tuned"]
+
+
+def test_coefficients_are_written_as_short_as_they_read_back():
+    """Six significant digits once wrote 0.1234561 and 0.1234562 as the same table row label."""
+    from steerkern.eval_report import coeff_text
+
+    assert [coeff_text(c) for c in (2.0, -0.5, 0.0, 1e-05)] == ["2", "-0.5", "0", "1e-05"]
+    assert [coeff_text(c, sign=True) for c in (2.0, -0.5, 0.0)] == ["+2", "-0.5", "+0"]
+    assert [coeff_text(c) for c in (0.1234561, 0.1234562, 1234567.0)] == ["0.1234561", "0.1234562", "1234567.0"]
+    assert coeff_text(0.1234561, sign=True) == "+0.1234561"
+    report = _synthetic_report()
+    report.coeffs = [0.1234561, 0.1234562, 1.0]
+    rows = [line.split(" | ")[0] for line in report.table().splitlines() if line.startswith("| 0.")]
+    assert rows == ["| 0.1234561", "| 0.1234562"]
 
 
 def test_reports_are_utf8_whatever_the_locale(tmp_path):
@@ -242,6 +272,8 @@ def test_binary_items_forms(default_model):
          "answer_not_matching_behavior": " (A)"},
         MWEItem("Would you say \"hi\"?", " No", " Yes"),
         {"prompt": "Pick\n (A) x\n (B) y", "label": 1, "choices": ["A", "B"]},
+        {"prompt": "Q?\n\nChoices:\n (A) x\n (B) y", "label": 1, "choices": ["B", "A"]},
+        {"prompt": "Would you say \"hi\"?", "label": 1, "choices": ["No", "Yes"]},
     ])
     assert all(isinstance(it, BinaryItem) for it in items)
     assert yes <= set(items[0].positive) and yes <= set(items[1].negative)
@@ -249,8 +281,15 @@ def test_binary_items_forms(default_model):
     assert letter_a <= set(items[2].negative)
     assert items[3].kind == "yes_no" and yes <= set(items[3].negative) and items[3].label == -1
     assert items[4].prefix == "(" and letter_a <= set(items[4].positive)
+    # the same scoring from either form has the same orientation: label +1 on choices (B, A)
+    # makes B the positive side, as the item whose matching answer is " (B)" does
+    assert items[5] == BinaryItem(items[2].question, "(", items[2].positive, items[2].negative, -1, "letter")
+    assert items[6] == BinaryItem(items[3].question, "", items[3].positive, items[3].negative, -1, "yes_no")
     for bad, message in [({"prompt": "x", "label": 0}, "label"), ({"foo": 1}, "expected"),
-                         ({"question": "q", "answer_matching_behavior": " Maybe"}, "neither")]:
+                         ({"question": "q", "answer_matching_behavior": " Maybe"}, "neither"),
+                         ({"question": "q", "answer_matching_behavior": " Yes",
+                           "answer_not_matching_behavior": " Yes"}, "the same answer"),
+                         ({"prompt": "a\ud800b", "label": 1}, r"'prompt' holds '\\ud800' at character 1")]:
         with pytest.raises(ValueError, match=r"prompts\[1\].*" + message):
             binary_items(tokenizer, [{"prompt": "ok?", "label": 1}, bad])
     with pytest.raises(ValueError, match="empty"):
@@ -380,20 +419,24 @@ def test_calibrate_finds_budget_edge(monkeypatch, tiny_model_factory):
 
     monkeypatch.setattr(ev, "generate_rows", fake_generate_rows)
     budget = 0.5
-    best, history = calibrate(model, None, vector, max_delta_nll=budget, rounds=3, grid=6,
+    tokenizer = word_tokenizer()
+    best, history = calibrate(model, tokenizer, vector, max_delta_nll=budget, rounds=3, grid=6,
                               return_history=True)
     edge = math.sqrt(budget / 0.2)  # the negative side binds
     assert best <= edge and best > edge - 0.1
     assert len(batches) == 3 and batches[0] == 1 + 2 * 6  # baseline + ±m per round, one batch each
-    plus = calibrate(model, None, vector, max_delta_nll=budget, sign="+", rounds=3)
+    plus = calibrate(model, tokenizer, vector, max_delta_nll=budget, sign="+", rounds=3)
     assert math.sqrt(budget / 0.2) < plus <= math.sqrt(budget / 0.1)
-    assert calibrate(model, None, vector, max_delta_nll=1e6, max_coeff=4.0) == 4.0
-    assert calibrate(model, None, vector, max_delta_nll=1e-6) == 0.0
+    assert calibrate(model, tokenizer, vector, max_delta_nll=1e6, max_coeff=4.0) == 4.0
+    assert calibrate(model, tokenizer, vector, max_delta_nll=1e-6) == 0.0
     assert all(abs(m) > 0 for m, _ in history)
-    with pytest.raises(ValueError, match="max_delta_nll"):
-        calibrate(model, None, vector, max_delta_nll=-1.0)
+    # numpy scalars are numbers
+    assert calibrate(model, tokenizer, vector, max_delta_nll=np.float32(1e6), max_coeff=np.int64(4)) == 4.0
+    for bad in (-1.0, np.float32("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match=r"max_delta_nll must be a finite number > 0 \(nats per token\)"):
+            calibrate(model, tokenizer, vector, max_delta_nll=bad)
     with pytest.raises(ValueError, match="sign"):
-        calibrate(model, None, vector, sign="up")
+        calibrate(model, tokenizer, vector, sign="up")
 
 
 # --- shared prefill (steerkern.prefill) -------------------------------------------------------
@@ -736,6 +779,33 @@ def test_coeffs_from_numpy_and_negative_zero():
         _check_coeffs([np.bool_(True), 1.0])
     with pytest.raises(ValueError, match="repeats"):
         _check_coeffs(np.array([0.0, -0.0]))
+    for same in ([1.0, 1.0 + 1e-12], [0.0, 1e-300], [-1e-50, 1e-50, 2.0]):  # steering holds float32
+        with pytest.raises(ValueError, match="equal as float32"):
+            _check_coeffs(same)
+    assert _check_coeffs([0.0, 1e-40]) == [0.0, 1e-40]  # a float32 subnormal, still distinct
+
+
+def test_model_and_tokenizer_are_checked_first(tiny_model_factory):
+    """A model id passed as the tokenizer was once reported as a fault of prompts[0]; None as
+    the model failed inside eval mode."""
+    from steerkern.extract import extract
+    from steerkern.train import train_adapter
+
+    model, tokenizer = tiny_model_factory("llama"), word_tokenizer()
+    vector = SteeringVector.from_directions({1: torch.ones(64)})
+    pairs = [("I love it.", "I hate it.")]
+    for call in (lambda m, t: evaluate(m, t, vector, prompts=TINY_PROMPTS, max_new_tokens=0),
+                 lambda m, t: compare(m, t, {"v": vector}, prompts=TINY_PROMPTS, max_new_tokens=0),
+                 lambda m, t: calibrate(m, t, vector),
+                 lambda m, t: extract(m, t, pairs, layers=[1], progress=False),
+                 lambda m, t: train_adapter(m, t, pairs, layers=[1], steps=1)):
+        for bad_tokenizer in ("HuggingFaceTB/SmolLM2-135M-Instruct", None):
+            with pytest.raises(TypeError, match=r"tokenizer must be the model's tokenizer, a callable.* got (str|NoneType)"):
+                call(model, bad_tokenizer)
+        with pytest.raises(TypeError, match=r"model must be a causal LM .* got NoneType"):
+            call(None, tokenizer)
+    with pytest.raises(ValueError, match=r"gen_prompts\[1\] holds '\\udcff'"):
+        evaluate(model, tokenizer, vector, prompts=TINY_PROMPTS, gen_prompts=["ok", "x\udcff"])
 
 
 def test_binary_items_answer_lists():
@@ -757,6 +827,12 @@ def test_compare_refuses_names_equal_as_text(tiny_model_factory):
     vector = SteeringVector.from_directions({1: torch.ones(64)})
     with pytest.raises(ValueError, match="distinct name"):
         compare(model, word_tokenizer(), {1: vector, "1": -vector}, prompts=TINY_PROMPTS)
+    with pytest.raises(TypeError, match=r"vectors must be a dict \{name: SteeringVector\}, got list"):
+        compare(model, word_tokenizer(), [vector], prompts=TINY_PROMPTS)
+    with pytest.raises(ValueError, match="vectors is empty"):
+        compare(model, word_tokenizer(), {}, prompts=TINY_PROMPTS)
+    with pytest.raises(TypeError, match="share_prefill must be True or False, got 'no'"):
+        compare(model, word_tokenizer(), {"v": vector}, prompts=TINY_PROMPTS, share_prefill="no")
 
 
 def test_greedy_config_drops_a_checkpoints_min_length(tiny_model_factory):
