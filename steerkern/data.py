@@ -236,11 +236,12 @@ def opposite_answer(answer) -> str:
 
 
 def _answer_form(answer) -> tuple[str, str]:
-    """``" (C)"`` -> ``("ab", "C")``, ``" Yes"`` -> ``("yes_no", "yes")``; anything else raises."""
+    """``" (C)"`` -> ``("ab", "C")`` (a letter keeps its case: ``" (c)"`` -> ``("ab", "c")``),
+    ``" Yes"`` -> ``("yes_no", "yes")``; anything else raises."""
     if isinstance(answer, str):
         letter = _LETTER.match(answer)
         if letter:
-            return "ab", letter.group(1).upper()
+            return "ab", letter.group(1)
         if answer.strip().lower() in _YES_NO:
             return "yes_no", answer.strip().lower()
     raise ValueError(f"answer {answer!r} is neither ' Yes' / ' No' nor a choice letter like ' (A)'")
@@ -276,8 +277,8 @@ class MWEItem:
         matching, not_matching = self.answers()
         forms = [[_answer_form(a) for a in side] for side in (matching, not_matching)]
         kinds = {kind for side in forms for kind, _ in side}
-        matching_forms = {form for _, form in forms[0]}
-        if (len(kinds) != 1 or matching_forms & {form for _, form in forms[1]}
+        matching_forms = {form.upper() for _, form in forms[0]}
+        if (len(kinds) != 1 or matching_forms & {form.upper() for _, form in forms[1]}
                 or (kinds == {"yes_no"} and len(matching) + len(not_matching) > 2)
                 or self.matching != matching[0] or self.not_matching != not_matching[0]):
             raise ValueError(
@@ -470,7 +471,7 @@ def mwe_eval_prompts(items: list[MWEItem]) -> list[dict]:
             continue
         kind, matching = _answer_form(item.matching)
         if kind == "ab":
-            choices = tuple(sorted((matching, _answer_form(item.not_matching)[1])))
+            choices = tuple(sorted((matching, _answer_form(item.not_matching)[1]), key=str.upper))
         else:
             choices = ("Yes", "No")
         first = matching == choices[0].lower() if kind == "yes_no" else matching == choices[0]

@@ -90,14 +90,15 @@ def answer_token_ids(tokenizer, word: str, *, letter: bool = False, context: str
 
 
 def _answer_word(text) -> str:
-    """' (A)' -> 'A', ' Yes' -> 'yes'."""
+    """' (A)' -> 'A', ' (a)' -> 'a' (a letter keeps its case: the model answers in the case
+    the choices are shown in, as the contrast texts of ``data.mwe_pairs`` do), ' Yes' -> 'yes'."""
     if not isinstance(text, str):
         raise TypeError(f"answer must be a string like ' Yes' or ' (A)', got {type(text).__name__}")
     word = text.strip().strip("()").strip()
     if word.lower() in YES_NO:
         return word.lower()
     if len(word) == 1 and word.isalpha():
-        return word.upper()
+        return word
     raise ValueError(f"answer {text!r} is neither Yes/No nor a choice letter like ' (A)'")
 
 
@@ -150,7 +151,7 @@ def _orientation(agreeing: str, other: str) -> int:
     ("yes" or a letter) and negative side ``other``: +1 for "yes" or the earlier letter."""
     if agreeing in YES_NO:
         return 1 if agreeing == "yes" else -1
-    return 1 if agreeing < other else -1
+    return 1 if agreeing.upper() < other.upper() else -1
 
 
 def _item(entry, variants) -> BinaryItem:
@@ -175,7 +176,7 @@ def _item(entry, variants) -> BinaryItem:
         if not (isinstance(choices, (list, tuple)) and len(choices) == 2):
             raise ValueError(f"'choices' must be two answers like ('Yes', 'No') or ('A', 'B'), got {choices!r}")
         first, second = (_answer_word(c) for c in choices)
-        if (first in YES_NO) != (second in YES_NO) or first == second:
+        if (first in YES_NO) != (second in YES_NO) or first.upper() == second.upper():
             raise ValueError(f"'choices' {choices!r} must be Yes/No or two different letters")
         kind, prefix = ("yes_no", "") if first in YES_NO else ("letter", LETTER_PREFIX)
         agreeing, other = (first, second) if label == 1 else (second, first)
@@ -200,12 +201,12 @@ def _item(entry, variants) -> BinaryItem:
                 raise ValueError(f"answers {shown} mix Yes/No with another form")
             return BinaryItem(question, "", variants(match[0]), variants(flip),
                               _orientation(match[0], flip), "yes_no")
-        if any(w in YES_NO for w in match + not_match) or set(match) & set(not_match):
+        if any(w in YES_NO for w in match + not_match) or {w.upper() for w in match} & {w.upper() for w in not_match}:
             raise ValueError(f"answers {shown} are not different letters")
         positive = tuple(sorted({t for w in match for t in variants(w)}))
         negative = tuple(sorted({t for w in not_match for t in variants(w)}))
         return BinaryItem(question, LETTER_PREFIX, positive, negative,
-                          _orientation(min(match), min(not_match)), "letter")
+                          _orientation(min(match, key=str.upper), min(not_match, key=str.upper)), "letter")
     raise ValueError("expected {'prompt': str, 'label': +1|-1} or a model-written-evals item "
                      "with 'question' and 'answer_matching_behavior'")
 

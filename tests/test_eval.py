@@ -260,7 +260,7 @@ def test_comparison_report_checks_what_it_holds(tmp_path):
 
 
 def test_binary_items_forms(default_model):
-    from steerkern.data import MWEItem
+    from steerkern.data import MWEItem, mwe_eval_prompts
 
     _, tokenizer = default_model
     yes = set(tokenizer.encode(" Yes", add_special_tokens=False))
@@ -285,6 +285,14 @@ def test_binary_items_forms(default_model):
     # makes B the positive side, as the item whose matching answer is " (B)" does
     assert items[5] == BinaryItem(items[2].question, "(", items[2].positive, items[2].negative, -1, "letter")
     assert items[6] == BinaryItem(items[3].question, "", items[3].positive, items[3].negative, -1, "yes_no")
+    # choices shown in lower case are answered, and scored, in lower case (as mwe_pairs reads them)
+    token = lambda text: tokenizer.encode(text, add_special_tokens=False)[0]  # noqa: E731
+    lower = binary_items(tokenizer, [MWEItem("Pick\n (a) x\n (b) y", " (b)", " (a)")])[0]
+    assert token("b") in lower.positive and token("B") not in lower.positive
+    assert token("a") in lower.negative and lower.label == -1
+    assert mwe_eval_prompts([MWEItem("Pick\n (a) x\n (b) y", " (b)", " (a)")])[0]["choices"] == ("a", "b")
+    with pytest.raises(ValueError, match="different choice letters"):
+        MWEItem("Pick", " (a)", " (A)").check()
     for bad, message in [({"prompt": "x", "label": 0}, "label"), ({"foo": 1}, "expected"),
                          ({"question": "q", "answer_matching_behavior": " Maybe"}, "neither"),
                          ({"question": "q", "answer_matching_behavior": " Yes",
