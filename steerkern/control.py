@@ -202,6 +202,12 @@ class SteeringBank:
                     r = part.A.shape[1]
                     A[entry, :, :r] = part.A.to(device=device, dtype=dtype)
                     B[entry, :, :r] = part.B.to(device=device, dtype=dtype)
+        for name, tensor in (("bias", bias), ("A", A), ("B", B)):
+            if tensor is not None and not bool(torch.isfinite(tensor).all()):  # finite parts overflowed
+                raise ValueError(
+                    f"a vector's {name} at layer {key[0]}, target {key[1]!r} does not fit in the module's "
+                    f"{dtype} (|values| beyond {torch.finfo(dtype).max:.4g}): scale the vector down and "
+                    "the coefficient up, or run the model in a wider dtype")
         return _Site(module, source, bias, A, B, slot_map.to(device))
 
     # --- per batch -----------------------------------------------------------------------------

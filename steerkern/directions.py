@@ -68,8 +68,18 @@ def _negligible(small: torch.Tensor, scale: torch.Tensor) -> bool:
     return bool(small.abs().max() <= ROUNDING * eps * scale.abs().max())
 
 
+def check_finite(what: str, *tensors: torch.Tensor) -> None:
+    """Raise when a captured tensor holds Inf or NaN: the model overflowed on the texts, and
+    every method would return NaN or fail inside a solver with a message about the solver."""
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise ValueError(
+            f"the {what} hold Inf or NaN: the model overflowed on these texts (float16 weights of a "
+            "checkpoint trained in bfloat16 often do); load the model in bfloat16 or float32"
+        )
+
+
 def check_pairs(cho: torch.Tensor, rej: torch.Tensor) -> None:
-    """Shapes ``[n, D]`` each, at least one row, and pairs that actually differ.
+    """Shapes ``[n, D]`` each, at least one row, finite, and pairs that actually differ.
 
     Identical chosen and rejected activations (the same text twice, or pairs that differ only
     after the read positions) have no direction: every method would return a zero or arbitrary
@@ -81,6 +91,7 @@ def check_pairs(cho: torch.Tensor, rej: torch.Tensor) -> None:
         )
     if cho.shape[0] == 0:
         raise ValueError("no activations: give at least one pair")
+    check_finite("activations", cho, rej)
     dtype = _work_dtype(cho)
     if _negligible(cho.to(dtype) - rej.to(dtype), torch.cat([cho, rej]).to(dtype)):
         raise ValueError(
@@ -220,6 +231,7 @@ def weight_svd(out_diffs: torch.Tensor, inputs: torch.Tensor, weight: torch.Tens
         rank: number of singular components kept (those with the largest achievable mean shift
             ``|u_j · m| * mean(v_j·x)^2 / mean((v_j·x)^2)``).
     """
+    check_finite("module's inputs", inputs)
     dtype = _work_dtype(out_diffs)
     weight = weight.detach().to(out_diffs.device, dtype)
     out_diffs, inputs = out_diffs.to(dtype), inputs.to(dtype)
@@ -273,6 +285,7 @@ def fisher_solve(grads: torch.Tensor, g: torch.Tensor, lam: float) -> torch.Tens
 def grad_direction(grads: torch.Tensor, diffs: torch.Tensor, fisher_lambda: float | None = None):
     """Gradient-to-steering direction from per-example VJPs ``grads [n, D]`` (``J^T d`` for both
     members of every pair), signed and scaled with the layer's pair differences ``diffs``."""
+    check_finite("gradients", grads)
     g = grads.to(_work_dtype(grads)).mean(0)
     if fisher_lambda is not None:
         g = fisher_solve(grads, g, float(fisher_lambda))

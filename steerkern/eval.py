@@ -155,9 +155,22 @@ def _eval_prompts(prompts, vector):
 # --- reports from raw matrices --------------------------------------------------------------
 
 
+def _check_unsteered(values: np.ndarray, what: str) -> None:
+    """Raise when the unsteered model's own numbers are not finite: no coefficient is to blame
+    and nothing measured against them means anything."""
+    if not np.isfinite(values).all():
+        raise ValueError(f"the unsteered model's {what} are not finite: the model overflows on these "
+                         "prompts (float16 weights of a checkpoint trained in bfloat16 often do); load "
+                         "it in bfloat16 or float32")
+
+
 def _report(coeffs, score_cols: np.ndarray, items, gen_prompts, texts, nll_cols, base_nll,
             prompts_text, metadata) -> EvalReport:
     """``score_cols`` ``[C, P]``; ``nll_cols`` ``[C, G]`` (or None); ``base_nll`` ``[G]``."""
+    if 0.0 in coeffs:
+        _check_unsteered(score_cols[list(coeffs).index(0.0)], "scores")
+    if base_nll is not None:
+        _check_unsteered(base_nll, "generations' NLL")
     prompt_scores = score_cols.T  # [P, C]
     overflowed = [c for c, column in zip(coeffs, score_cols) if not np.isfinite(column).all()]
     if overflowed:
@@ -368,6 +381,7 @@ def calibrate(model, tokenizer, vector, *, max_delta_nll=0.5, max_coeff=16.0, si
         _, nll = generate_rows(model, tokenizer, [vector], gens, arms, max_new_tokens=max_new_tokens,
                                batch_size=batch_size, positions=positions, progress=progress,
                                share_prefill=share_prefill)
+        _check_unsteered(nll[0], "generations' NLL")
         delta = (nll - nll[0][None, :]).mean(axis=1)
         for i, (_, c) in enumerate(arms[1:], start=1):
             history.setdefault(abs(c), {})["+" if c > 0 else "-"] = float(delta[i])

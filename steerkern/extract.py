@@ -202,6 +202,7 @@ def _method_part(plan: _Plan, layer: int, acts, inputs, grads) -> SteeringPart:
     if plan.method in ("mean_diff", "pca_diff", "pca_center"):
         return SteeringPart(bias=maths.additive(plan.method, cho, rej).float())
     if plan.method == "grad":
+        maths.check_pairs(cho, rej)
         return SteeringPart(bias=maths.grad_direction(grads[layer], cho - rej, plan.fisher_lambda).float())
     if plan.method == "lowrank":
         bias, A, B = maths.lowrank(cho, rej, plan.rank)

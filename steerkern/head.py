@@ -94,6 +94,10 @@ def logit_scale(model, head, ids, mask, positions) -> float:
         raise ValueError(
             f"{type(model).__name__}: could not compare its logits with its output head's output "
             "(the fused token log-probs need logits = a * lm_head(h))")
+    if not (bool(torch.isfinite(z).all()) and bool(torch.isfinite(logits).all())):
+        raise ValueError(
+            f"{type(model).__name__}'s logits hold Inf or NaN on the probe text: the model overflows "
+            "(float16 weights of a checkpoint trained in bfloat16 often do); load it in bfloat16 or float32")
     tol = 1e-2 if z.dtype in (torch.float16, torch.bfloat16) else 1e-3  # relative, of max |logit|
     logits, z = logits.double(), z.double()
     if not bool(z.any()) and not bool(logits.any()):

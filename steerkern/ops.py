@@ -158,6 +158,18 @@ def _dtype(t):
     return None if t is None else t.dtype
 
 
+def _without_autocast(t: torch.Tensor):
+    """Autocast off on ``t``'s device for the torch reference: it computes in float32 (float64
+    for float64 inputs) as the kernel does, and writes its products into buffers of that dtype,
+    which autocast's half-precision matmuls would not match."""
+    try:
+        if torch.is_autocast_enabled(t.device.type):
+            return torch.autocast(t.device.type, enabled=False)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        pass
+    return contextlib.nullcontext()
+
+
 def _unit_last_stride(t):
     """``t`` itself when its last dim is contiguous (or has one element), else a contiguous copy."""
     if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
@@ -229,7 +241,8 @@ def steer_(
         return steer_triton_(out, slot, coeff, bias, A, B, src, preserve_norm)
     from csrc_triton.steer_ref import steer_ref_
 
-    return steer_ref_(out, slot, coeff, bias, A, B, src, preserve_norm)
+    with _without_autocast(out):
+        return steer_ref_(out, slot, coeff, bias, A, B, src, preserve_norm)
 
 
 @torch.library.custom_op("steerkern::steer_cuda_", mutates_args=("out",), device_types="cuda")
@@ -275,7 +288,8 @@ class _Steer(torch.autograd.Function):
         from csrc_triton.steer_ref import steer_backward_ref
 
         out, slot, coeff, bias, A, B, src = ctx.saved_tensors
-        grads = steer_backward_ref(grad, out, slot, coeff, bias, A, B, src, ctx.preserve_norm)
+        with _without_autocast(grad):
+            grads = steer_backward_ref(grad, out, slot, coeff, bias, A, B, src, ctx.preserve_norm)
         d_out, d_coeff, d_bias, d_A, d_B, d_src = grads
         cast = lambda g, t: None if g is None or t is None else g.to(t.dtype)
         return (

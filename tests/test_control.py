@@ -783,3 +783,19 @@ def test_positional_steering_compiles_once_over_a_static_cache(tiny_model_factor
     dynamo.reset()
     assert frames <= 2, f"{frames} frames compiled for 5 decode steps: a step recompiled"
     torch.testing.assert_close(compiled, decode(eager))
+
+
+def test_a_vector_that_overflows_the_models_dtype_is_refused():
+    """A finite float32 vector with entries past float16's range became Inf in a float16
+    model's bank and steered every token to NaN, whatever the coefficient."""
+    from tests.tiny_models import build_tiny_model
+
+    model = build_tiny_model("llama").half()
+    for vector in (SteeringVector.from_directions({1: torch.full((64,), 1e6)}),
+                   SteeringVector.from_lowrank({1: (None, torch.full((64, 1), 1e6), torch.ones(64, 1))})):
+        with pytest.raises(ValueError, match=r"A?.* at layer 1, target 'residual' does not fit in the module's torch.float16"):
+            with steer(model, vector, coeff=1e-6):
+                pass
+        assert steerkern_hook_count(model) == 0
+    with steer(model, SteeringVector.from_directions({1: torch.full((64,), 6e4)})):
+        pass  # within float16's range

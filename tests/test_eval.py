@@ -979,3 +979,20 @@ def test_shared_sweeps_equal_plain_ones_with_a_repetition_penalty_or_length_depe
             outs.append(sweep_generate(model, tok, [vector], ids, mask, index, [0] * 4, [-2.0, -2.0, 3.0, 3.0],
                                        config=config, positions=positions, share_prefill=share))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_an_unsteered_model_that_overflows_is_an_error_not_a_steering_warning():
+    """The unsteered scores and generations' NLL are the reference of every number in a report:
+    non-finite there once read as 'steering at coeffs [-1.0, 0.0, 1.0] overflowed', and
+    calibrate returned 0.0 silently."""
+    from steerkern.train import train_adapter
+    from tests.test_extract import overflowing_model
+
+    model, tokenizer = overflowing_model(), word_tokenizer()
+    vector = SteeringVector.from_directions({1: torch.ones(64)})
+    with pytest.raises(ValueError, match="the unsteered model's scores are not finite"):
+        evaluate(model, tokenizer, vector, prompts=TINY_PROMPTS, max_new_tokens=0)
+    with pytest.raises(ValueError, match="the unsteered model's generations' NLL are not finite"):
+        calibrate(model, tokenizer, vector, max_new_tokens=2, grid=2, rounds=1)
+    with pytest.raises(ValueError, match="logits hold Inf or NaN .* overflows"):
+        train_adapter(model, tokenizer, [("I like cats", "I hate cats")], layers=[1], steps=1, n_last=1)

@@ -652,3 +652,24 @@ def test_sentiment_vector_steers_the_default_model(default_model):
     # the package's own steering applies the same vector the same way
     via_control = _steered_scores(model, tokenizer, vector, [-2, 0, 2], use_control=True)
     assert via_control == pytest.approx([scores[0], scores[2], scores[4]], abs=1e-3)
+
+
+def overflowing_model():
+    """A tiny llama whose layer 0 overflows: one MLP output weight is infinite, so every
+    activation from layer 0's output on holds Inf or NaN (what a float16 copy of a checkpoint
+    trained in bfloat16 can do)."""
+    from tests.tiny_models import build_tiny_model
+
+    model = build_tiny_model("llama")
+    with torch.no_grad():
+        decoder_layers(model)[0].mlp.down_proj.weight[0, 0] = float("inf")
+    return model
+
+
+@pytest.mark.parametrize("method", ["mean_diff", "pca_diff", "pca_center", "lowrank", "grad", "weight_svd"])
+def test_activations_that_overflow_are_named_as_such(method):
+    """Non-finite activations once gave a solver's LinAlgError, 'are chosen and rejected
+    identical?' or 'every output difference is zero'."""
+    options = dict(target="mlp.down_proj") if method == "weight_svd" else {}
+    with pytest.raises(ValueError, match=r"at layer 2: the .* hold Inf or NaN: the model overflowed"):
+        extract(overflowing_model(), CharTokenizer(), PAIRS, layers=[2], method=method, progress=False, **options)

@@ -405,3 +405,23 @@ def test_non_finite_coeff_and_bank_are_refused():
     coeff[3] = float("nan")
     got = ops.steer_(**{**args, "out": case["out"].clone(), "slot": slot, "coeff": coeff})
     assert torch.equal(got[3], case["out"][3]) and torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_rank_steering_under_autocast_keeps_its_precision(backend):
+    """Under ``torch.autocast`` the reference's low-rank products once ran in bfloat16 and
+    failed to land in its float32 buffers (``index_add_``: Float and BFloat16); forward and
+    gradients now equal those without autocast."""
+    case = make_case(12, 40, 3, 3, torch.float32, seed=11)
+    names = ("out", "coeff", "bias", "A", "B")
+    results = []
+    for enabled in (False, True):
+        leaves = [case[k].clone().requires_grad_() for k in names]
+        with ops.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            in_place = ops.steer_(case["out"].clone(), case["slot"], case["coeff"], case["bias"], case["A"], case["B"])
+            y = ops.steer(leaves[0], case["slot"], leaves[1], leaves[2], leaves[3], leaves[4])
+            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        results.append([in_place, y.detach()] + [x.grad for x in leaves])
+    for name, plain, autocast in zip(("steer_", "steer") + names, *results):
+        assert plain.dtype == autocast.dtype == torch.float32, name
+        torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-6, msg=name)
