@@ -17,6 +17,7 @@ import torch
 
 from steerkern import _callable_module
 from steerkern.checks import count
+from steerkern.control import whole_prompt_passes
 from steerkern.kvcache import cache_argument, empty_model_cache, filled_layers, positions_from_mask
 from steerkern.models import (
     RESIDUAL,
@@ -108,6 +109,10 @@ def _pad(seqs: list[list[int]], pad_id: int, side: str):
 def last_positions(attention_mask: torch.Tensor, n: int) -> torch.Tensor:
     """Indices ``[B, n]`` of the last ``n`` non-pad positions of each row, in order, computed
     from ``attention_mask [B, T]`` (works for left, right or mixed padding)."""
+    n = count(n, "last_n_tokens")
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be a [batch, tokens] tensor, got "
+                         f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}")
     counts = attention_mask.sum(1)
     if bool((counts < n).any()):
         short = int(counts.min())
@@ -324,7 +329,7 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
     try:
         for layer, module in zip(layers, modules):
             handles.append(module.register_forward_hook(make_hook(layer), with_kwargs=True))
-        with torch.inference_mode(), eval_mode(model):
+        with torch.inference_mode(), eval_mode(model), whole_prompt_passes(model):
             if plan is None:
                 _plain_passes(model, tokenizer, ids, last_n_tokens, batch_size, reads, progress, desc)
             else:
@@ -333,10 +338,21 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
     finally:
         for handle in handles:
             handle.remove()
-    outs = {layer: outs[index] for layer, index in given.items()}
+    _check_ran(target, [index for index in layers if index not in outs])
+    # clones made outside inference mode: the caller may centre them in place or train on them
+    outs = {layer: outs[index].clone() for layer, index in given.items()}
     if inputs:
-        return outs, {layer: ins[index] for layer, index in given.items()}
+        return outs, {layer: ins[index].clone() for layer, index in given.items()}
     return outs
+
+
+def _check_ran(target: str, silent: list[int]) -> None:
+    """Refuse a hooked module that the forward pass never called (GPT-2's ``attn.attn_dropout``
+    under SDPA attention): there is nothing to read or steer there."""
+    if silent:
+        raise ValueError(f"target {target!r} at layer {silent[0]} never ran in the forward pass (the model does "
+                         "not call that module this way): read or steer a module it calls, or the "
+                         "residual stream")
 
 
 def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=RESIDUAL,
@@ -391,20 +407,24 @@ def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=R
         for layer, module in zip(layers, modules):
             handles.append(module.register_forward_hook(make_hook(layer), with_kwargs=True))
         handles.append(readout.register_forward_hook(readout_hook, with_kwargs=True))
-        with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
+        with torch.inference_mode(False), torch.enable_grad(), eval_mode(model), whole_prompt_passes(model):
             d = d.detach().clone()  # an inference tensor cannot be saved for backward
             for batch, ids, mask, positions in runner:
                 held.clear()
                 runner.forward(ids, mask, positions)
+                _check_ran(target, [layer for layer in layers if layer not in held])
                 top = _as_btd(held["readout"], len(batch), ids.shape[1], stream)
                 pos = last_positions(mask, last_n_tokens).to(top.device)
                 rows = torch.arange(len(batch), device=top.device)[:, None]
                 objective = (top[rows, pos].float() @ d.to(top.device, torch.float32)).sum()
                 tensors = [held[layer] for layer in layers]
                 found = torch.autograd.grad(objective, tensors, allow_unused=True)
-                for layer, tensor, grad in zip(layers, tensors, found):
+                for layer, grad in zip(layers, found):
                     if grad is None:
-                        grad = torch.zeros_like(tensor)
+                        raise ValueError(
+                            f"target {target!r} at layer {layer}: the read-out at layer {readout_layer} does "
+                            "not depend on its output (the model discards it), so it has no gradient: "
+                            "read a module whose output the model uses, or the residual stream")
                     grad = _as_btd(grad, len(batch), ids.shape[1], stream)
                     summed = (grad.float() * mask.to(grad.device)[..., None]).sum(1).cpu()
                     for row, index in enumerate(batch):

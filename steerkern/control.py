@@ -146,6 +146,7 @@ class SteeringBank:
         self._stream = residual_stream_index(model)  # Gemma 3n: the active residual copy
         self._generate_prompt: int | None = None  # P of the generate call under way
         self._in_generate = 0  # depth of generate calls under way (their rows may be expanded)
+        self._whole_prompts = 0  # depth of whole_prompt_passes contexts: every pass is a prompt
         self._mask_on: dict[torch.device, torch.Tensor] = {}  # the positions mask, per device
 
     # --- building ------------------------------------------------------------------------------
@@ -308,8 +309,8 @@ class SteeringBank:
             if isinstance(past, torch.Tensor) and self._generate_prompt is None and not _tracing(tokens):
                 past = int(past)  # a host sync, outside generate only: it tracks the prompt below
             cache = _cache_of(kwargs)
-            if isinstance(past, int) and past == 0 and not (
-                    cache is None and length == self._last_length + 1 and self._extends_prompt(tokens)):
+            if isinstance(past, int) and past == 0 and (self._whole_prompts or not (
+                    cache is None and length == self._last_length + 1 and self._extends_prompt(tokens))):
                 self._prompt_len = length
                 self._prompt_tokens = tokens.detach().clone()
             elif (isinstance(past, int) and past > 0 and length > 1 and cache is not None
@@ -567,6 +568,24 @@ def _track_generate(model: nn.Module, bank: SteeringBank) -> None:
         object.__setattr__(model, _GENERATE, state)
         object.__setattr__(model, "generate", generate)
     state[0].append(bank)
+
+
+@contextlib.contextmanager
+def whole_prompt_passes(model: nn.Module):
+    """Inside, every cache-less forward pass of ``model`` is a prompt of its own for the banks
+    steering it (``steer(..., positions=...)``): capture, gradient and training passes run whole
+    texts, so a pass that repeats the last one plus a token (a suffix cut one token longer,
+    read after the shorter cut) is not taken for the decode step of a model that re-runs the
+    whole sequence each step."""
+    state = model.__dict__.get(_GENERATE)
+    banks = list(state[0]) if state is not None else []
+    for bank in banks:
+        bank._whole_prompts += 1
+    try:
+        yield
+    finally:
+        for bank in banks:
+            bank._whole_prompts -= 1
 
 
 _SKIPS_HOOKS: dict[type, bool] = {}

@@ -74,6 +74,8 @@ def _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readou
         raise ValueError(f"method={method!r} is not one of {list(maths.METHODS)}")
     if method != "grad" and (readout_layer is not None or fisher_lambda is not None):
         raise ValueError("readout_layer and fisher_lambda apply to method='grad' only")
+    if not isinstance(share_prefixes, bool):
+        raise TypeError(f"share_prefixes must be True or False, got {share_prefixes!r}")
     plan = _Plan(method, _check_layers(model, layers), target, count(rank, "rank"),
                  count(last_n_tokens, "last_n_tokens"),
                  count(batch_size, "batch_size", optional=True), bool(share_prefixes))
@@ -275,6 +277,8 @@ def extract(model, tokenizer, pairs, *, layers=None, method: str = "pca_diff", r
         >>> vector = extract(model, tokenizer, pairs, method="mean_diff")  # doctest: +SKIP
     """
     model_and_tokenizer(model, tokenizer)
+    if concept is not None and not isinstance(concept, str):
+        raise TypeError(f"concept must be a name (a string) or None, got {concept!r}")
     pair_set = as_pairs(pairs, "pairs")
     plan = _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readout_layer,
                  fisher_lambda, share_prefixes)

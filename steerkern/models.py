@@ -623,6 +623,9 @@ def set_training_flags(model: nn.Module, training: bool) -> None:
 def check_layer(model: nn.Module, layer: int, argument: str = "layer") -> int:
     """Return ``layer`` as a non-negative index, or raise naming ``argument``."""
     n = num_layers(model)
+    if isinstance(layer, torch.Tensor) and layer.dim() == 0 and not layer.is_floating_point() \
+            and layer.dtype != torch.bool:
+        layer = int(layer)
     if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
         raise TypeError(f"{argument} must be an int layer index, got {layer!r}")
     layer = int(layer)  # numpy integers too

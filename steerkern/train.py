@@ -50,13 +50,14 @@ import math
 import torch
 
 from steerkern.checks import count, model_and_tokenizer, real
-from steerkern.control import SteeringBank, first_tensor
+from steerkern.control import SteeringBank, first_tensor, whole_prompt_passes
 from steerkern.data import as_pairs, pair_text_name
 from steerkern.head import IGNORE, StopAtHead, head_logprobs, head_matrix, logit_scale, output_head
 from steerkern.kvcache import positions_from_mask
 from steerkern.loss import PENALTY_KINDS, PROJECTIONS, CoherenceInputs, inner_contrastive_loss
 from steerkern.models import (
     RESIDUAL,
+    as_layer_list,
     check_layer,
     decoder_layers,
     default_layers,
@@ -82,11 +83,7 @@ def _check_layers(model, layers, loss_layer) -> tuple[list[int], int]:
     if layers is None:
         layer_list = default_layers(model)
     else:
-        if isinstance(layers, int) and not isinstance(layers, bool):
-            layers = [layers]
-        if not isinstance(layers, (list, tuple, range)) or len(layers) == 0:
-            raise ValueError(f"layers must be an int or a non-empty list of ints, got {layers!r}")
-        layer_list = sorted({check_layer(model, layer, "layers") for layer in layers})
+        layer_list = sorted({check_layer(model, layer, "layers") for layer in as_layer_list(layers)})
     if loss_layer is None:
         n = num_layers(model)
         loss = min(n - 1, max(layer_list) + max(1, n // 6))
@@ -403,7 +400,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
         terms_history: dict[str, list[float]] = {name: [] for name in term_names}
         queue: list[int] = []
         global_batch = batch_size * world
-        with adapter.bank.attached(), torch.enable_grad():  # also when called under no_grad()
+        with adapter.bank.attached(), torch.enable_grad(), whole_prompt_passes(model):  # also under no_grad()
             reader.attach()
             bar = tqdm(range(steps), desc="train_adapter", disable=not show)
             for _ in bar:
@@ -419,6 +416,11 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
                                    kappa=kappa, order_weight=order_weight,
                                    projection=projection, scale=loss_scale,
                                    saturation=saturation, shift_weight=shift_weight)
+                if not loss_terms.loss.requires_grad:
+                    raise ValueError(
+                        f"target {target!r}: the loss at layer {loss_at} does not depend on the steered "
+                        "module's output (the model discards it), so the adapter cannot learn: steer a "
+                        "module whose output the model uses, or the residual stream")
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss_terms.loss)
                 if world > 1:

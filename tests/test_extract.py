@@ -185,20 +185,29 @@ def test_weight_svd_keeps_the_component_it_can_steer():
     assert abs(float(p3.mean() ** 2 / (p3 * p3).mean())) < 1e-3
 
 
-def test_grad_direction_and_fisher_woodbury():
+def test_grad_direction_and_fisher_preconditioning():
     g = torch.Generator().manual_seed(5)
     n, dim = 12, 30
     grads = torch.randn(n, dim, generator=g, dtype=torch.float64)
     diffs = grads.mean(0)[None] + 0.1 * torch.randn(n, dim, generator=g, dtype=torch.float64)
     assert cosine(maths.grad_direction(grads, diffs), grads.mean(0)) >= 0.999
-    lam = 0.3
-    fisher = grads.T @ grads / n
-    explicit = torch.linalg.solve(fisher + lam * torch.eye(dim, dtype=torch.float64), grads.mean(0))
-    torch.testing.assert_close(maths.fisher_solve(grads, grads.mean(0), lam), explicit, rtol=1e-9, atol=1e-9)
-    pre = maths.grad_direction(grads, diffs, fisher_lambda=lam)
-    assert abs(cosine(pre, explicit)) >= 0.999999
+    def explicit(grads, lam):  # (F + λI)^{-1} mean(G), a D x D solve in float64
+        G = grads.double()
+        return torch.linalg.solve(G.T @ G / n + lam * torch.eye(dim, dtype=torch.float64), G.mean(0))
+
+    torch.testing.assert_close(maths.fisher_preconditioned_mean(grads, 0.3), explicit(grads, 0.3),
+                               rtol=1e-9, atol=1e-9)
+    pre = maths.grad_direction(grads, diffs, fisher_lambda=0.3)
+    assert abs(cosine(pre, explicit(grads, 0.3))) >= 0.999999
+    # float32 gradients and a small λ (n < D: F is singular): Woodbury's form divided the float32
+    # mean's rounding by λ and was 15% off at λ = 1e-3
+    grads32 = grads.float() * 30
+    for lam in (1e-3, 1e-2, 1.0):
+        got = maths.fisher_preconditioned_mean(grads32, lam)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), explicit(grads32, lam), rtol=1e-5, atol=0, msg=str(lam))
     with pytest.raises(ValueError, match="fisher_lambda"):
-        maths.fisher_solve(grads, grads.mean(0), 0.0)
+        maths.fisher_preconditioned_mean(grads, 0.0)
 
 
 @pytest.mark.parametrize("method", ["mean_diff", "pca_diff", "pca_center"])
@@ -673,3 +682,86 @@ def test_activations_that_overflow_are_named_as_such(method):
     options = dict(target="mlp.down_proj") if method == "weight_svd" else {}
     with pytest.raises(ValueError, match=r"at layer 2: the .* hold Inf or NaN: the model overflowed"):
         extract(overflowing_model(), CharTokenizer(), PAIRS, layers=[2], method=method, progress=False, **options)
+
+
+def test_captured_activations_are_ordinary_tensors(tiny_model_factory):
+    """They were inference tensors: centring them in place or training a probe on them raised."""
+    model = tiny_model_factory("llama")
+    acts, ins = capture(model, CharTokenizer(), ["some text", "more text here"], [1], inputs=True, progress=False)
+    for tensor in (acts[1], ins[1]):
+        assert not tensor.is_inference()
+        tensor.sub_(tensor.mean(0))
+    probe = torch.zeros(acts[1].shape[-1], requires_grad=True)
+    (acts[1] @ probe).sum().backward()
+    assert probe.grad is not None
+
+
+def test_a_target_that_never_runs_or_is_discarded_is_named(tiny_model_factory):
+    """GPT-2's attention dropout module is not called under SDPA attention (a bare KeyError);
+    Mixtral's router output is discarded by its MoE block ('are chosen and rejected identical?'
+    from grad, PyTorch's 'does not require grad' from train_adapter)."""
+    from steerkern.train import train_adapter
+
+    gpt2, mixtral = tiny_model_factory("gpt2"), tiny_model_factory("mixtral")
+    if gpt2.config._attn_implementation == "eager":
+        pytest.skip("GPT-2's eager attention calls its dropout module")
+    with pytest.raises(ValueError, match=r"target 'attn.attn_dropout' at layer 1 never ran in the forward pass"):
+        extract(gpt2, CharTokenizer(), PAIRS, layers=[1], target="attn.attn_dropout", method="mean_diff",
+                progress=False)
+    with pytest.raises(ValueError, match=r"target 'mlp.gate' at layer 1: the read-out at layer \d+ does not depend on"):
+        extract(mixtral, CharTokenizer(), PAIRS, layers=[1], target="mlp.gate", method="grad", progress=False)
+    with pytest.raises(ValueError, match=r"target 'mlp.gate': the loss at layer \d+ does not depend on the steered"):
+        train_adapter(mixtral, CharTokenizer(), PAIRS, layers=[1], target="mlp.gate", steps=1, n_last=1,
+                      progress=False)
+
+
+def test_extraction_inside_a_positional_steer_context_does_not_depend_on_batching(tiny_model_factory):
+    """A whole-text pass that repeats the previous one plus a token (a suffix cut one token
+    longer) was taken for the decode step of a model without cache, so under positions="prompt"
+    or "generated" the vector changed with batch_size."""
+    from steerkern.control import steer
+    from steerkern.vectors import SteeringVector
+
+    model = tiny_model_factory("llama")
+    steering = SteeringVector.from_directions({0: 3 * torch.ones(64)})
+    pairs = [("a terrible day", "a terrible day?"), ("so happy", "so sad")]  # passes by length: 6, 8, 14, 15
+    for positions in ("prompt", "generated"):
+        with steer(model, steering, positions=positions):
+            together = extract(model, CharTokenizer(), pairs, layers=[2], method="mean_diff", progress=False,
+                               share_prefixes=False)
+            one_by_one = extract(model, CharTokenizer(), pairs, layers=[2], method="mean_diff", progress=False,
+                                 share_prefixes=False, batch_size=1)
+        torch.testing.assert_close(one_by_one.parts[(2, "residual")].bias, together.parts[(2, "residual")].bias,
+                                   rtol=1e-5, atol=1e-6, msg=positions)
+
+
+def test_layer_indices_of_any_integral_type(tiny_model_factory):
+    """train_adapter refused numpy and torch layer indices that extract takes."""
+    import numpy as np
+
+    from steerkern.models import check_layer
+    from steerkern.train import train_adapter
+
+    model = tiny_model_factory("llama")
+    for layers in (np.int64(1), np.array([1, 2]), torch.tensor([1])):
+        vector = train_adapter(model, CharTokenizer(), PAIRS[:2], layers=layers, steps=1, n_last=1, progress=False)
+        assert sorted({layer for layer, _ in vector.parts}) == sorted(np.atleast_1d(np.asarray(layers)).tolist())
+    assert check_layer(model, torch.tensor(-1)) == 3
+    for bad in (torch.tensor(1.0), torch.tensor(True), torch.tensor([1])):
+        with pytest.raises(TypeError, match="must be an int layer index"):
+            check_layer(model, bad)
+
+
+def test_small_arguments_are_checked(tiny_model_factory):
+    mask = torch.ones(2, 5, dtype=torch.long)
+    assert last_positions(mask, 2).tolist() == [[3, 4], [3, 4]]
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="last_n_tokens must be a positive int"):
+            last_positions(mask, bad)
+    with pytest.raises(ValueError, match=r"attention_mask must be a \[batch, tokens\] tensor, got \(5,\)"):
+        last_positions(torch.ones(5), 1)
+    model = tiny_model_factory("llama")
+    with pytest.raises(TypeError, match="share_prefixes must be True or False, got 'no'"):
+        extract(model, CharTokenizer(), PAIRS, layers=[1], share_prefixes="no", progress=False)
+    with pytest.raises(TypeError, match="concept must be a name"):
+        extract(model, CharTokenizer(), PAIRS, layers=[1], concept=5, progress=False)
