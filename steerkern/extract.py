@@ -280,6 +280,9 @@ def extract(model, tokenizer, pairs, *, layers=None, method: str = "pca_diff", r
     if concept is not None and not isinstance(concept, str):
         raise TypeError(f"concept must be a name (a string) or None, got {concept!r}")
     pair_set = as_pairs(pairs, "pairs")
+    if all(chosen == rejected for chosen, rejected in pair_set.pairs):  # exact, whatever the dtype
+        raise ValueError("pairs: every chosen text is its rejected text, so there is no direction to "
+                         "extract: give pairs that differ")
     plan = _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readout_layer,
                  fisher_lambda, share_prefixes)
     shard = _Shard(pair_set, accelerator)
