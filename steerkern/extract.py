@@ -110,6 +110,23 @@ def _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readou
     return plan
 
 
+def _check_rows(plan: _Plan, n_pairs: int) -> None:
+    """Refuse, before any pass, what the number of pairs or the weights already rule out (the
+    maths would refuse it only after every capture pass)."""
+    rows = n_pairs * plan.last_n_tokens  # difference rows: one per pair and token read
+    if plan.method == "pca_diff" and rows < 2:
+        raise ValueError("extract(method='pca_diff'): a principal component needs at least 2 difference "
+                         "rows (one per pair and token read), and 1 pair read at 1 token gives 1: give "
+                         "more pairs, raise last_n_tokens or use method='mean_diff'")
+    if plan.method == "lowrank" and plan.rank > rows:
+        raise ValueError(f"extract(method='lowrank'): rank={plan.rank} exceeds the {rows} difference rows "
+                         f"(one per pair and token read): lower rank or give more pairs")
+    for layer, weight in plan.weights.items():  # weight_svd
+        if plan.rank > min(weight.shape):
+            raise ValueError(f"extract(method='weight_svd') at layer {layer}: rank={plan.rank} must be between "
+                             f"1 and the weight's rank bound {min(weight.shape)}")
+
+
 # --- distributed -------------------------------------------------------------------------------
 
 
@@ -285,6 +302,7 @@ def extract(model, tokenizer, pairs, *, layers=None, method: str = "pca_diff", r
                          "extract: give pairs that differ")
     plan = _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readout_layer,
                  fisher_lambda, share_prefixes)
+    _check_rows(plan, len(pair_set))
     shard = _Shard(pair_set, accelerator)
     with eval_mode(model):
         acts, inputs, grads = _read(model, tokenizer, plan, shard, progress and shard.rank == 0)

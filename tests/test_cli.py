@@ -479,7 +479,7 @@ def test_errors_found_after_the_model_loads_name_the_flags(tiny_cli, tmp_path, c
     prompts.write_text('{"prompt": "Are you happy ?", "label": 1}\n')
     for argv, message in [
         (["extract", "--pairs", str(pairs), "--method", "lowrank", "--rank", "5", "--layers", "1", "-o", out],
-         "--method lowrank at layer 1: --rank 5 must be between 1 and 2, the smaller of the 2 difference rows"),
+         "--method lowrank: --rank 5 exceeds the 2 difference rows (one per pair and token read)"),
         (["extract", "--pairs", str(pairs), "--target", "nope", "--layers", "1", "-o", out],
          "--target nope is not a sub-module of layer 1"),
         (["extract", "--pairs", str(pairs), "--layers", "7", "-o", out], "--layers 7 is out of range"),

@@ -702,21 +702,27 @@ def test_captured_activations_are_ordinary_tensors(tiny_model_factory):
 
 
 def test_a_target_that_never_runs_or_is_discarded_is_named(tiny_model_factory):
-    """GPT-2's attention dropout module is not called under SDPA attention (a bare KeyError);
-    Mixtral's router output is discarded by its MoE block ('are chosen and rejected identical?'
-    from grad, PyTorch's 'does not require grad' from train_adapter)."""
+    """GPT-2's attention dropout module is not called under SDPA attention (a bare KeyError); a
+    module whose output the model discards (Mixtral's router under transformers 5) gave 'are
+    chosen and rejected identical?' from grad and 'does not require grad' from train_adapter."""
     from steerkern.train import train_adapter
+    from tests.tiny_models import build_tiny_model
 
-    gpt2, mixtral = tiny_model_factory("gpt2"), tiny_model_factory("mixtral")
+    gpt2 = tiny_model_factory("gpt2")
     if gpt2.config._attn_implementation == "eager":
         pytest.skip("GPT-2's eager attention calls its dropout module")
     with pytest.raises(ValueError, match=r"target 'attn.attn_dropout' at layer 1 never ran in the forward pass"):
         extract(gpt2, CharTokenizer(), PAIRS, layers=[1], target="attn.attn_dropout", method="mean_diff",
                 progress=False)
-    with pytest.raises(ValueError, match=r"target 'mlp.gate' at layer 1: the read-out at layer \d+ does not depend on"):
-        extract(mixtral, CharTokenizer(), PAIRS, layers=[1], target="mlp.gate", method="grad", progress=False)
-    with pytest.raises(ValueError, match=r"target 'mlp.gate': the loss at layer \d+ does not depend on the steered"):
-        train_adapter(mixtral, CharTokenizer(), PAIRS, layers=[1], target="mlp.gate", steps=1, n_last=1,
+    model = build_tiny_model("llama")
+    mlp = decoder_layers(model)[1].mlp
+    mlp.discarded = torch.nn.Linear(64, 8)
+    forward = mlp.forward
+    mlp.forward = lambda x: (mlp.discarded(x), forward(x))[1]  # runs, and its output goes nowhere
+    with pytest.raises(ValueError, match=r"target 'mlp.discarded' at layer 1: the read-out at layer \d+ does not depend on"):
+        extract(model, CharTokenizer(), PAIRS, layers=[1], target="mlp.discarded", method="grad", progress=False)
+    with pytest.raises(ValueError, match=r"target 'mlp.discarded': the loss at layer \d+ does not depend on the steered"):
+        train_adapter(model, CharTokenizer(), PAIRS, layers=[1], target="mlp.discarded", steps=1, n_last=1,
                       progress=False)
 
 
@@ -770,3 +776,22 @@ def test_small_arguments_are_checked(tiny_model_factory):
         extract(model, CharTokenizer(), PAIRS, layers=[1], share_prefixes="no", progress=False)
     with pytest.raises(TypeError, match="concept must be a name"):
         extract(model, CharTokenizer(), PAIRS, layers=[1], concept=5, progress=False)
+
+
+def test_what_the_pair_count_rules_out_is_refused_before_any_pass(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        for options, message in [
+                (dict(method="pca_diff", pairs=PAIRS[:1]), "pca_diff.*at least 2 difference rows"),
+                (dict(method="lowrank", rank=3, pairs=PAIRS[:1], last_n_tokens=2), "rank=3 exceeds the 2 difference rows"),
+                (dict(method="weight_svd", rank=65, target="mlp.down_proj", pairs=PAIRS),
+                 "at layer 1: rank=65 must be between 1 and the weight's rank bound 64")]:
+            pairs = options.pop("pairs")
+            with pytest.raises(ValueError, match=message):
+                extract(model, CharTokenizer(), pairs, layers=[1], progress=False, **options)
+    finally:
+        handle.remove()
+    assert not calls
+    extract(model, CharTokenizer(), PAIRS[:1], layers=[1], method="pca_diff", last_n_tokens=2, progress=False)
