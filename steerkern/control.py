@@ -147,6 +147,7 @@ class SteeringBank:
         self._generate_prompt: int | None = None  # P of the generate call under way
         self._in_generate = 0  # depth of generate calls under way (their rows may be expanded)
         self._whole_prompts = 0  # depth of whole_prompt_passes contexts: every pass is a prompt
+        self._generate_rows: int | None = None  # rows of the generate call's input, before expansion
         self._mask_on: dict[torch.device, torch.Tensor] = {}  # the positions mask, per device
 
     # --- building ------------------------------------------------------------------------------
@@ -364,8 +365,9 @@ class SteeringBank:
 
     def _copies(self, batch: int, rows: int, given: str) -> int:
         """How many copies of each of ``rows`` rows make the batch: only ``generate`` expands a
-        batch (``num_return_sequences``, beams), and only by a whole number of copies."""
-        if self._in_generate and batch % rows == 0:
+        batch (``num_return_sequences``, beams), only by a whole number of copies, and only a
+        batch given to it with ``rows`` rows (6 prompts are not 3 rows' copies)."""
+        if self._in_generate and batch % rows == 0 and self._generate_rows in (rows, None):
             return batch // rows
         raise ValueError(
             f"the batch has {batch} rows but {given} {rows}: give one per row of the batch "
@@ -531,12 +533,13 @@ def _cache_of(kwargs):
 
 
 _MISSING = object()
-_GENERATE = "_steerkern_generate"  # (banks, replaced instance attribute) while any is attached
+_GENERATE = "_steerkern_generate"  # (banks, replaced generate, replaced __deepcopy__) while any is attached
 
 
 def _track_generate(model: nn.Module, bank: SteeringBank) -> None:
-    """While ``bank`` is attached, ``model.generate`` tells it the prompt length ``P`` of each
-    call (the length of its ``input_ids`` / ``inputs_embeds``). One wrapper per model, an
+    """While ``bank`` is attached, ``model.generate`` tells it the prompt length ``P`` and the
+    rows of each call's ``input_ids`` / ``inputs_embeds``, and ``copy.deepcopy(model)`` is
+    refused (the copy would carry hooks that act for this model). One wrapper per model, an
     instance attribute over the class's method, serves every attached bank; it is removed when
     the last one detaches, in whatever order they detach."""
     state = model.__dict__.get(_GENERATE)
@@ -551,22 +554,30 @@ def _track_generate(model: nn.Module, bank: SteeringBank) -> None:
             prompt = kwargs.get("inputs_embeds")
             if prompt is None:
                 prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-            length = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
-            outer = [(b, b._generate_prompt) for b in banks]
-            for b, _ in outer:
-                b._generate_prompt = length
+            given = isinstance(prompt, torch.Tensor) and prompt.dim() >= 2
+            length, rows = (prompt.shape[1], prompt.shape[0]) if given else (None, None)
+            outer = [(b, b._generate_prompt, b._generate_rows) for b in banks]
+            for b, _, _ in outer:
+                b._generate_prompt, b._generate_rows = length, rows
                 b._in_generate += 1
             try:
                 with _chunks_through_hooks(model):
                     return inner(*args, **kwargs)
             finally:
-                for b, value in outer:
-                    b._generate_prompt = value
+                for b, prompt_length, prompt_rows in outer:
+                    b._generate_prompt, b._generate_rows = prompt_length, prompt_rows
                     b._in_generate -= 1
 
-        state = (banks, model.__dict__.get("generate", _MISSING))
+        def refuse_deepcopy(memo):
+            raise RuntimeError(
+                f"copy.deepcopy of {type(model).__name__} inside steer() would copy its steering hooks, "
+                "which then act for this model from inside the copy: copy the model before or after "
+                "the with block")
+
+        state = (banks, model.__dict__.get("generate", _MISSING), model.__dict__.get("__deepcopy__", _MISSING))
         object.__setattr__(model, _GENERATE, state)
         object.__setattr__(model, "generate", generate)
+        object.__setattr__(model, "__deepcopy__", refuse_deepcopy)
     state[0].append(bank)
 
 
@@ -652,15 +663,16 @@ def _untrack_generate(model: nn.Module, bank: SteeringBank) -> None:
     state = model.__dict__.get(_GENERATE)
     if state is None or not any(b is bank for b in state[0]):
         return
-    banks, replaced = state
+    banks, replaced_generate, replaced_deepcopy = state
     banks[:] = [b for b in banks if b is not bank]
-    bank._generate_prompt = None
+    bank._generate_prompt = bank._generate_rows = None
     if not banks:
         del model.__dict__[_GENERATE]
-        if replaced is _MISSING:
-            model.__dict__.pop("generate", None)
-        else:
-            object.__setattr__(model, "generate", replaced)
+        for name, replaced in (("generate", replaced_generate), ("__deepcopy__", replaced_deepcopy)):
+            if replaced is _MISSING:
+                model.__dict__.pop(name, None)
+            else:
+                object.__setattr__(model, name, replaced)
 
 
 def _in_backward() -> bool:

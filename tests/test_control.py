@@ -799,3 +799,35 @@ def test_a_vector_that_overflows_the_models_dtype_is_refused():
         assert steerkern_hook_count(model) == 0
     with steer(model, SteeringVector.from_directions({1: torch.full((64,), 6e4)})):
         pass  # within float16's range
+
+
+def test_generate_expands_rows_only_of_a_batch_given_with_as_many_rows(tiny_model_factory):
+    """Values for 3 rows with 6 prompts given to generate were repeated (row i -> rows 2i, 2i+1)
+    as if generate had made the copies: prompt 1 was steered with row 0's vector."""
+    model = tiny_model_factory("llama")
+    vectors = [SteeringVector.from_directions({1: torch.ones(64)}), SteeringVector.from_directions({2: -torch.ones(64)})]
+    ids = torch.randint(3, 100, (6, 4), generator=torch.Generator().manual_seed(0))
+    with steer(model, vectors, slots=[0, 1, -1], coeff=[4.0, -3.0, 0.0]):
+        with pytest.raises(ValueError, match="the batch has 6 rows but slots/coeff were given for 3"):
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+        out = model.generate(input_ids=ids[:3], attention_mask=torch.ones_like(ids[:3]), max_new_tokens=2,
+                             do_sample=False, num_beams=2, num_return_sequences=2)  # generate's own copies
+    assert out.shape[0] == 6 and steerkern_hook_count(model) == 0
+
+
+def test_a_deep_copy_inside_steer_is_refused_and_outside_is_clean(tiny_model_factory):
+    """A copy made inside the block carried the hooks, which kept acting for the original (the
+    copy then failed after the block with 'ran outside a forward pass'), and a generate wrapper
+    that ran the original model."""
+    import copy
+
+    model = tiny_model_factory("llama")
+    vector = SteeringVector.from_directions({1: torch.ones(64)})
+    with steer(model, vector, coeff=2.0):
+        with pytest.raises(RuntimeError, match="copy.deepcopy of LlamaForCausalLM inside steer"):
+            copy.deepcopy(model)
+    clone = copy.deepcopy(model)
+    assert steerkern_hook_count(clone) == 0 and "generate" not in clone.__dict__
+    assert not any(name.startswith("_steerkern") or name == "__deepcopy__" for name in model.__dict__)
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(clone(ids).logits, model(ids).logits)
