@@ -272,7 +272,7 @@ def fisher_preconditioned_mean(grads: torch.Tensor, lam: float) -> torch.Tensor:
     float64 on every device, as ``G^T (nλ I_n + G G^T)^{-1} 1``: since ``(λI + G^T G / n) G^T =
     G^T (λI + G G^T / n)``, an ``n x n`` solve and never a ``D x D`` matrix. (Woodbury's
     ``(g - G^T (nλ I + G G^T)^{-1} G g) / λ`` divides the rounding of ``g`` outside the span of
-    ``G`` by ``λ``: 15% off at ``λ = 1e-3`` from float32 gradients.) Returns ``[D]``."""
+    ``G`` by ``λ``: from float32 gradients it was percents off at ``λ = 1e-3``.) Returns ``[D]``."""
     if not lam > 0:
         raise ValueError(f"fisher_lambda must be > 0, got {lam}")
     G = grads.to(torch.float64)
