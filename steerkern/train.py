@@ -275,7 +275,8 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
         rank: rank ``R >= 1`` of each layer's ``B A^T`` (up to 64, the operator's limit).
         target: steered module, ``"residual"`` (decoder layer output) or a sub-module name
             whose output is steered (``"mlp.down_proj"``, ...; source = its output).
-        steps, lr, batch_size: optimisation (AdamW; ``batch_size`` pairs per process per step).
+        steps, lr, batch_size: optimisation (AdamW; ``batch_size`` pairs per process per step,
+            at most the pairs shared among the processes; the metadata records the value used).
         n_last: last positions of each text read by the projection term.
         tau, kind, kappa: the per-token coherence penalty (``steerkern.loss.coherence_penalty``).
         order_weight: weight of the optional monotonic ordering term (0: off).
@@ -359,6 +360,8 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
     show = bool(progress) and rank_index == 0
     device = input_device(model)
     n_pairs = len(pair_set)
+    # a step draws at most every pair once over the processes: a larger batch only repeated some
+    batch_size = min(batch_size, max(1, n_pairs // world))
 
     # 2. freeze (restored in finally), reference pass, train
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]

@@ -399,3 +399,19 @@ def test_gradient_accumulation_is_refused_and_no_grad_is_no_obstacle(tiny_model_
         got = train_adapter(model, ToyTokenizer(), PAIRS, **args)
     assert history(got) == pytest.approx(history(expected))
     assert_unchanged(model, before)
+
+
+def test_a_batch_larger_than_the_pairs_is_the_pairs(tiny_model_factory, monkeypatch):
+    """3 pairs with batch_size 10 drew 10 pairs a step, some twice (weights 4, 3, 3): each step
+    now takes each pair once, and the metadata says so."""
+    seen = []
+    step = train_mod._step
+
+    def counting_step(reader, bank, ids_list, h_ref, logp_ref, mine, *args, **kwargs):
+        seen.append(sorted(mine))
+        return step(reader, bank, ids_list, h_ref, logp_ref, mine, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_step", counting_step)
+    vector = train_adapter(tiny_model_factory("llama"), ToyTokenizer(), PAIRS[:3], layers=[1], loss_layer=2,
+                           steps=2, batch_size=10, n_last=2, progress=False)
+    assert seen == [[0, 1, 2], [0, 1, 2]] and vector.metadata["batch_size"] == 3
