@@ -146,8 +146,16 @@ class SteeringPart:
         return 0 if self.A is None else self.A.shape[1]
 
     def to(self, device=None, dtype=None) -> SteeringPart:
-        move = lambda t: None if t is None else t.to(device=device, dtype=dtype)
-        return SteeringPart(move(self.bias), move(self.A), move(self.B), self.source)
+        def move(name, t):
+            if t is None:
+                return None
+            moved = t.to(device=device, dtype=dtype)
+            if not bool(torch.isfinite(moved).all()):  # ``t`` is finite: the dtype's range is too small
+                raise ValueError(f"{name} does not fit in {moved.dtype} (|values| up to "
+                                 f"{float(t.abs().max()):.4g}, beyond {torch.finfo(moved.dtype).max:.4g}): "
+                                 "scale the vector down and the coefficient up, or keep a wider dtype")
+            return moved
+        return SteeringPart(move("bias", self.bias), move("A", self.A), move("B", self.B), self.source)
 
 
 def _check_key(key) -> tuple[int, str]:

@@ -653,3 +653,11 @@ def test_direction_errors_name_the_layer():
         SteeringVector.from_directions({3: torch.ones(1, 4)})
     with pytest.raises(ValueError, match="absolute layer indices"):
         SteeringVector.from_directions({-1: torch.ones(4)})
+
+
+def test_a_cast_that_overflows_names_the_dtype():
+    """A float32 vector cast to float16 past 65504 was refused as 'contains NaN or Inf'."""
+    vector = SteeringVector.from_directions({1: torch.full((8,), 1e6)})
+    with pytest.raises(ValueError, match=r"bias does not fit in torch.float16 \(\|values\| up to 1e\+06"):
+        vector.to(dtype=torch.float16)
+    assert vector.to(dtype=torch.bfloat16).parts[(1, "residual")].bias.dtype == torch.bfloat16
