@@ -18,6 +18,7 @@ import torch
 from steerkern import _callable_module
 from steerkern.checks import count
 from steerkern.control import whole_prompt_passes
+from steerkern.directions import work_dtype
 from steerkern.kvcache import cache_argument, empty_model_cache, filled_layers, positions_from_mask
 from steerkern.models import (
     RESIDUAL,
@@ -183,7 +184,7 @@ class _Reads:
 
     ``set(rows, cols, texts, js, shape)`` names, for the next forward pass over a batch of
     ``shape = (rows, width)`` tokens, the positions ``(rows[i], cols[i])`` whose states are read
-    ``js[i]`` of text ``texts[i]``; ``take(store, layer, tensor)`` copies them (fp32, CPU) into
+    ``js[i]`` of text ``texts[i]``; ``take(store, layer, tensor)`` copies them (CPU; float32, float64 for a float64 model) into
     ``store[layer] [n_texts, n_reads, D]``."""
 
     def __init__(self, n_texts: int, n_reads: int, stream: int = 0):
@@ -197,9 +198,11 @@ class _Reads:
     def take(self, store: dict, layer: int, tensor: torch.Tensor):
         rows, cols, texts, js = self.where
         tensor = _as_btd(tensor, *self.shape, self.stream)
-        picked = tensor[rows.to(tensor.device), cols.to(tensor.device)].detach().float().cpu()
+        picked = tensor[rows.to(tensor.device), cols.to(tensor.device)].detach()
+        picked = picked.to("cpu", work_dtype(picked))
         if layer not in store:
-            store[layer] = torch.full((self.n_texts, self.n_reads, picked.shape[-1]), float("nan"))
+            store[layer] = torch.full((self.n_texts, self.n_reads, picked.shape[-1]), float("nan"),
+                                      dtype=picked.dtype)
         store[layer][texts, js] = picked
 
 
@@ -287,9 +290,9 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
             inputs=False, progress=True, desc="capture", share_prefixes=True, text_names=_text_name):
     """Activations at the last ``last_n_tokens`` non-pad positions of each text.
 
-    Returns ``{layer: Tensor [n_texts, last_n_tokens, D]}`` (fp32, CPU), keyed by the layers
-    as given (an int or a list; negative indices count from the last layer); with
-    ``inputs=True`` the tuple ``(outputs, inputs)``, ``inputs`` being the module inputs
+    Returns ``{layer: Tensor [n_texts, last_n_tokens, D]}`` (CPU; float32, or float64 for a
+    float64 model), keyed by the layers as given (an int or a list; negative indices count from
+    the last layer); with ``inputs=True`` the tuple ``(outputs, inputs)``, ``inputs`` being the module inputs
     ``{layer: [n_texts, last_n_tokens, D_in]}``.
     Only the requested modules are hooked; the forward pass stops after the deepest one.
     ``texts`` is a list of strings, each with at least ``last_n_tokens`` tokens.
@@ -416,7 +419,9 @@ def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=R
                 top = _as_btd(held["readout"], len(batch), ids.shape[1], stream)
                 pos = last_positions(mask, last_n_tokens).to(top.device)
                 rows = torch.arange(len(batch), device=top.device)[:, None]
-                objective = (top[rows, pos].float() @ d.to(top.device, torch.float32)).sum()
+                read = top[rows, pos]
+                read = read.to(work_dtype(read))
+                objective = (read @ d.to(top.device, read.dtype)).sum()
                 tensors = [held[layer] for layer in layers]
                 found = torch.autograd.grad(objective, tensors, allow_unused=True)
                 for layer, grad in zip(layers, found):
@@ -426,7 +431,7 @@ def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=R
                             "not depend on its output (the model discards it), so it has no gradient: "
                             "read a module whose output the model uses, or the residual stream")
                     grad = _as_btd(grad, len(batch), ids.shape[1], stream)
-                    summed = (grad.float() * mask.to(grad.device)[..., None]).sum(1).cpu()
+                    summed = (grad.to(work_dtype(grad)) * mask.to(grad.device)[..., None]).sum(1).cpu()
                     for row, index in enumerate(batch):
                         grads[layer][index] = summed[row]
     finally:

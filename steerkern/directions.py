@@ -53,7 +53,9 @@ ADDITIVE_METHODS = ("mean_diff", "pca_diff", "pca_center", "grad")
 METHODS = ("mean_diff", "pca_diff", "pca_center", "lowrank", "weight_svd", "grad")
 
 
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype extraction reads, solves and stores in: float64 for a float64 model's states,
+    float32 for every narrower dtype."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -64,7 +66,7 @@ ROUNDING = 64
 
 def _negligible(small: torch.Tensor, scale: torch.Tensor) -> bool:
     """True when ``|small|`` is zero up to float rounding relative to ``|scale|``."""
-    eps = torch.finfo(_work_dtype(small)).eps
+    eps = torch.finfo(work_dtype(small)).eps
     return bool(small.abs().max() <= ROUNDING * eps * scale.abs().max())
 
 
@@ -92,7 +94,7 @@ def check_pairs(cho: torch.Tensor, rej: torch.Tensor) -> None:
     if cho.shape[0] == 0:
         raise ValueError("no activations: give at least one pair")
     check_finite("activations", cho, rej)
-    dtype = _work_dtype(cho)
+    dtype = work_dtype(cho)
     if _negligible(cho.to(dtype) - rej.to(dtype), torch.cat([cho, rej]).to(dtype)):
         raise ValueError(
             "chosen and rejected activations are identical (every pair difference is zero up to "
@@ -104,7 +106,7 @@ def check_pairs(cho: torch.Tensor, rej: torch.Tensor) -> None:
 def signed_scaled(u: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
     """The shared sign and scale: ``u`` (any norm) -> ``û * (m · û)`` with the sign of ``û``
     chosen so that ``m · û >= 0``, ``m = mean(diffs)``. Returns ``[D]``."""
-    u = u.to(_work_dtype(diffs))
+    u = u.to(work_dtype(diffs))
     norm = torch.linalg.vector_norm(u)
     if not torch.isfinite(norm) or norm == 0:
         raise ValueError("the extracted direction is zero or not finite: are chosen and rejected identical?")
@@ -123,21 +125,21 @@ def signed_scaled(u: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
 
 def top_right_singular(x: torch.Tensor, k: int = 1) -> torch.Tensor:
     """Top-``k`` right singular vectors of ``x`` ``[n, D]`` as columns ``[D, k]``."""
-    _, _, vh = torch.linalg.svd(x.to(_work_dtype(x)), full_matrices=False)
+    _, _, vh = torch.linalg.svd(x.to(work_dtype(x)), full_matrices=False)
     return vh[:k].T
 
 
 def mean_diff(cho: torch.Tensor, rej: torch.Tensor) -> torch.Tensor:
     """``bias = mean(cho - rej)`` ``[D]``."""
     check_pairs(cho, rej)
-    diffs = cho.to(_work_dtype(cho)) - rej.to(_work_dtype(cho))
+    diffs = cho.to(work_dtype(cho)) - rej.to(work_dtype(cho))
     return signed_scaled(diffs.mean(0), diffs)
 
 
 def pca_diff(cho: torch.Tensor, rej: torch.Tensor) -> torch.Tensor:
     """First principal component of the differences (centred), signed and scaled. ``[D]``."""
     check_pairs(cho, rej)
-    diffs = cho.to(_work_dtype(cho)) - rej.to(_work_dtype(cho))
+    diffs = cho.to(work_dtype(cho)) - rej.to(work_dtype(cho))
     if diffs.shape[0] < 2:
         raise ValueError("pca_diff needs at least 2 pairs (a principal component of one row is undefined)")
     centred = diffs - diffs.mean(0)
@@ -154,7 +156,7 @@ def pca_diff(cho: torch.Tensor, rej: torch.Tensor) -> torch.Tensor:
 def pca_center(cho: torch.Tensor, rej: torch.Tensor) -> torch.Tensor:
     """PCA of both members after subtracting each pair's midpoint, signed and scaled. ``[D]``."""
     check_pairs(cho, rej)
-    dtype = _work_dtype(cho)
+    dtype = work_dtype(cho)
     cho, rej = cho.to(dtype), rej.to(dtype)
     mid = (cho + rej) / 2
     rows = torch.cat([cho - mid, rej - mid])  # [2n, D], mean exactly zero
@@ -179,7 +181,7 @@ def lowrank(cho: torch.Tensor, rej: torch.Tensor, rank: int = 1, ridge: float = 
     reflection, ``K = -2``, whose steps off the training pairs are 20-400x the shared scale.
     """
     check_pairs(cho, rej)
-    dtype = _work_dtype(cho)
+    dtype = work_dtype(cho)
     cho, rej = cho.to(dtype), rej.to(dtype)
     diffs = cho - rej
     if not 1 <= rank <= min(diffs.shape):
@@ -232,7 +234,7 @@ def weight_svd(out_diffs: torch.Tensor, inputs: torch.Tensor, weight: torch.Tens
             ``|u_j · m| * mean(v_j·x)^2 / mean((v_j·x)^2)``).
     """
     check_finite("module's inputs", inputs)
-    dtype = _work_dtype(out_diffs)
+    dtype = work_dtype(out_diffs)
     weight = weight.detach().to(out_diffs.device, dtype)
     out_diffs, inputs = out_diffs.to(dtype), inputs.to(dtype)
     if weight.dim() != 2 or out_diffs.shape[1] != weight.shape[0] or inputs.shape[1] != weight.shape[1]:
@@ -279,7 +281,7 @@ def fisher_preconditioned_mean(grads: torch.Tensor, lam: float) -> torch.Tensor:
     n = G.shape[0]
     gram = G @ G.T + n * lam * torch.eye(n, dtype=torch.float64, device=G.device)
     weights = torch.linalg.solve(gram, torch.ones(n, dtype=torch.float64, device=G.device))
-    return (G.T @ weights).to(_work_dtype(grads))
+    return (G.T @ weights).to(work_dtype(grads))
 
 
 def grad_direction(grads: torch.Tensor, diffs: torch.Tensor, fisher_lambda: float | None = None):
@@ -288,7 +290,7 @@ def grad_direction(grads: torch.Tensor, diffs: torch.Tensor, fisher_lambda: floa
     check_finite("gradients", grads)
     if fisher_lambda is not None:
         return signed_scaled(fisher_preconditioned_mean(grads, float(fisher_lambda)), diffs)
-    return signed_scaled(grads.to(_work_dtype(grads)).mean(0), diffs)
+    return signed_scaled(grads.to(work_dtype(grads)).mean(0), diffs)
 
 
 def additive(method: str, cho: torch.Tensor, rej: torch.Tensor) -> torch.Tensor:

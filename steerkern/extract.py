@@ -219,17 +219,17 @@ def _part(plan: _Plan, layer: int, acts, inputs, grads) -> SteeringPart:
 def _method_part(plan: _Plan, layer: int, acts, inputs, grads) -> SteeringPart:
     cho, rej = _members(acts[layer])
     if plan.method in ("mean_diff", "pca_diff", "pca_center"):
-        return SteeringPart(bias=maths.additive(plan.method, cho, rej).float())
+        return SteeringPart(bias=maths.additive(plan.method, cho, rej))
     if plan.method == "grad":
         maths.check_pairs(cho, rej)
-        return SteeringPart(bias=maths.grad_direction(grads[layer], cho - rej, plan.fisher_lambda).float())
+        return SteeringPart(bias=maths.grad_direction(grads[layer], cho - rej, plan.fisher_lambda))
     if plan.method == "lowrank":
         bias, A, B = maths.lowrank(cho, rej, plan.rank)
-        return SteeringPart(bias=bias.float(), A=A.float(), B=B.float())
+        return SteeringPart(bias=bias, A=A, B=B)
     maths.check_pairs(cho, rej)  # weight_svd
     x = inputs[layer].reshape(-1, inputs[layer].shape[-1])
     A, B = maths.weight_svd(cho - rej, x, plan.weights[layer], plan.rank)
-    return SteeringPart(A=A.float(), B=B.float(), source="input")
+    return SteeringPart(A=A, B=B, source="input")
 
 
 def _metadata(model, plan: _Plan, pair_set: PairSet, concept) -> dict:

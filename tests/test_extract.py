@@ -379,12 +379,45 @@ def test_grad_matches_explicit_bias_gradient(tiny_model_factory):
     assert fisher.metadata["fisher_lambda"] == 0.5
 
 
+def test_a_float64_model_is_extracted_in_float64():
+    """A float64 model's states are read, solved and stored in float64: mean_diff equals the
+    float64 ``output_hidden_states`` mean difference to 1e-12 and grad the float64 bias
+    gradients (float32 arithmetic would be 1e-7 off), and every method returns float64 parts."""
+    from tests.tiny_models import build_tiny_model
+
+    model = build_tiny_model("llama").double()
+    tok = CharTokenizer()
+    texts = [t for pair in PAIRS for t in pair]
+    with torch.no_grad():
+        tops = torch.stack([model(torch.tensor([tok(t)["input_ids"]]), output_hidden_states=True)
+                            .hidden_states[2][0, -1] for t in texts])
+    vector = extract(model, tok, PAIRS, layers=[1], method="mean_diff", batch_size=3, progress=False)
+    bias = vector.parts[(1, "residual")].bias
+    assert bias.dtype == torch.float64
+    torch.testing.assert_close(bias, (tops[0::2] - tops[1::2]).mean(0), rtol=1e-12, atol=1e-12)
+
+    readout = 2
+    grad = extract(model, tok, PAIRS, layers=[0], method="grad", readout_layer=readout,
+                   batch_size=3, progress=False).parts[(0, "residual")].bias
+    reads = capture(model, tok, texts, [readout], progress=False)[readout][:, -1]
+    assert reads.dtype == torch.float64
+    d = (reads[0::2] - reads[1::2]).mean(0)
+    at_0 = capture(model, tok, texts, [0], progress=False)[0][:, -1]
+    expected = maths.signed_scaled(_bias_gradients(model, tok, texts, 0, "residual", readout, d, 1).mean(0),
+                                   at_0[0::2] - at_0[1::2])
+    assert grad.dtype == torch.float64
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+    for method in ("pca_diff", "pca_center", "lowrank"):
+        part = extract(model, tok, PAIRS, layers=[1], method=method, progress=False).parts[(1, "residual")]
+        assert all(t.dtype == torch.float64 for t in (part.bias, part.A, part.B) if t is not None), method
+
+
 def _bias_gradients(model, tok, texts, layer, target, readout, d, n):
     """Reference for ``vjp_gradients``: per text, d(sum of d·h_readout over the last n tokens) /
     d(bias added to the output of ``target`` at ``layer``), one text at a time."""
     grads = []
     for text in texts:
-        bias = torch.zeros(d.shape[0], requires_grad=True)
+        bias = torch.zeros(d.shape[0], dtype=d.dtype, requires_grad=True)
         top = {}
 
         def add(module, args, output, bias=bias):
