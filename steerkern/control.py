@@ -84,6 +84,16 @@ class _Site:
                                          torch.arange(count, dtype=torch.int32)))
 
 
+def _placed(index: int, part, device, dtype, key):
+    """``vectors[index]``'s part at ``key = (layer, target)`` on the module's device and dtype;
+    a value past that dtype's range is refused there, naming the vector, layer and target."""
+    try:
+        return part.to(device, dtype)
+    except ValueError as error:
+        raise ValueError(f"vectors[{index}] at layer {key[0]}, target {key[1]!r} (a {dtype} module): "
+                         f"{error}") from None
+
+
 class SteeringBank:
     """Many steering vectors loaded once onto the model, applied per row.
 
@@ -171,7 +181,7 @@ class SteeringBank:
         slot_map = torch.full((count + 1,), -1, dtype=torch.int32)
         for entry, (index, _) in enumerate(entries):
             slot_map[index] = entry
-        parts = [part for _, part in entries]
+        parts = [_placed(index, part, device, dtype, key) for index, part in entries]
         dims = {p.bias.shape[-1] for p in parts if p.bias is not None}
         dims |= {p.B.shape[0] for p in parts if p.B is not None}
         if len(dims) != 1:
@@ -182,7 +192,7 @@ class SteeringBank:
             bias = torch.zeros(len(parts), width, dtype=dtype, device=device)
             for entry, part in enumerate(parts):
                 if part.bias is not None:
-                    bias[entry] = part.bias.to(device=device, dtype=dtype)
+                    bias[entry] = part.bias
         A = B = None
         low_rank = [p for p in parts if p.A is not None]
         for index, part in entries:
@@ -202,14 +212,8 @@ class SteeringBank:
             for entry, part in enumerate(parts):
                 if part.A is not None:
                     r = part.A.shape[1]
-                    A[entry, :, :r] = part.A.to(device=device, dtype=dtype)
-                    B[entry, :, :r] = part.B.to(device=device, dtype=dtype)
-        for name, tensor in (("bias", bias), ("A", A), ("B", B)):
-            if tensor is not None and not bool(torch.isfinite(tensor).all()):  # finite parts overflowed
-                raise ValueError(
-                    f"a vector's {name} at layer {key[0]}, target {key[1]!r} does not fit in the module's "
-                    f"{dtype} (|values| beyond {torch.finfo(dtype).max:.4g}): scale the vector down and "
-                    "the coefficient up, or run the model in a wider dtype")
+                    A[entry, :, :r] = part.A
+                    B[entry, :, :r] = part.B
         return _Site(module, source, bias, A, B, slot_map.to(device))
 
     # --- per batch -----------------------------------------------------------------------------
