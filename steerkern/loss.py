@@ -32,6 +32,12 @@ PENALTY_KINDS = ("log_barrier", "hinge", "squared_hinge")
 REDUCTIONS = ("none", "mean", "sum")
 
 
+def _batch_mean(x: torch.Tensor) -> torch.Tensor:
+    """``x [B] -> mean_b x[b]``, a scalar; 0 (with a zero gradient) for ``B = 0``, not the NaN of
+    an empty mean (a filtered-out micro-batch, an uneven shard)."""
+    return x.sum() / max(x.shape[0], 1)
+
+
 def coherence_penalty(
     d: torch.Tensor, kind: str = "log_barrier", tau: float = 0.5, kappa: float = 1.0
 ) -> torch.Tensor:
@@ -125,7 +131,7 @@ def sequence_penalty(
     per_seq = per_token.sum(dim=-1) / counts.clamp(min=1)
     if per_seq.dim() == 0:
         return per_seq
-    return per_seq.sum() / max(per_seq.shape[0], 1)  # B = 0: 0, not the NaN of an empty mean
+    return _batch_mean(per_seq)
 
 
 def margin_loss(
@@ -323,9 +329,9 @@ def projection_loss(
     real(saturation, "saturation", positive=True)
     S = _pair_scale(s_ref, scale, eps)
     if projection == "linear":
-        return (-c * s_pi / S).mean()
+        return _batch_mean(-c * s_pi / S)
     z = c * (s_pi - s_ref) / S
-    return (-saturation * torch.tanh(z / saturation)).mean()
+    return _batch_mean(-saturation * torch.tanh(z / saturation))
 
 
 def inner_contrastive_loss(
@@ -451,10 +457,10 @@ def inner_contrastive_loss(
     coh_pos = coherence(coherence_pos, "coherence_pos")
     coh_neg = coherence(coherence_neg, "coherence_neg")
     if order_weight > 0:
-        order = (
+        order = _batch_mean(
             torch.relu(order_margin - (s_pos - s_ref) / scale_b)
             + torch.relu(order_margin - (s_ref - s_neg) / scale_b)
-        ).mean()
+        )
     else:
         order = zero
     if shift_weight > 0:
@@ -463,9 +469,10 @@ def inner_contrastive_loss(
             e = 0.5 * (projection_scores(pair[0], ref[0], u, n_last)
                        + projection_scores(pair[1], ref[1], u, n_last))
             if projection == "linear":
-                shift = shift + (-c * e / scale_b).mean()
+                shift = shift + _batch_mean(-c * e / scale_b)
             else:
-                shift = shift + (-saturation * torch.tanh(c * e / (saturation * scale_b))).mean()
+                bounded = -saturation * torch.tanh(c * e / (saturation * scale_b))
+                shift = shift + _batch_mean(bounded)
     else:
         shift = zero
     loss = (proj_pos + coh_pos) + (proj_neg + coh_neg) + order_weight * order

@@ -605,3 +605,21 @@ def test_inner_contrastive_bf16_states_accumulate_in_fp32():
     for name in ("loss", "proj_pos", "proj_neg"):
         torch.testing.assert_close(getattr(got, name).double(), getattr(want, name),
                                    atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("projection, scale",
+                         [("linear", "pair"), ("tanh", "batch"), ("tanh", 0.37)])
+def test_inner_contrastive_empty_batch_is_zero_not_nan(projection, scale):
+    """B = 0 pairs (e.g. a filtered-out micro-batch, as margin_loss allows): every term is 0 with
+    a zero gradient, not the NaN of an empty mean."""
+    states, u, coh = _contrastive_inputs()
+    st, u, ch = _leaves({k: (v[0][:0], v[1][:0]) for k, v in states.items()}, u,
+                        {k: (v[0][:0], v[1][:0], v[2][:0]) for k, v in coh.items()})
+    out = inner_contrastive_loss(
+        st["pos"], st["neg"], st["ref"], u, n_last=N_LAST,
+        coherence_pos=CoherenceInputs(*ch["pos"]), coherence_neg=CoherenceInputs(*ch["neg"]),
+        order_weight=0.5, shift_weight=0.5, projection=projection, scale=scale)
+    for name, value in out._asdict().items():
+        assert value.shape == () and value.item() == 0.0, name
+    out.loss.backward()
+    assert st["pos"][0].grad.shape == (0, T_CHO, D) and not u.grad.isnan().any()
