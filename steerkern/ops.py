@@ -337,11 +337,15 @@ def _token_logprobs_impl(use_triton: bool):
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """logp = token_logprobs(h, W, labels); saves h, W, labels and the per-row lse only."""
+    """logp = token_logprobs(h, W, labels); saves h, W, labels and the per-row lse only. Both
+    directions run with autocast off (``_without_autocast``): fp32 accumulation whatever the
+    caller's autocast state, on the torch path as in the kernel."""
 
     @staticmethod
     def forward(ctx, h, W, labels, ignore_index, use_triton):
-        logp, lse = _token_logprobs_impl(use_triton).token_logprobs_fwd(h, W, labels, ignore_index)
+        impl = _token_logprobs_impl(use_triton)
+        with _without_autocast(h):
+            logp, lse = impl.token_logprobs_fwd(h, W, labels, ignore_index)
         ctx.save_for_backward(h, W, labels, lse)
         ctx.ignore_index = ignore_index
         ctx.use_triton = use_triton
@@ -352,9 +356,12 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad):
         h, W, labels, lse = ctx.saved_tensors
         need_h, need_W = ctx.needs_input_grad[:2]
-        dh, dW = _token_logprobs_impl(ctx.use_triton).token_logprobs_bwd(
-            h, W, labels, lse, grad.contiguous(), ctx.ignore_index, need_h=need_h, need_W=need_W
-        )
+        # a backward run inside an autocast block would give the reference's dW product in the
+        # autocast dtype: fp32 (float64) throughout, as the kernel computes
+        with _without_autocast(h):
+            dh, dW = _token_logprobs_impl(ctx.use_triton).token_logprobs_bwd(
+                h, W, labels, lse, grad.contiguous(), ctx.ignore_index, need_h=need_h, need_W=need_W
+            )
         return dh, dW, None, None, None
 
 

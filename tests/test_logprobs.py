@@ -285,3 +285,18 @@ def test_reference_scratch_does_not_grow_with_vocabulary_for_16bit_heads(monkeyp
     assert copies and max(copies) <= 1 << 16, f"a copy of {max(copies)} elements"
     ref = R.token_logprobs_naive(h.double(), W.double(), y)
     torch.testing.assert_close(lp.double(), ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_path_accumulates_in_fp32_under_autocast(dtype):
+    """fp32 inputs inside ``torch.autocast`` (forward and backward in the block): the CPU path
+    computes in fp32 as the kernel does; its dW product ran in the autocast dtype (3e-3 off)."""
+    h, W, y = _inputs(ignore=(3,))
+    grad = torch.randn(N, generator=torch.Generator().manual_seed(7))
+    with torch.autocast("cpu", dtype=dtype):
+        lp, dh, dW = _run("torch", h, W, y, grad)
+    ref, dh_ref, dW_ref = _reference(h, W, y, grad)
+    assert lp.dtype == dh.dtype == dW.dtype == torch.float32
+    torch.testing.assert_close(lp.double(), ref, atol=1e-4, rtol=1e-5)
+    _assert_grad_close(dh, dh_ref, 1e-4)
+    _assert_grad_close(dW, dW_ref, 1e-4)
