@@ -263,9 +263,11 @@ def projection_scores(
     if not isinstance(u, torch.Tensor) or u.shape != (a.shape[2],):
         got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
         raise ValueError(f"u must be a [D] = [{a.shape[2]}] tensor, got {got}")
-    # fp32 accumulation (float64 stays): in bf16, s_pi - s_ref would cancel to a few bits
+    # fp32 accumulation (float64 stays): in bf16, s_pi - s_ref would cancel to a few bits. A
+    # product and a sum, not ``@``, which autocast would run in bf16/fp16 inside its block.
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    return ((a.to(acc) - b.to(acc)) @ u.to(device=a.device, dtype=acc)).mean(dim=1)
+    diff = a.to(acc) - b.to(acc)
+    return (diff * u.to(device=a.device, dtype=acc)).sum(dim=-1).mean(dim=1)
 
 
 PROJECTIONS = ("linear", "tanh")

@@ -623,3 +623,26 @@ def test_inner_contrastive_empty_batch_is_zero_not_nan(projection, scale):
         assert value.shape == () and value.item() == 0.0, name
     out.loss.backward()
     assert st["pos"][0].grad.shape == (0, T_CHO, D) and not u.grad.isnan().any()
+
+
+def test_inner_contrastive_scores_stay_fp32_under_autocast():
+    """fp32 states with the loss computed inside ``torch.autocast`` (bf16): the scores'
+    ``(h_cho - h_rej) . u`` product ran in bf16 there (loss 3e-3 off, and a bf16 loss)."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.zeros(D, dtype=torch.float64)
+    u[0] = 1.0
+    ref_cho = 30.0 + torch.randn(B, T_CHO, D, generator=g, dtype=torch.float64)
+    ref_rej = torch.randn(B, T_REJ, D, generator=g, dtype=torch.float64)
+    step = torch.zeros(D, dtype=torch.float64)
+    step[0] = 1.5
+    exact = {"ref": (ref_cho, ref_rej), "pos": (ref_cho + step, ref_rej),
+             "neg": (ref_cho - step, ref_rej)}
+    fp32 = {k: tuple(t.float() for t in v) for k, v in exact.items()}
+    args = dict(n_last=N_LAST, projection="tanh", scale="batch", shift_weight=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = inner_contrastive_loss(fp32["pos"], fp32["neg"], fp32["ref"], u.float(), **args)
+    want = inner_contrastive_loss(exact["pos"], exact["neg"], exact["ref"], u, **args)
+    assert got.loss.dtype == torch.float32
+    for name in ("loss", "proj_pos", "proj_neg", "shift"):
+        torch.testing.assert_close(getattr(got, name).double(), getattr(want, name),
+                                   atol=1e-5, rtol=1e-4)
