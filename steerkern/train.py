@@ -138,6 +138,23 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device):
     return ids.to(device), mask.to(device), positions.to(device), labels.to(device)
 
 
+def _draw_batch(queue: list[int], n_pairs: int, size: int, generator) -> list[int]:
+    """``size`` pair indices popped from the end of ``queue`` (the rest of a shuffled pass over
+    the pairs), refilled with ``torch.randperm(n_pairs)`` when it runs out; updates ``queue``.
+
+    Every pass visits each pair once. When a batch runs into the next pass, the pairs already in
+    the batch come last in that pass, so that the batch holds ``size`` distinct pairs whenever
+    ``size <= n_pairs`` (a pair drawn twice would weigh double in the batch's mean)."""
+    picked: list[int] = []
+    while len(picked) < size:
+        if not queue:
+            order = torch.randperm(n_pairs, generator=generator).tolist()
+            taken = set(picked)
+            queue[:] = [i for i in order if i in taken] + [i for i in order if i not in taken]
+        picked.append(queue.pop())
+    return picked
+
+
 def _right_align(rows: list[torch.Tensor], width: int, fill: float) -> torch.Tensor:
     """Stack 1-D tensors right-aligned into ``[R, width]`` (left filled with ``fill``)."""
     out = torch.full((len(rows), width), fill, dtype=torch.float32)
@@ -407,11 +424,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
             reader.attach()
             bar = tqdm(range(steps), desc="train_adapter", disable=not show)
             for _ in bar:
-                picked = []
-                while len(picked) < global_batch:
-                    if not queue:
-                        queue = torch.randperm(n_pairs, generator=generator).tolist()
-                    picked.append(queue.pop())
+                picked = _draw_batch(queue, n_pairs, global_batch, generator)
                 mine = picked[rank_index::world]
                 adapter.load_into_bank()
                 loss_terms = _step(reader, adapter.bank, ids_list, h_ref, logp_ref, mine,

@@ -415,3 +415,22 @@ def test_a_batch_larger_than_the_pairs_is_the_pairs(tiny_model_factory, monkeypa
     vector = train_adapter(tiny_model_factory("llama"), ToyTokenizer(), PAIRS[:3], layers=[1], loss_layer=2,
                            steps=2, batch_size=10, n_last=2, progress=False)
     assert seen == [[0, 1, 2], [0, 1, 2]] and vector.metadata["batch_size"] == 3
+
+
+def test_a_batch_never_holds_a_pair_twice(tiny_model_factory, monkeypatch):
+    """5 pairs, batch 3: a batch that crosses into the next shuffled pass over the pairs took
+    the new pass's first pairs whatever they were, so about one step in six trained on a pair
+    twice (weight 2) and one pair fewer. Each pass still visits every pair once."""
+    seen = []
+    step = train_mod._step
+
+    def counting_step(reader, bank, ids_list, h_ref, logp_ref, mine, *args, **kwargs):
+        seen.append(list(mine))
+        return step(reader, bank, ids_list, h_ref, logp_ref, mine, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_step", counting_step)
+    train_adapter(tiny_model_factory("llama"), ToyTokenizer(), PAIRS[:5], layers=[1], loss_layer=2,
+                  steps=10, batch_size=3, n_last=2, progress=False)
+    assert all(len(set(batch)) == 3 for batch in seen), seen
+    drawn = [index for batch in seen for index in batch]
+    assert all(sorted(drawn[i:i + 5]) == list(range(5)) for i in range(0, 30, 5)), drawn
