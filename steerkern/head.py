@@ -19,6 +19,7 @@ of a sweep's generations).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -49,13 +50,37 @@ def output_head(model, purpose: str):
     return head
 
 
+@contextlib.contextmanager
+def _weights_loaded(head):
+    """Inside, ``head``'s weights are real tensors on its execution device, also when accelerate
+    offloads it (``cpu_offload``, ``device_map`` entries "cpu"/"disk" beside a GPU: they sit on
+    'meta' between calls, and its dispatch hook ``_hf_hook`` loads them for each forward, as here);
+    a head that is not offloaded is left as it is."""
+    hook = getattr(head, "_hf_hook", None)
+    if head.weight.device.type != "meta" or hook is None:
+        yield
+        return
+    hook.pre_forward(head)
+    try:
+        yield
+    finally:
+        hook.post_forward(head, None)
+
+
 def head_matrix(head, scale: float = 1.0) -> torch.Tensor:
     """The output head as one matrix, times the model's logit factor ``a``
     (:func:`logit_scale`): ``a W`` ``[V, D]``, or ``a [W | b]`` ``[V, D + 1]`` for a head with a
-    bias (GPT-J, Phi), so that ``[h, 1] @ (a [W | b])^T = a (W h + b)``, the model's logits."""
-    weight = head.weight.detach()
-    if getattr(head, "bias", None) is not None:
-        weight = torch.cat([weight, head.bias.detach().to(weight.dtype)[:, None]], dim=1)
+    bias (GPT-J, Phi), so that ``[h, 1] @ (a [W | b])^T = a (W h + b)``, the model's logits.
+    On the head's execution device; an offloaded head's weights are read as its forward reads
+    them (:func:`_weights_loaded`), and the matrix keeps them there."""
+    with _weights_loaded(head):
+        weight = head.weight.detach()
+        if getattr(head, "bias", None) is not None:
+            weight = torch.cat([weight, head.bias.detach().to(weight.dtype)[:, None]], dim=1)
+    if weight.device.type == "meta":
+        raise ValueError(
+            f"the output head {type(head).__name__} has its weight on 'meta' and no dispatch hook "
+            "loads it: load the model with device_map=... (accelerate) or move it to a device")
     return weight if scale == 1.0 else weight * scale
 
 

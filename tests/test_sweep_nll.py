@@ -129,3 +129,23 @@ def test_a_head_fed_other_than_batch_states_reads_full_logits():
     with pytest.raises(ValueError, match="batch, tokens, hidden"):
         logit_scale(model, model.lm_head, ids, mask, mask.cumsum(-1) - 1)
     assert sweep._fused_head(model, ids, mask) is None
+
+
+def test_offloaded_head_gives_the_plain_models_texts_and_nll():
+    """accelerate's CPU offload keeps the head's weight on 'meta' between calls: the fused NLL
+    read it there ("Tensor.item() cannot be called on meta tensors"); it equals the plain run."""
+    from accelerate import cpu_offload
+
+    from tests.tiny_models import build_tiny_model
+
+    plain = build_tiny_model("llama")
+    offloaded = cpu_offload(build_tiny_model("llama"), execution_device=torch.device("cpu"))
+    assert offloaded.lm_head.weight.device.type == "meta"
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    vector = SteeringVector.from_directions({1: direction})
+    tokenizer = word_tokenizer("left")
+    got = sweep.generate_rows(offloaded, tokenizer, [vector], PROMPTS, ARMS, max_new_tokens=3)
+    want = sweep.generate_rows(plain, tokenizer, [vector], PROMPTS, ARMS, max_new_tokens=3)
+    assert got[0] == want[0]
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert offloaded.lm_head.weight.device.type == "meta"
