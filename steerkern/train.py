@@ -61,6 +61,7 @@ from steerkern.models import (
     check_layer,
     decoder_layers,
     default_layers,
+    execution_device,
     hidden_size,
     input_device,
     model_id,
@@ -240,7 +241,7 @@ class _Adapter:
         for layer in layer_list:
             module = resolve_module(model, layer, target)
             width = _output_width(model, module, target)
-            device = first_tensor(module).device
+            device = execution_device(model, module)  # not 'meta' under accelerate's offloading
             bias = torch.zeros(width, dtype=torch.float32)
             A = torch.randn(width, rank, generator=generator, dtype=torch.float32) / math.sqrt(width)
             B = torch.zeros(width, rank, dtype=torch.float32)

@@ -434,3 +434,24 @@ def test_a_batch_never_holds_a_pair_twice(tiny_model_factory, monkeypatch):
     assert all(len(set(batch)) == 3 for batch in seen), seen
     drawn = [index for batch in seen for index in batch]
     assert all(sorted(drawn[i:i + 5]) == list(range(5)) for i in range(0, 30, 5)), drawn
+
+
+def test_offloaded_model_trains_as_the_plain_one(tiny_model_factory):
+    """accelerate's CPU offload (as ``device_map`` entries "cpu"/"disk" beside a GPU): the head's
+    weight sits on 'meta' between calls, and the coherence term's fused log-probs read it
+    ("Tensor.item() cannot be called on meta tensors"). The run equals the plain model's."""
+    from accelerate import cpu_offload
+
+    from tests.tiny_models import build_tiny_model
+
+    args = dict(layers=[1], loss_layer=2, rank=2, steps=3, lr=3e-2, batch_size=4, progress=False,
+                tau=0.0, kind="hinge")
+    offloaded = cpu_offload(build_tiny_model("llama"), execution_device=torch.device("cpu"))
+    assert offloaded.lm_head.weight.device.type == "meta"
+    got = train_adapter(offloaded, ToyTokenizer(), PAIRS, **args)
+    want = train_adapter(tiny_model_factory("llama"), ToyTokenizer(), PAIRS, **args)
+    assert got.metadata["loss_history"] == pytest.approx(want.metadata["loss_history"], abs=1e-5)
+    for key, part in want.parts.items():
+        torch.testing.assert_close(got.parts[key].B, part.B, atol=1e-5, rtol=1e-4)
+    assert offloaded.lm_head.weight.device.type == "meta"  # offloaded again afterwards
+    assert steerkern_hook_count(offloaded) == 0
