@@ -107,6 +107,23 @@ def _output_width(model, module, target: str) -> int:
         return hidden_size(model)
 
 
+def _grad_flags(model) -> list[tuple[torch.nn.Module, str, bool]]:
+    """``(module, name, requires_grad)`` of every parameter of ``model``, for
+    :func:`_restore_grad_flags`. Kept by module and name, not by Parameter object: accelerate's
+    offloading (``cpu_offload``, ``device_map`` entries "cpu"/"disk") puts a new Parameter into
+    the module at every forward, copying the flag of the one it replaces."""
+    return [(module, name, p.requires_grad) for module in model.modules()
+            for name, p in module.named_parameters(recurse=False)]
+
+
+def _restore_grad_flags(saved: list[tuple[torch.nn.Module, str, bool]]) -> None:
+    """Set each saved ``requires_grad`` on the parameter the module holds under that name now."""
+    for module, name, flag in saved:
+        param = module._parameters.get(name)
+        if param is not None:
+            param.requires_grad_(flag)
+
+
 # --- tokens -------------------------------------------------------------------------------------
 
 
@@ -382,12 +399,12 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
     batch_size = min(batch_size, max(1, n_pairs // world))
 
     # 2. freeze (restored in finally), reference pass, train
-    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved_flags = _grad_flags(model)
     saved_modes = [(m, m.training) for m in model.modules()]
     reader = _Reader(model, loss_at, n_last)
     adapter = None
     try:
-        for p, _ in saved_flags:
+        for p in model.parameters():
             p.requires_grad_(False)
         set_training_flags(model, False)
         shortest = min(ids_list, key=len)
@@ -464,8 +481,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
         reader.detach()
         if adapter is not None:
             adapter.bank.detach()
-        for p, flag in saved_flags:
-            p.requires_grad_(flag)
+        _restore_grad_flags(saved_flags)
         for module, mode in saved_modes:
             module.training = mode
 

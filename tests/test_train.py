@@ -439,7 +439,8 @@ def test_a_batch_never_holds_a_pair_twice(tiny_model_factory, monkeypatch):
 def test_offloaded_model_trains_as_the_plain_one(tiny_model_factory):
     """accelerate's CPU offload (as ``device_map`` entries "cpu"/"disk" beside a GPU): the head's
     weight sits on 'meta' between calls, and the coherence term's fused log-probs read it
-    ("Tensor.item() cannot be called on meta tensors"). The run equals the plain model's."""
+    ("Tensor.item() cannot be called on meta tensors"). The run equals the plain model's, and
+    every parameter's ``requires_grad`` is restored (38 of 39 were left False)."""
     from accelerate import cpu_offload
 
     from tests.tiny_models import build_tiny_model
@@ -448,7 +449,11 @@ def test_offloaded_model_trains_as_the_plain_one(tiny_model_factory):
                 tau=0.0, kind="hinge")
     offloaded = cpu_offload(build_tiny_model("llama"), execution_device=torch.device("cpu"))
     assert offloaded.lm_head.weight.device.type == "meta"
+    offloaded.model.embed_tokens.weight.requires_grad_(False)  # a mixed set of flags to restore
+    flags = {name: p.requires_grad for name, p in offloaded.named_parameters()}
     got = train_adapter(offloaded, ToyTokenizer(), PAIRS, **args)
+    # the offload hooks replace the Parameter objects at every forward: flags restored by name
+    assert {name: p.requires_grad for name, p in offloaded.named_parameters()} == flags
     want = train_adapter(tiny_model_factory("llama"), ToyTokenizer(), PAIRS, **args)
     assert got.metadata["loss_history"] == pytest.approx(want.metadata["loss_history"], abs=1e-5)
     for key, part in want.parts.items():
