@@ -454,7 +454,7 @@ def inner_contrastive_loss(
             kind=kind,
             kappa=kappa,
             reduction="mean",
-        ).to(zero.dtype)
+        ).to(zero.device, zero.dtype)  # the head may sit on another device than the loss layer
 
     coh_pos = coherence(coherence_pos, "coherence_pos")
     coh_neg = coherence(coherence_neg, "coherence_neg")

@@ -501,7 +501,9 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
 
 def _step(reader, bank, ids_list, h_ref, logp_ref, batch, pad_id, device, u, **loss_args):
     """Policy pass on rows ``[cho | rej | cho | rej]`` with coefficients ``[+1, +1, -1, -1]``;
-    returns the :class:`~steerkern.loss.ContrastiveLoss` of the batch."""
+    returns the :class:`~steerkern.loss.ContrastiveLoss` of the batch. The loss is formed on the
+    loss layer's device: on a model split by ``device_map`` the inputs (``device``), the loss
+    layer and the head may sit on three devices."""
     n = len(batch)
     cho = [ids_list[2 * i] for i in batch]
     rej = [ids_list[2 * i + 1] for i in batch]
@@ -509,14 +511,16 @@ def _step(reader, bank, ids_list, h_ref, logp_ref, batch, pad_id, device, u, **l
     bank.set_batch(coeff=[1.0] * (2 * n) + [-1.0] * (2 * n))
     h_loss, h_final = reader(ids, mask, positions)
     h_loss = h_loss.float()
+    at = h_loss.device
     width = labels.shape[1]
     # coherence: chosen rows at c = +1 (rows 0..n-1), rejected rows at c = -1 (rows 3n..4n-1)
-    logp_pos = head_logprobs(h_final[:n], reader.head_weight, labels[:n])
-    logp_neg = head_logprobs(h_final[3 * n:], reader.head_weight, labels[3 * n:])
-    ref_pos = _right_align([logp_ref[2 * i] for i in batch], width, 0.0).to(device)
-    ref_neg = _right_align([logp_ref[2 * i + 1] for i in batch], width, 0.0).to(device)
-    ref_states = (torch.stack([h_ref[2 * i] for i in batch]).to(device),
-                  torch.stack([h_ref[2 * i + 1] for i in batch]).to(device))
+    logp_pos = head_logprobs(h_final[:n], reader.head_weight, labels[:n]).to(at)
+    logp_neg = head_logprobs(h_final[3 * n:], reader.head_weight, labels[3 * n:]).to(at)
+    ref_pos = _right_align([logp_ref[2 * i] for i in batch], width, 0.0).to(at)
+    ref_neg = _right_align([logp_ref[2 * i + 1] for i in batch], width, 0.0).to(at)
+    ref_states = (torch.stack([h_ref[2 * i] for i in batch]).to(at),
+                  torch.stack([h_ref[2 * i + 1] for i in batch]).to(at))
+    labels = labels.to(at)
     return inner_contrastive_loss(
         (h_loss[:n], h_loss[n:2 * n]), (h_loss[2 * n:3 * n], h_loss[3 * n:]), ref_states, u,
         coherence_pos=CoherenceInputs(logp_pos, ref_pos, labels[:n] != IGNORE),

@@ -255,6 +255,27 @@ def test_sweep_generations_and_nll_across_gpu_and_cpu(mode):
     assert float(abs(torch.tensor(nll) - torch.tensor(want_nll)).max()) < 1e-4
 
 
+def test_train_adapter_across_gpu_and_cpu():
+    """train_adapter on a model whose inputs, loss layer and head sit on different devices
+    (embedding and layers 0-1 on the GPU, layers 2-3 on the CPU, the head on the GPU): the loss
+    is formed on the loss layer's device and the run equals the one-device run."""
+    from accelerate import dispatch_model
+
+    from steerkern.train import train_adapter
+    from tests.test_train import PAIRS, ToyTokenizer
+
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0,
+                  "model.layers.1": 0, "model.layers.2": "cpu", "model.layers.3": "cpu",
+                  "model.norm": 0, "lm_head": 0}
+    model = dispatch_model(build_tiny_model("llama"), device_map=device_map, main_device="cpu")
+    args = dict(layers=[1], loss_layer=2, rank=2, steps=3, lr=3e-2, batch_size=4, progress=False,
+                tau=0.0, kind="hinge")
+    got = train_adapter(model, ToyTokenizer(), PAIRS, **args)
+    want = train_adapter(build_tiny_model("llama"), ToyTokenizer(), PAIRS, **args)
+    assert got.metadata["loss_history"] == pytest.approx(want.metadata["loss_history"], abs=1e-4)
+    assert steerkern_hook_count(model) == 0
+
+
 class steer_generate:
     """``with steer_generate(model, vectors, slots, coeff) as gen: gen(ids, mask)`` greedy."""
 
