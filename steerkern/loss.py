@@ -101,7 +101,8 @@ def sequence_penalty(
             tokens.
 
     Masked-out tokens contribute nothing to the value or the gradient, whatever their
-    ``logp_ref`` holds (NaN included).
+    ``logp_ref`` holds (NaN included). The drop ``d`` and the result are fp32 (float64 for a
+    float64 ``logp_pi``), whatever the log-probs' dtype.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -118,8 +119,10 @@ def sequence_penalty(
     if logp_pi.dim() not in (1, 2):
         raise ValueError(f"log-probs must be [N] or [B, T], got {tuple(logp_pi.shape)}")
     mask = _as_mask(mask, logp_pi, "mask")
-    d = logp_ref.to(logp_pi.dtype) - logp_pi
-    zero = torch.zeros((), dtype=logp_pi.dtype, device=logp_pi.device)
+    # d in fp32 at least: a bf16 logp_pi would round logp_ref by up to 0.06 nats near -20
+    acc = torch.promote_types(logp_pi.dtype, torch.float32)
+    d = logp_ref.to(acc) - logp_pi.to(acc)
+    zero = torch.zeros((), dtype=acc, device=logp_pi.device)
     per_token = torch.where(
         mask, coherence_penalty(torch.where(mask, d, zero), kind, tau, kappa), zero
     )
@@ -253,6 +256,7 @@ def projection_scores(
     u: ``[D]``; mask_cho / mask_rej: optional attention masks ``[B, T]`` used to check that the
     read positions are real tokens. Returns ``[B]``.
     """
+    n_last = count(n_last, "n_last")
     a = _last_tokens(h_cho, n_last, "h_cho", mask_cho)
     b = _last_tokens(h_rej, n_last, "h_rej", mask_rej)
     if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
@@ -286,8 +290,6 @@ def _pair_scale(s_ref: torch.Tensor, scale, eps: float) -> torch.Tensor:
             return s_ref.abs() + eps
         if scale == "batch":
             return (s_ref.abs().mean() + eps).expand_as(s_ref)
-        raise ValueError(f"scale must be 'pair', 'batch' or a positive number, got {scale!r}")
-    if isinstance(scale, str):
         raise ValueError(f"scale must be 'pair', 'batch' or a positive number, got {scale!r}")
     return torch.full_like(s_ref, real(scale, "scale", positive=True, meaning=" (or 'pair', 'batch')"))
 

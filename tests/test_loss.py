@@ -12,6 +12,7 @@ from steerkern.loss import (
     coherence_penalty,
     inner_contrastive_loss,
     margin_loss,
+    projection_scores,
     sequence_penalty,
 )
 
@@ -646,3 +647,20 @@ def test_inner_contrastive_scores_stay_fp32_under_autocast():
     for name in ("loss", "proj_pos", "proj_neg", "shift"):
         torch.testing.assert_close(getattr(got, name).double(), getattr(want, name),
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_sequence_penalty_subtracts_in_fp32_for_bf16_log_probs():
+    """``d = logp_ref - logp_pi`` in fp32 at least: with a bf16 policy, an fp32 reference was
+    rounded to bf16 first (spacing 0.125 near -20), so a 0.03-nat drop scored 0."""
+    logp_pi = torch.full((2, 3), -20.0, dtype=torch.bfloat16)
+    logp_ref = torch.full((2, 3), -19.97)
+    got = sequence_penalty(logp_pi, logp_ref, tau=0.0, kind="hinge")
+    assert float(got) == pytest.approx(0.03, abs=1e-5)
+    assert got.dtype == torch.float32
+
+
+def test_projection_scores_refuses_a_read_of_no_positions():
+    """``n_last=0`` read every position (``h[:, -0:]``) instead of being refused."""
+    h = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="n_last must be a positive int, got 0"):
+        projection_scores(h, h, torch.ones(4), n_last=0)
