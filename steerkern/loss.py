@@ -331,6 +331,9 @@ def projection_loss(
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
     real(saturation, "saturation", positive=True)
+    if s_pi.dim() != 1 or s_ref.shape != s_pi.shape:
+        raise ValueError(f"s_pi and s_ref must both be [B], got {tuple(s_pi.shape)} and "
+                         f"{tuple(s_ref.shape)} (a [B, 1] s_ref would broadcast to [B, B])")
     S = _pair_scale(s_ref, scale, eps)
     if projection == "linear":
         return _batch_mean(-c * s_pi / S)

@@ -664,3 +664,11 @@ def test_projection_scores_refuses_a_read_of_no_positions():
     h = torch.randn(2, 5, 4)
     with pytest.raises(ValueError, match="n_last must be a positive int, got 0"):
         projection_scores(h, h, torch.ones(4), n_last=0)
+
+
+def test_projection_loss_refuses_scores_of_different_shapes():
+    """An ``s_ref`` of ``[B, 1]`` broadcast against ``s_pi [B]`` into a ``[B, B]`` mean."""
+    from steerkern.loss import projection_loss
+
+    with pytest.raises(ValueError, match=r"s_pi and s_ref must both be \[B\], got \(3,\) and \(3, 1\)"):
+        projection_loss(torch.ones(3), torch.ones(3, 1), +1)
