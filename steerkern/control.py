@@ -33,6 +33,7 @@ import contextlib
 import functools
 import inspect
 import numbers
+import threading
 import types
 import weakref
 from collections.abc import Sequence
@@ -269,6 +270,7 @@ class SteeringBank:
     def attach(self) -> None:
         if self._handles:
             raise RuntimeError("this SteeringBank is already attached")
+        _claim_for_this_thread(self.model, self)
         try:
             self._handles.append(
                 self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
@@ -284,6 +286,7 @@ class SteeringBank:
             raise
 
     def detach(self) -> None:
+        _release_claim(self.model, self)
         _untrack_generate(self.model, self)
         for handle in self._handles:
             handle.remove()
@@ -534,6 +537,37 @@ def _cache_of(kwargs):
     """The cache object a forward call was given (``None`` without one)."""
     return next((kwargs[k] for k in ("cache", "past_key_values", "cache_params")
                  if kwargs.get(k) is not None), None)
+
+
+_CLAIMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [(bank, thread id)]
+_CLAIMS_LOCK = threading.Lock()
+
+
+def _claim_for_this_thread(model: nn.Module, bank: SteeringBank) -> None:
+    """Record that ``bank`` steers ``model`` from the calling thread; refuse while a bank
+    attached from another thread steers it. Hooks act on every forward pass of the module,
+    whichever thread runs it, so two threads' contexts would each steer both threads' passes.
+    Checked once per ``steer()`` entry, never in a forward pass."""
+    me = threading.get_ident()
+    with _CLAIMS_LOCK:
+        claims = _CLAIMS.setdefault(model, [])
+        if any(thread != me for _, thread in claims):
+            raise RuntimeError(
+                f"steer(): this {type(model).__name__} is already steered by a context entered in "
+                "another thread. Hooks act on every forward pass of the model, whichever thread runs "
+                "it, so each thread's passes would be steered by both contexts: serve concurrent "
+                "requests as rows of one batch (a list of vectors with per-row slots and coeff), give "
+                "each thread its own copy of the model, or hold a lock around each with block")
+        claims.append((bank, me))
+
+
+def _release_claim(model: nn.Module, bank: SteeringBank) -> None:
+    with _CLAIMS_LOCK:
+        claims = _CLAIMS.get(model)
+        if claims is not None:
+            claims[:] = [(b, t) for b, t in claims if b is not bank]
+            if not claims:
+                del _CLAIMS[model]
 
 
 _MISSING = object()
@@ -824,7 +858,10 @@ def steer(model: nn.Module, vectors, coeff=1.0, *, slots=None, positions="all", 
         normalize: keep each steered hidden state's L2 norm.
 
     Nested ``steer`` blocks add up. Hooks are removed on exit, exceptions included, and a bad
-    argument raises before anything is attached, leaving the model as it was.
+    argument raises before anything is attached, leaving the model as it was. The hooks steer
+    every pass of the model whichever thread runs it, so entering ``steer`` while a block
+    entered in another thread steers the model raises ``RuntimeError`` (one batch with per-row
+    slots serves concurrent requests).
 
     Example:
         >>> with steer(model, happy, coeff=4.0):                           # doctest: +SKIP

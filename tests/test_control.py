@@ -260,6 +260,50 @@ def test_nested_contexts_add_up(tiny_model_factory):
     torch.testing.assert_close(nested, summed, atol=1e-5, rtol=1e-5)
 
 
+def test_a_context_from_another_thread_is_refused_while_one_steers(tiny_model_factory):
+    """Hooks act on every pass of the model whichever thread runs it: a second thread's
+    steer() on a steered model would steer both threads' passes (here thread 2's unsteered
+    logits came out steered by thread 1's vector), so it is refused; the model is free for
+    it once the first context exits, and nesting within one thread still composes."""
+    import threading
+
+    model = tiny_model_factory("llama")
+    v = random_vector(model, [1], 0)
+    ids = torch.randint(3, 100, (1, 5))
+    entered, release, results = threading.Event(), threading.Event(), []
+
+    def first():
+        with steer(model, v, coeff=3.0):
+            entered.set()
+            release.wait(30)
+
+    worker = threading.Thread(target=first)
+    worker.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(RuntimeError, match="already steered by a context entered in another thread"):
+            with steer(model, -v, coeff=1.0):
+                pass
+    finally:
+        release.set()
+        worker.join(30)
+    assert steerkern_hook_count(model) == 0
+    with torch.no_grad(), steer(model, v, coeff=1.0), steer(model, v, coeff=1.0):
+        nested = model(ids).logits
+
+    def second():
+        try:
+            with steer(model, v, coeff=2.0), torch.no_grad():
+                results.append(model(ids).logits)
+        except Exception as error:  # noqa: BLE001 - reported below
+            results.append(error)
+
+    worker = threading.Thread(target=second)
+    worker.start()
+    worker.join(30)
+    torch.testing.assert_close(results[0], nested)
+
+
 def test_no_hook_survives_random_enter_exit_raise_cycles(tiny_model_factory):
     model = tiny_model_factory("llama")
     vectors = [random_vector(model, [0, 2], s) for s in range(3)]
