@@ -477,15 +477,23 @@ def _is_number_list(text: str) -> bool:
     return bool(pieces)
 
 
+def _is_layer_list(text: str) -> bool:
+    """``"-3--1"``, ``"-5--3,-1"``: layer indices and ranges as ``--layers`` reads them
+    (:func:`_layers`)."""
+    pieces = [piece.strip() for piece in str(text).split(",")]
+    return all(_LAYER_PIECE.match(piece) for piece in pieces)
+
+
 class _NumberLists:
     """What argparse asks (``parser._negative_number_matcher.match(arg)``) to tell a negative
-    value from a flag. Its own pattern knows only ``-2`` and ``-2.5``, so ``--coeffs -1,1`` or
-    ``--coeffs -1e3 0`` would end with "expected at least one argument"; this one accepts every
-    token that starts with "-" and reads as numbers (:func:`_is_number_list`)."""
+    value from a flag. Its own pattern knows only ``-2`` and ``-2.5``, so ``--coeffs -1,1``,
+    ``--coeffs -1e3 0`` or ``--layers -3--1`` would end with "expected at least one argument";
+    this one accepts every token that starts with "-" and reads as numbers
+    (:func:`_is_number_list`) or as layer indices and ranges (:func:`_is_layer_list`)."""
 
     @staticmethod
     def match(text: str) -> bool:
-        return str(text).startswith("-") and _is_number_list(text)
+        return str(text).startswith("-") and (_is_number_list(text) or _is_layer_list(text))
 
 
 class _Parser(argparse.ArgumentParser):

@@ -466,6 +466,19 @@ def test_layer_lists_and_ranges_counted_from_the_last():
             _layers(bad)
 
 
+def test_layer_ranges_from_the_last_parse_as_a_separate_word():
+    """``--layers -3--1`` (the form the help shows) reaches ``--layers`` as its value, as
+    ``--layers=-3--1`` does, rather than being taken for a flag ("expected one argument")."""
+    from steerkern.cli import build_parser
+
+    for layers in ("-3--1", "-5--3,-1", "-2", "8-10,-1"):
+        args = build_parser().parse_args(["extract", "--pairs", "p.jsonl", "--layers", layers,
+                                          "-o", "v.safetensors"])
+        assert args.layers == layers
+    args = build_parser().parse_args(["eval", "--vector", "v.safetensors", "--coeffs", "-1,1", "-2"])
+    assert args.coeffs == ["-1,1", "-2"]
+
+
 def test_errors_found_after_the_model_loads_name_the_flags(tiny_cli, tmp_path, capsys):
     """extract's and the vector's checks against the loaded model speak of --rank, --target,
     --layers and --vector, not of the Python arguments behind them; negative --layers ranges
