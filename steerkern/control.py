@@ -768,7 +768,7 @@ def _check_positions(positions):
                 f"positions mask must be a bool tensor [batch, seq], got {positions.dtype} of "
                 f"shape {tuple(positions.shape)}"
             )
-        return "mask", positions
+        return "mask", positions.detach().clone()  # the bank's own: later writes by the caller steer nothing
     raise TypeError(f"positions must be a string or a bool tensor, got {type(positions).__name__}")
 
 
@@ -838,11 +838,16 @@ def _as_slots(slots, count: int) -> torch.Tensor:
 
 
 def _copy_into(buffer: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Reuse ``buffer`` (same size: copied in place, so captured graphs see the new values)."""
+    """The bank's own copy of ``values`` ``[rows]`` on ``buffer``'s device and dtype: ``buffer``
+    itself when the size is unchanged (copied in place, so captured graphs see the new values),
+    else a new tensor. Never ``values`` itself: a caller's CPU tensor (``coeff=torch.tensor(...)``
+    on a CPU model) would otherwise be the bank's buffer, changed by the next ``set_batch`` and
+    steering with whatever the caller later writes into it, past the checks."""
     if buffer.shape == values.shape:
         buffer.copy_(values, non_blocking=True)
         return buffer
-    return values.to(device=buffer.device, dtype=buffer.dtype).contiguous()
+    return values.to(device=buffer.device, dtype=buffer.dtype, memory_format=torch.contiguous_format,
+                     copy=True)
 
 
 @contextlib.contextmanager

@@ -380,6 +380,40 @@ def test_bank_set_batch_reuses_device_buffers(tiny_model_factory):
     assert steerkern_hook_count(model) == 0
 
 
+def test_bank_keeps_its_own_copy_of_a_callers_tensors(tiny_model_factory):
+    """Per-row ``slots`` / ``coeff`` given as CPU tensors (a CPU model) are copied: the next
+    ``set_batch`` does not write into the caller's tensor, and what the caller writes into it
+    later steers nothing (steering is what a list of the same values gives); so for a
+    ``positions`` mask."""
+    model = tiny_model_factory("llama")
+    vector = random_vector(model, [1], 0)
+    ids = torch.randint(3, 100, (2, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with steer(model, vector, coeff=[2.0, -1.0]):
+            want = model(ids).logits
+        coeff, slots = torch.tensor([2.0, -1.0]), torch.tensor([0, 0])
+        with steer(model, [vector], slots=slots, coeff=coeff) as bank:
+            coeff.mul_(0.0)
+            slots.fill_(-1)
+            got = model(ids).logits
+            bank.set_batch(slots=[0, -1], coeff=torch.tensor([0.5, 3.0]))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert coeff.tolist() == [0.0, 0.0] and slots.tolist() == [-1, -1]
+        bank = SteeringBank(model, vector)
+        mine = torch.tensor([1.0, 2.0])
+        bank.set_batch(coeff=mine)
+        bank.set_batch(coeff=torch.tensor([5.0, 6.0]))
+        assert mine.tolist() == [1.0, 2.0] and bank._row_coeff.tolist() == [5.0, 6.0]
+        where = torch.zeros(2, 4, dtype=torch.bool)
+        where[:, 2:] = True
+        with steer(model, vector, coeff=2.0, positions=where.clone()):
+            want = model(ids).logits
+        with steer(model, vector, coeff=2.0, positions=where):
+            where.fill_(True)
+            got = model(ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_gradients_flow_through_steering(tiny_model_factory):
     model = tiny_model_factory("llama")
     bias = torch.zeros(64, requires_grad=True)
