@@ -544,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--concept", help="a shipped concept (sentiment, honesty, formality, ...)")
     source.add_argument("--pairs", metavar="FILE", help="contrast pairs, .jsonl or .json")
     source.add_argument("--mwe", metavar="FILE", help="model-written-evals JSONL (CAA pairs at the answer token)")
-    p.add_argument("--method", default="mean_diff", choices=EXTRACT_METHODS, help="extraction method")
+    p.add_argument("--method", default="mean_diff", choices=EXTRACT_METHODS,
+                   help="extraction method (default: mean_diff; steerkern.extract's own is pca_diff)")
     p.add_argument("--layers", default=None,
                    help="layers like 10-14 or 8,10,12; negative ones count from the last (-3--1: the last three) "
                         "(default: a middle band)")
@@ -561,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", formatter_class=_Formatter,
                        help="generate with a steering vector at one or more coefficients",
-                       description="Generate greedily from each prompt at every coefficient, all in "
+                       description="Generate greedily from each prompt (a user turn of the tokenizer's chat "
+                                   "template where it has one, as evaluate renders it) at every coefficient, all in "
                                    "one batch, and print the texts side by side.")
     p.add_argument("prompts", nargs="*", metavar="PROMPT",
                    help="user prompt(s), before --coeff or after its numbers")
