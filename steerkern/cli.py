@@ -545,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--pairs", metavar="FILE", help="contrast pairs, .jsonl or .json")
     source.add_argument("--mwe", metavar="FILE", help="model-written-evals JSONL (CAA pairs at the answer token)")
     p.add_argument("--method", default="mean_diff", choices=EXTRACT_METHODS,
-                   help="extraction method (default: mean_diff; steerkern.extract's own is pca_diff)")
+                   help="extraction method (default: mean_diff, as steerkern.extract)")
     p.add_argument("--layers", default=None,
                    help="layers like 10-14 or 8,10,12; negative ones count from the last (-3--1: the last three) "
                         "(default: a middle band)")

@@ -252,7 +252,7 @@ def _metadata(model, plan: _Plan, pair_set: PairSet, concept) -> dict:
     return {k: v for k, v in metadata.items() if v is not None}
 
 
-def extract(model, tokenizer, pairs, *, layers=None, method: str = "pca_diff", rank: int = 1,
+def extract(model, tokenizer, pairs, *, layers=None, method: str = "mean_diff", rank: int = 1,
             last_n_tokens: int = 1, target: str = RESIDUAL, batch_size: int | None = None,
             accelerator=None, progress: bool = True, readout_layer: int | None = None,
             fisher_lambda: float | None = None, concept: str | None = None,
@@ -266,7 +266,8 @@ def extract(model, tokenizer, pairs, *, layers=None, method: str = "pca_diff", r
         pairs: ``[(chosen, rejected), ...]`` strings, ``(chosen_list, rejected_list)``, or a
             :class:`~steerkern.data.PairSet` from :func:`~steerkern.data.make_pairs`.
         layers: layer index or list; default :func:`~steerkern.models.default_layers` (middle band).
-        method: ``"mean_diff" | "pca_diff" | "pca_center" | "lowrank" | "weight_svd" | "grad"``
+        method: ``"mean_diff"`` (default; the best at equal coherence cost on the shipped concepts,
+            research_notes.md) ``| "pca_diff" | "pca_center" | "lowrank" | "weight_svd" | "grad"``
             (maths and scale in :mod:`steerkern.directions`).
         rank: rank of ``lowrank`` / ``weight_svd``.
         last_n_tokens: how many final non-pad tokens of each text are read (aligned from the right).
