@@ -359,6 +359,9 @@ class SteeringVector:
         return self
 
     # --- arithmetic (additive vectors) ------------------------------------------------------
+    # ``c * v`` keeps v's metadata and records the factor in ``scaled_by`` (products multiply);
+    # ``a + b`` is ``method="arithmetic"`` and keeps what both agree on, but no ``scale`` /
+    # ``scaled_by``, which describe an operand, not the sum.
 
     def _require_additive(self, op: str):
         if not self.is_additive:
@@ -390,6 +393,8 @@ class SteeringVector:
         shared.update({k: v for k, v in other.metadata.items() if k not in self.metadata})
         shared.pop("method", None)
         shared["method"] = "arithmetic"
+        for key in ("scale", "scaled_by"):  # an operand's scale does not describe the sum
+            shared.pop(key, None)
         return SteeringVector(parts, shared)
 
     def __radd__(self, other):
@@ -408,7 +413,9 @@ class SteeringVector:
             raise ValueError(f"cannot scale a steering vector by {scalar}: the factor must be finite")
         self._require_additive("*")
         parts = {k: SteeringPart(bias=p.bias * scalar) for k, p in self.parts.items()}
-        return SteeringVector(parts, self.metadata)
+        metadata = dict(self.metadata)  # ``scale`` still describes the vector before this factor
+        metadata["scaled_by"] = float(metadata.get("scaled_by", 1.0)) * scalar
+        return SteeringVector(parts, metadata)
 
     __rmul__ = __mul__
 

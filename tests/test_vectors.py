@@ -661,3 +661,19 @@ def test_a_cast_that_overflows_names_the_dtype():
     with pytest.raises(ValueError, match=r"bias does not fit in torch.float16 \(\|values\| up to 1e\+06"):
         vector.to(dtype=torch.float16)
     assert vector.to(dtype=torch.bfloat16).parts[(1, "residual")].bias.dtype == torch.bfloat16
+
+
+def test_scaling_is_recorded_and_a_sum_drops_the_operands_scale(tmp_path):
+    """``2 * a`` kept ``a``'s metadata unchanged, so its scale note described a vector half its
+    size; the factor is recorded (and multiplies up), and a sum, which no operand's scale note
+    describes, drops both."""
+    a = SteeringVector.from_directions({1: torch.ones(4)}, method="mean_diff", scale="note")
+    before = dict(a.metadata)
+    assert "scaled_by" not in a.metadata
+    assert (2 * a).metadata["scaled_by"] == 2.0 and (2 * a).metadata["scale"] == "note"
+    assert (-(a / 4)).metadata["scaled_by"] == -0.25
+    assert SteeringVector.load((3 * a).save(tmp_path / "v.safetensors")).metadata["scaled_by"] == 3.0
+    total = 2 * a - a
+    assert total.metadata["method"] == "arithmetic"
+    assert "scale" not in total.metadata and "scaled_by" not in total.metadata
+    assert a.metadata == before
