@@ -241,7 +241,8 @@ class EvalReport:
             "prompts": [{"prompt": p, "label": lab, "scores": s}
                         for p, lab, s in zip(self.prompts, self.labels, self.prompt_scores)],
             "gen_prompts": self.gen_prompts,
-            "samples": [{"coeff": c, "texts": self.samples.get(c, [])} for c in self.coeffs],
+            "samples": [{"coeff": c, "texts": self.samples[c]} for c in self.coeffs
+                        if c in self.samples],  # none without generations: loads back as {}
             "metadata": self.metadata,
         })
 

@@ -141,6 +141,7 @@ def test_report_without_generations_or_standard_errors_saves_cleanly(tmp_path):
         directory = report.save(tmp_path / "a" / "b")
     back = EvalReport.load(directory)
     assert math.isnan(back.effect_se) and all(math.isnan(v) for v in back.delta_nll)
+    assert back.samples == {}  # not {c: []} for every coefficient
     _check_png(directory / "plot.png")
 
 
