@@ -584,19 +584,25 @@ def test_inner_contrastive_rejects_non_finite_and_unused_bad_arguments(kwargs, m
                                **kwargs)
 
 
-def test_inner_contrastive_bf16_states_accumulate_in_fp32():
-    """bf16 hidden states (a bf16 model): the scores s = mean_t (h_cho - h_rej) . u and the
-    shift s_pi - s_ref are computed in fp32, not rounded to bf16 (8 bits: at |s| ~ 30 a shift
-    of 0.05 reference separations vanished)."""
+def _far_states_shifted_slightly():
+    """float64 ``{"ref", "pos", "neg"}: (h_cho, h_rej)`` whose chosen states sit ~30 from the
+    rejected along ``u = e_0``, the policy's shifted by +-1.5 (0.05 of that separation): a shift
+    that low precision rounds away. Returns ``(states, u)``."""
     g = torch.Generator().manual_seed(3)
     u = torch.zeros(D, dtype=torch.float64)
     u[0] = 1.0
     ref_cho = 30.0 + torch.randn(B, T_CHO, D, generator=g, dtype=torch.float64)
     ref_rej = torch.randn(B, T_REJ, D, generator=g, dtype=torch.float64)
-    step = torch.zeros(D, dtype=torch.float64)
-    step[0] = 1.5  # 0.05 of the ~30 reference separation
-    states = {"ref": (ref_cho, ref_rej), "pos": (ref_cho + step, ref_rej),
-              "neg": (ref_cho - step, ref_rej)}
+    step = 1.5 * u
+    return {"ref": (ref_cho, ref_rej), "pos": (ref_cho + step, ref_rej),
+            "neg": (ref_cho - step, ref_rej)}, u
+
+
+def test_inner_contrastive_bf16_states_accumulate_in_fp32():
+    """bf16 hidden states (a bf16 model): the scores s = mean_t (h_cho - h_rej) . u and the
+    shift s_pi - s_ref are computed in fp32, not rounded to bf16 (8 bits: at |s| ~ 30 a shift
+    of 0.05 reference separations vanished)."""
+    states, u = _far_states_shifted_slightly()
     bf16 = {k: tuple(t.bfloat16() for t in v) for k, v in states.items()}
     exact = {k: tuple(t.double() for t in v) for k, v in bf16.items()}  # same rounded inputs
     args = dict(n_last=N_LAST, projection="tanh", scale="batch")
@@ -629,15 +635,7 @@ def test_inner_contrastive_empty_batch_is_zero_not_nan(projection, scale):
 def test_inner_contrastive_scores_stay_fp32_under_autocast():
     """fp32 states with the loss computed inside ``torch.autocast`` (bf16): the scores'
     ``(h_cho - h_rej) . u`` product ran in bf16 there (loss 3e-3 off, and a bf16 loss)."""
-    g = torch.Generator().manual_seed(3)
-    u = torch.zeros(D, dtype=torch.float64)
-    u[0] = 1.0
-    ref_cho = 30.0 + torch.randn(B, T_CHO, D, generator=g, dtype=torch.float64)
-    ref_rej = torch.randn(B, T_REJ, D, generator=g, dtype=torch.float64)
-    step = torch.zeros(D, dtype=torch.float64)
-    step[0] = 1.5
-    exact = {"ref": (ref_cho, ref_rej), "pos": (ref_cho + step, ref_rej),
-             "neg": (ref_cho - step, ref_rej)}
+    exact, u = _far_states_shifted_slightly()
     fp32 = {k: tuple(t.float() for t in v) for k, v in exact.items()}
     args = dict(n_last=N_LAST, projection="tanh", scale="batch", shift_weight=0.5)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -401,26 +401,8 @@ def test_gradient_accumulation_is_refused_and_no_grad_is_no_obstacle(tiny_model_
     assert_unchanged(model, before)
 
 
-def test_a_batch_larger_than_the_pairs_is_the_pairs(tiny_model_factory, monkeypatch):
-    """3 pairs with batch_size 10 drew 10 pairs a step, some twice (weights 4, 3, 3): each step
-    now takes each pair once, and the metadata says so."""
-    seen = []
-    step = train_mod._step
-
-    def counting_step(reader, bank, ids_list, h_ref, logp_ref, mine, *args, **kwargs):
-        seen.append(sorted(mine))
-        return step(reader, bank, ids_list, h_ref, logp_ref, mine, *args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "_step", counting_step)
-    vector = train_adapter(tiny_model_factory("llama"), ToyTokenizer(), PAIRS[:3], layers=[1], loss_layer=2,
-                           steps=2, batch_size=10, n_last=2, progress=False)
-    assert seen == [[0, 1, 2], [0, 1, 2]] and vector.metadata["batch_size"] == 3
-
-
-def test_a_batch_never_holds_a_pair_twice(tiny_model_factory, monkeypatch):
-    """5 pairs, batch 3: a batch that crosses into the next shuffled pass over the pairs took
-    the new pass's first pairs whatever they were, so about one step in six trained on a pair
-    twice (weight 2) and one pair fewer. Each pass still visits every pair once."""
+def _record_batches(monkeypatch) -> list[list[int]]:
+    """A list that collects each training step's pair indices, in the order drawn."""
     seen = []
     step = train_mod._step
 
@@ -429,6 +411,23 @@ def test_a_batch_never_holds_a_pair_twice(tiny_model_factory, monkeypatch):
         return step(reader, bank, ids_list, h_ref, logp_ref, mine, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "_step", counting_step)
+    return seen
+
+
+def test_a_batch_larger_than_the_pairs_is_the_pairs(tiny_model_factory, monkeypatch):
+    """3 pairs with batch_size 10 drew 10 pairs a step, some twice (weights 4, 3, 3): each step
+    now takes each pair once, and the metadata says so."""
+    seen = _record_batches(monkeypatch)
+    vector = train_adapter(tiny_model_factory("llama"), ToyTokenizer(), PAIRS[:3], layers=[1], loss_layer=2,
+                           steps=2, batch_size=10, n_last=2, progress=False)
+    assert [sorted(b) for b in seen] == [[0, 1, 2], [0, 1, 2]] and vector.metadata["batch_size"] == 3
+
+
+def test_a_batch_never_holds_a_pair_twice(tiny_model_factory, monkeypatch):
+    """5 pairs, batch 3: a batch that crosses into the next shuffled pass over the pairs took
+    the new pass's first pairs whatever they were, so about one step in six trained on a pair
+    twice (weight 2) and one pair fewer. Each pass still visits every pair once."""
+    seen = _record_batches(monkeypatch)
     train_adapter(tiny_model_factory("llama"), ToyTokenizer(), PAIRS[:5], layers=[1], loss_layer=2,
                   steps=10, batch_size=3, n_last=2, progress=False)
     assert all(len(set(batch)) == 3 for batch in seen), seen
