@@ -133,6 +133,8 @@ def _compare(benchmark, device, shape, dtype, active, rounds):
         _sync(device)
 
     benchmark.pedantic(fused, setup=time_plain_baseline, rounds=rounds, iterations=1, warmup_rounds=0)
+    if benchmark.disabled:  # --benchmark-disable: one untimed call, no stats to record
+        return
     fused_min = benchmark.stats.stats.min
     plain_min = min(plain_times)
     if device == "cuda":
