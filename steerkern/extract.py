@@ -154,6 +154,29 @@ class _Shard:
         """Local text ``local`` as the argument it came from: ``pairs[i] (chosen)``."""
         return pair_text_name(self.text_ids[local])
 
+    def local(self, work):
+        """``work()`` run on this process's share, then settled with every process before the
+        next collective: if it raised on any process, it raises on every process (the process
+        that failed re-raises its own error; the others name it and quote it). Otherwise the
+        processes that did not fail would wait in :meth:`gather` for one that never comes (or
+        pair its gather with the failed process's next one and mix two extractions)."""
+        try:
+            result, error = work(), None
+        except Exception as caught:  # noqa: BLE001 -- shared with every process, then re-raised
+            result, error = None, caught
+        if self.world > 1:
+            errors = [None] * self.world
+            torch.distributed.all_gather_object(
+                errors, None if error is None else (type(error).__name__, str(error)))
+            failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+            if failed and error is None:
+                rank, (kind, message) = failed[0]
+                raise RuntimeError(f"extract failed on process {rank} of {self.world} ({kind}: {message}); "
+                                   f"every process stops: fix that input and run again on every process")
+        if error is not None:
+            raise error
+        return result
+
     def gather(self, per_layer: dict, layers: list[int]) -> dict[int, torch.Tensor]:
         """``{layer: [n_local_texts, ...]}`` -> ``{layer: [2 * n_pairs, ...]}`` in global text
         order (chosen at even rows, rejected at odd rows), identical on every process."""
@@ -178,35 +201,47 @@ def _members(tensor: torch.Tensor):
 
 
 def _read(model, tokenizer, plan: _Plan, shard: _Shard, show: bool):
-    """Activations (and module inputs for weight_svd, per-example VJPs for grad), gathered."""
+    """Activations (and module inputs for weight_svd, per-example VJPs for grad), gathered.
+    Each process's own passes run inside :meth:`_Shard.local`, so that an error on one process
+    (a text too long for the model, or shorter than ``last_n_tokens``, in its share only)
+    stops every process instead of leaving the others waiting in a gather."""
     layers = plan.layers
-    one_pass = plan.method == "grad" and plan.target == RESIDUAL  # read-out in the same pass
-    wanted = layers + ([plan.readout] if one_pass else [])
-    acts, inputs, grads = {}, {}, {}
-    if shard.texts:
-        got = capture(model, tokenizer, shard.texts, wanted, target=plan.target,
-                      last_n_tokens=plan.last_n_tokens, batch_size=plan.batch_size or 16,
-                      inputs=plan.method == "weight_svd", progress=show,
-                      desc=f"extract {plan.method}", share_prefixes=plan.share_prefixes,
-                      text_names=shard.text_name)
-        acts, inputs = got if plan.method == "weight_svd" else (got, {})
-        if plan.method == "grad" and not one_pass:  # the read-out is always the residual stream
-            acts.update(capture(model, tokenizer, shard.texts, [plan.readout],
-                                last_n_tokens=plan.last_n_tokens, batch_size=plan.batch_size or 16,
-                                progress=False, share_prefixes=plan.share_prefixes,
-                                text_names=shard.text_name))
+    acts, inputs = shard.local(lambda: _capture_share(model, tokenizer, plan, shard, show))
     acts = shard.gather(acts, layers + ([plan.readout] if plan.method == "grad" else []))
     if plan.method == "weight_svd":
         inputs = shard.gather(inputs, layers)
+    grads = {}
     if plan.method == "grad":
         cho, rej = _members(acts[plan.readout])
         d = (cho - rej).mean(0)
-        local = vjp_gradients(model, tokenizer, shard.texts, layers, plan.readout, d,
-                              target=plan.target, last_n_tokens=plan.last_n_tokens,
-                              batch_size=plan.batch_size or 8, progress=show,
-                              text_names=shard.text_name) if shard.texts else {}
+        local = shard.local(lambda: vjp_gradients(
+            model, tokenizer, shard.texts, layers, plan.readout, d, target=plan.target,
+            last_n_tokens=plan.last_n_tokens, batch_size=plan.batch_size or 8, progress=show,
+            text_names=shard.text_name) if shard.texts else {})
         grads = shard.gather(local, layers)
     return acts, inputs, grads
+
+
+def _capture_share(model, tokenizer, plan: _Plan, shard: _Shard, show: bool):
+    """``(acts, inputs)`` of this process's texts, ``{layer: [n_local_texts, n_last, D]}`` each
+    (``inputs`` for weight_svd only; the read-out layer added for grad); ``({}, {})`` when it
+    has no texts."""
+    if not shard.texts:
+        return {}, {}
+    one_pass = plan.method == "grad" and plan.target == RESIDUAL  # read-out in the same pass
+    wanted = plan.layers + ([plan.readout] if one_pass else [])
+    got = capture(model, tokenizer, shard.texts, wanted, target=plan.target,
+                  last_n_tokens=plan.last_n_tokens, batch_size=plan.batch_size or 16,
+                  inputs=plan.method == "weight_svd", progress=show,
+                  desc=f"extract {plan.method}", share_prefixes=plan.share_prefixes,
+                  text_names=shard.text_name)
+    acts, inputs = got if plan.method == "weight_svd" else (got, {})
+    if plan.method == "grad" and not one_pass:  # the read-out is always the residual stream
+        acts.update(capture(model, tokenizer, shard.texts, [plan.readout],
+                            last_n_tokens=plan.last_n_tokens, batch_size=plan.batch_size or 16,
+                            progress=False, share_prefixes=plan.share_prefixes,
+                            text_names=shard.text_name))
+    return acts, inputs
 
 
 def _part(plan: _Plan, layer: int, acts, inputs, grads) -> SteeringPart:

@@ -639,6 +639,45 @@ def test_two_process_extraction_equals_one_process(tmp_path, tiny_model_factory)
                 torch.testing.assert_close(got.parts[key].bias, part.bias, rtol=1e-4, atol=1e-6)
 
 
+def _one_rank_fails_worker(rank, world, out_dir, method):
+    import datetime
+
+    # a short timeout: without the fix, rank 0 waits in a gather that rank 1 never joins
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=20))
+    try:
+        from tests.tiny_models import build_tiny_model
+
+        # pairs[1], in rank 1's share only, is shorter than last_n_tokens
+        pairs = [PAIRS[0], ("ab", "cd"), PAIRS[1]]
+        try:
+            extract(build_tiny_model("llama"), CharTokenizer(), pairs, layers=[1], method=method,
+                    last_n_tokens=4, progress=False)
+            outcome = "returned"
+        except Exception as error:  # noqa: BLE001 -- reported to the test
+            outcome = f"{type(error).__name__}: {error}"
+        with open(os.path.join(out_dir, f"{method}-{rank}.txt"), "w") as f:
+            f.write(outcome)
+        torch.distributed.barrier()  # a program that goes on after the error: the next collective
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.multiproc
+def test_an_error_on_one_process_stops_every_process(tmp_path, method="mean_diff"):
+    """A bad text in one process's share raises there, before its gather: every process must
+    raise (naming the process and its error), not wait for it in the gather or pair that gather
+    with the failed process's next collective."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_one_rank_fails_worker, args=(2, str(tmp_path), method), nprocs=2, join=True)
+    failed = (tmp_path / f"{method}-1.txt").read_text()
+    others = (tmp_path / f"{method}-0.txt").read_text()
+    assert failed.startswith("ValueError: last_n_tokens=4 but pairs[1] (chosen) has only 3 tokens")
+    assert others.startswith("RuntimeError: extract failed on process 1 of 2 (ValueError: last_n_tokens=4")
+
+
 # --- the default model ------------------------------------------------------------------------
 
 HELD_PROMPTS = [
