@@ -75,6 +75,7 @@ from steerkern.tokens import check_fits_positions, short_repr, text_token_ids
 from steerkern.vectors import SteeringVector
 
 COHERENCE = "train_adapter's per-token coherence term"
+BATCH_SCALE_EPS = 1e-6  # inner_contrastive_loss's eps, added to the "batch" scale
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -171,6 +172,17 @@ def _draw_batch(queue: list[int], n_pairs: int, size: int, generator) -> list[in
             queue[:] = [i for i in order if i in taken] + [i for i in order if i not in taken]
         picked.append(queue.pop())
     return picked
+
+
+def _batch_scale(s_ref: torch.Tensor, picked: list[int]) -> float:
+    """``scale="batch"``: ``S = mean_{b in picked} |s_ref[b]| + eps`` over the step's whole batch
+    ``picked`` (every process's slice; ``s_ref [n_pairs]`` the reference separations, which every
+    process holds for every pair), ``eps`` the loss's (:func:`~steerkern.loss.inner_contrastive_loss`).
+
+    Passed to the loss as a number: the loss's own ``"batch"`` form would take the mean over this
+    process's slice only, a divisor that differs between processes, so that the averaged gradient
+    was not one process's on the same batch."""
+    return float(s_ref[picked].abs().mean()) + BATCH_SCALE_EPS
 
 
 def _right_align(rows: list[torch.Tensor], width: int, fill: float) -> torch.Tensor:
@@ -421,10 +433,10 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
             raise ValueError("pairs: chosen and rejected texts give the same loss-layer states on "
                              "average, so there is no direction to train toward")
         u = (mean_diff / norm).to(device)
+        s_ref = (diffs @ (mean_diff / norm)).mean(1)  # [n_pairs]: mean_t (h_cho - h_rej)[b, t] . u
         loss_scale = scale
         if scale == "data":
-            # S = mean over pairs of |s_ref[b]|, s_ref[b] = mean_t (h_cho - h_rej)[b, t] . u
-            loss_scale = float((diffs @ (mean_diff / norm)).mean(1).abs().mean())
+            loss_scale = float(s_ref.abs().mean())  # S = mean over every pair of |s_ref[b]|
             if not loss_scale > 0:
                 raise ValueError("pairs: the reference separation along u is 0 for every pair")
 
@@ -448,7 +460,8 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
                 loss_terms = _step(reader, adapter.bank, ids_list, h_ref, logp_ref, mine,
                                    pad_id, device, u, n_last=n_last, tau=tau, kind=kind,
                                    kappa=kappa, order_weight=order_weight,
-                                   projection=projection, scale=loss_scale,
+                                   projection=projection,
+                                   scale=_batch_scale(s_ref, picked) if scale == "batch" else loss_scale,
                                    saturation=saturation, shift_weight=shift_weight)
                 if not loss_terms.loss.requires_grad:
                     raise ValueError(

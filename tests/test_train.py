@@ -459,3 +459,56 @@ def test_offloaded_model_trains_as_the_plain_one(tiny_model_factory):
         torch.testing.assert_close(got.parts[key].B, part.B, atol=1e-5, rtol=1e-4)
     assert offloaded.lm_head.weight.device.type == "meta"  # offloaded again afterwards
     assert steerkern_hook_count(offloaded) == 0
+
+
+# --- distributed ------------------------------------------------------------------------------
+
+TWO_PROCESS_ARGS = dict(layers=[1], loss_layer=2, rank=2, steps=3, lr=3e-2, progress=False)
+
+
+def _two_process_worker(rank, world, out_dir, kwargs):
+    """Trains under an ``accelerate.Accelerator`` of ``world`` CPU processes (over a file store,
+    as tests/test_extract.py's two-process test, so no port is picked) and saves the result."""
+    import os
+
+    from accelerate import Accelerator
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank, world_size=world)
+    try:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                          LOCAL_WORLD_SIZE=str(world))
+        accelerator = Accelerator(cpu=True)  # joins the initialised group
+        assert (accelerator.num_processes, accelerator.process_index) == (world, rank)
+        from tests.tiny_models import build_tiny_model
+
+        vector = train_adapter(build_tiny_model("llama"), ToyTokenizer(), PAIRS, accelerator=accelerator,
+                               **TWO_PROCESS_ARGS, **kwargs)
+        vector.save(os.path.join(out_dir, f"adapter-{rank}.safetensors"))
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.multiproc
+def test_two_processes_train_as_one_process_on_the_same_global_batch(tmp_path, tiny_model_factory):
+    """Two processes at ``batch_size=2`` draw the same global batch of 4 pairs as one process at
+    ``batch_size=4`` and average their gradients: the same losses and adapter, on every process.
+    ``scale="batch"`` divides by the mean ``|s_ref|`` of that global batch (each process used its
+    own slice's mean: the adapters differed by 0.1)."""
+    import torch.multiprocessing as mp
+
+    from steerkern.vectors import SteeringVector
+
+    kwargs = dict(scale="batch")
+    mp.spawn(_two_process_worker, args=(2, str(tmp_path), dict(kwargs, batch_size=2)), nprocs=2, join=True)
+    want = train_adapter(tiny_model_factory("llama"), ToyTokenizer(), PAIRS, batch_size=4,
+                         **TWO_PROCESS_ARGS, **kwargs)
+    for rank in (0, 1):
+        got = SteeringVector.load(tmp_path / f"adapter-{rank}.safetensors")
+        assert got.metadata["loss_history"] == pytest.approx(want.metadata["loss_history"], abs=1e-5)
+        for key, part in want.parts.items():
+            for name in ("bias", "A", "B"):
+                torch.testing.assert_close(getattr(got.parts[key], name), getattr(part, name),
+                                           atol=1e-5, rtol=1e-4)
