@@ -353,7 +353,8 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
         coefficient +1 moves toward *chosen*. Metadata: ``method="trained_adapter"``,
         ``loss_layer``, ``steps``, ``final_loss`` (mean of the last ``min(10, steps)`` steps),
         ``loss_history`` (per step), ``rank``, ``tau``, ``kind``, ``kappa``, ``n_last``, ``lr``,
-        ``batch_size``, ``concept``, ``projection``, ``scale`` (the value used when ``"data"``),
+        ``batch_size`` (per process), ``num_processes`` (a step's batch is ``batch_size *
+        num_processes`` pairs), ``concept``, ``projection``, ``scale`` (the value used when ``"data"``),
         ``saturation``, ``shift_weight``, ``terms_history`` (per step, this process's batch:
         ``proj_pos``, ``proj_neg``, ``coh_pos``, ``coh_neg``, ``order``, ``shift``).
 
@@ -506,8 +507,8 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
         hidden_size=hidden_size(model), method="trained_adapter", concept=pair_set.concept,
         loss_layer=loss_at, steps=steps, final_loss=sum(tail) / len(tail),
         loss_history=[round(v, 6) for v in history], rank=rank, tau=tau, kind=kind, kappa=kappa,
-        n_last=n_last, lr=lr, batch_size=batch_size, n_pairs=n_pairs, projection=projection,
-        scale=loss_scale, saturation=saturation, shift_weight=shift_weight,
+        n_last=n_last, lr=lr, batch_size=batch_size, num_processes=world, n_pairs=n_pairs,
+        projection=projection, scale=loss_scale, saturation=saturation, shift_weight=shift_weight,
         terms_history=terms_history,
     )
 

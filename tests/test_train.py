@@ -496,7 +496,8 @@ def test_two_processes_train_as_one_process_on_the_same_global_batch(tmp_path, t
     """Two processes at ``batch_size=2`` draw the same global batch of 4 pairs as one process at
     ``batch_size=4`` and average their gradients: the same losses and adapter, on every process.
     ``scale="batch"`` divides by the mean ``|s_ref|`` of that global batch (each process used its
-    own slice's mean: the adapters differed by 0.1)."""
+    own slice's mean: the adapters differed by 0.1). The metadata records the number of
+    processes, without which a step's batch cannot be told from ``batch_size``."""
     import torch.multiprocessing as mp
 
     from steerkern.vectors import SteeringVector
@@ -505,8 +506,10 @@ def test_two_processes_train_as_one_process_on_the_same_global_batch(tmp_path, t
     mp.spawn(_two_process_worker, args=(2, str(tmp_path), dict(kwargs, batch_size=2)), nprocs=2, join=True)
     want = train_adapter(tiny_model_factory("llama"), ToyTokenizer(), PAIRS, batch_size=4,
                          **TWO_PROCESS_ARGS, **kwargs)
+    assert (want.metadata["batch_size"], want.metadata["num_processes"]) == (4, 1)
     for rank in (0, 1):
         got = SteeringVector.load(tmp_path / f"adapter-{rank}.safetensors")
+        assert (got.metadata["batch_size"], got.metadata["num_processes"]) == (2, 2)
         assert got.metadata["loss_history"] == pytest.approx(want.metadata["loss_history"], abs=1e-5)
         for key, part in want.parts.items():
             for name in ("bias", "A", "B"):
