@@ -297,6 +297,17 @@ class _Adapter:
                 for layer, p in self.params.items()}
 
 
+def _forget_optimizer(accelerator, optimizer) -> None:
+    """Take the adapter's optimizer, prepared for the run, off ``accelerator``'s list of prepared
+    optimizers: left there, the caller's accelerator kept every run's adapter and AdamW state
+    alive, saved them with ``save_state`` (``optimizer.bin``, ``optimizer_1.bin``, ...) and shifted
+    the numbering of the caller's own optimizers, so that a checkpoint saved before a run no
+    longer loaded into them."""
+    prepared = getattr(accelerator, "_optimizers", None)
+    if optimizer is not None and isinstance(prepared, list):
+        prepared[:] = [o for o in prepared if o is not optimizer]
+
+
 # --- public -------------------------------------------------------------------------------------
 
 
@@ -415,7 +426,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
     saved_flags = _grad_flags(model)
     saved_modes = [(m, m.training) for m in model.modules()]
     reader = _Reader(model, loss_at, n_last)
-    adapter = None
+    adapter = optimizer = None
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -495,6 +506,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
         reader.detach()
         if adapter is not None:
             adapter.bank.detach()
+        _forget_optimizer(accelerator, optimizer)
         _restore_grad_flags(saved_flags)
         for module, mode in saved_modes:
             module.training = mode

@@ -378,6 +378,21 @@ def test_logits_transformed_beyond_a_factor_are_refused(tiny_model_factory):
         handle.remove()
 
 
+def test_a_callers_accelerator_keeps_only_its_own_optimizers(tmp_path, tiny_model_factory):
+    """The adapter's optimizer is prepared with the caller's accelerator for the run only: left
+    on it, ``save_state`` saved it beside the caller's own optimizer (``optimizer_1.bin``) and
+    every run added one more, holding the adapter and its AdamW state."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    accelerator.prepare(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1))
+    for _ in range(2):
+        train_adapter(tiny_model_factory("llama"), ToyTokenizer(), PAIRS, layers=[1], loss_layer=2,
+                      steps=1, progress=False, accelerator=accelerator)
+    accelerator.save_state(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("optimizer")) == ["optimizer.bin"]
+
+
 def test_gradient_accumulation_is_refused_and_no_grad_is_no_obstacle(tiny_model_factory):
     """train_adapter steps its optimizer every batch: an accelerator set to accumulate would be
     silently ignored, so it is refused (raise batch_size instead). Called under no_grad() or
