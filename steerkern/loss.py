@@ -30,6 +30,7 @@ from steerkern.checks import count, real
 
 PENALTY_KINDS = ("log_barrier", "hinge", "squared_hinge")
 REDUCTIONS = ("none", "mean", "sum")
+SCALE_EPS = 1e-6  # added to the projection terms' divisor S (keeps |s_ref| = 0 finite)
 
 
 def _batch_mean(x: torch.Tensor) -> torch.Tensor:
@@ -298,7 +299,7 @@ def projection_loss(
     s_pi: torch.Tensor,
     s_ref: torch.Tensor,
     c: int,
-    eps: float = 1e-6,
+    eps: float = SCALE_EPS,
     *,
     projection: str = "linear",
     scale="pair",
@@ -351,7 +352,7 @@ def inner_contrastive_loss(
     coherence_neg: CoherenceInputs | None = None,
     n_last: int = 1,
     attention_mask: tuple[torch.Tensor, torch.Tensor] | None = None,
-    eps: float = 1e-6,
+    eps: float = SCALE_EPS,
     tau: float = 0.5,
     kind: str = "log_barrier",
     kappa: float = 1.0,

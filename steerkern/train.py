@@ -54,7 +54,13 @@ from steerkern.control import SteeringBank, first_tensor, whole_prompt_passes
 from steerkern.data import as_pairs, pair_text_name
 from steerkern.head import IGNORE, StopAtHead, head_logprobs, head_matrix, logit_scale, output_head
 from steerkern.kvcache import positions_from_mask
-from steerkern.loss import PENALTY_KINDS, PROJECTIONS, CoherenceInputs, inner_contrastive_loss
+from steerkern.loss import (
+    PENALTY_KINDS,
+    PROJECTIONS,
+    SCALE_EPS,
+    CoherenceInputs,
+    inner_contrastive_loss,
+)
 from steerkern.models import (
     RESIDUAL,
     as_layer_list,
@@ -75,7 +81,6 @@ from steerkern.tokens import check_fits_positions, short_repr, text_token_ids
 from steerkern.vectors import SteeringVector
 
 COHERENCE = "train_adapter's per-token coherence term"
-BATCH_SCALE_EPS = 1e-6  # inner_contrastive_loss's eps, added to the "batch" scale
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -182,7 +187,7 @@ def _batch_scale(s_ref: torch.Tensor, picked: list[int]) -> float:
     Passed to the loss as a number: the loss's own ``"batch"`` form would take the mean over this
     process's slice only, a divisor that differs between processes, so that the averaged gradient
     was not one process's on the same batch."""
-    return float(s_ref[picked].abs().mean()) + BATCH_SCALE_EPS
+    return float(s_ref[picked].abs().mean()) + SCALE_EPS
 
 
 def _right_align(rows: list[torch.Tensor], width: int, fill: float) -> torch.Tensor:
