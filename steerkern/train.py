@@ -302,6 +302,25 @@ class _Adapter:
                 for layer, p in self.params.items()}
 
 
+def _warn_if_the_group_is_larger(accelerator) -> None:
+    """Warn when ``torch.distributed`` is initialised with more processes than the default
+    ``Accelerator`` sees (a group started without accelerate's launcher environment): every
+    process then trains on every pair alone, the same adapter repeated, where ``extract`` under
+    the same group splits the pairs."""
+    import warnings
+
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    group = dist.get_world_size()
+    if group > int(accelerator.num_processes):
+        warnings.warn(
+            f"train_adapter: torch.distributed has {group} processes but the default Accelerator sees "
+            f"{accelerator.num_processes}, so every process trains on every pair by itself (the same "
+            "adapter, computed on each): launch with `accelerate launch` / torchrun, or pass "
+            "accelerator=Accelerator(...) made for the group", stacklevel=3)
+
+
 def _forget_optimizer(accelerator, optimizer) -> None:
     """Take the adapter's optimizer, prepared for the run, off ``accelerator``'s list of prepared
     optimizers: left there, the caller's accelerator kept every run's adapter and AdamW state
@@ -360,7 +379,9 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
             brought the *rejected* side level with pca_diff; 0 gives the SPEC terms alone.
         weight_decay: AdamW weight decay on the adapter.
         accelerator: an ``accelerate.Accelerator`` (default: a new one); the optimizer is
-            prepared with it and gradients are averaged across its processes.
+            prepared with it and gradients are averaged across its processes. The default one
+            sees the processes of ``accelerate launch`` / torchrun; inside a ``torch.distributed``
+            group started otherwise it sees one, and a warning says every process trains alone.
         progress: tqdm progress bars (main process only).
         seed: initialisation of ``A`` and the order of the pairs.
 
@@ -415,6 +436,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
         from accelerate import Accelerator
 
         accelerator = Accelerator()
+        _warn_if_the_group_is_larger(accelerator)
     if int(getattr(accelerator, "gradient_accumulation_steps", 1) or 1) > 1:
         raise ValueError(
             f"accelerator has gradient_accumulation_steps={accelerator.gradient_accumulation_steps}, "

@@ -506,6 +506,42 @@ def _two_process_worker(rank, world, out_dir, kwargs):
         torch.distributed.destroy_process_group()
 
 
+def _bare_group_worker(rank, world, out_dir):
+    """Calls ``train_adapter`` without an accelerator inside a bare gloo group (no launcher
+    environment) and records the warnings it gave."""
+    import os
+    import warnings
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank, world_size=world)
+    try:
+        from tests.tiny_models import build_tiny_model
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_adapter(build_tiny_model("llama"), ToyTokenizer(), PAIRS[:4], layers=[1], loss_layer=2,
+                          rank=1, steps=1, n_last=2, progress=False)
+        with open(os.path.join(out_dir, f"warnings-{rank}.txt"), "w") as handle:
+            handle.write("\n".join(str(w.message) for w in caught))
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.multiproc
+def test_a_bare_process_group_is_named_when_every_process_trains_alone(tmp_path):
+    """Under a ``torch.distributed`` group started without accelerate's environment the default
+    ``Accelerator`` sees one process, so each process silently trained on every pair by itself
+    (extract splits the pairs under the same group): it now says so."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_bare_group_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        text = (tmp_path / f"warnings-{rank}.txt").read_text()
+        assert "torch.distributed has 2 processes but the default Accelerator sees 1" in text
+
+
 @pytest.mark.multiproc
 def test_two_processes_train_as_one_process_on_the_same_global_batch(tmp_path, tiny_model_factory):
     """Two processes at ``batch_size=2`` draw the same global batch of 4 pairs as one process at
