@@ -69,6 +69,16 @@ def _batch(tokenizer, prompts, device):
     return tokenizer(prompts, return_tensors="pt", padding=True).to(device)
 
 
+def _new_tokens(out, batch) -> torch.Tensor:
+    """The generated tokens ``[rows, NEW_TOKENS]`` of a ``generate`` output (on the CPU)."""
+    return out[:, batch["input_ids"].shape[1]:].cpu()
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of equal tokens between two ``[rows, NEW_TOKENS]`` tensors."""
+    return float((a == b).float().mean())
+
+
 def test_per_request_batch_vs_one_vector_at_a_time(benchmark, setup):
     model, tokenizer, vectors, device = setup
     batch = _batch(tokenizer, PROMPTS, device)
@@ -80,12 +90,19 @@ def test_per_request_batch_vs_one_vector_at_a_time(benchmark, setup):
             return _generate(model, batch, tokenizer)
 
     def one_at_a_time():
+        outputs = []
         for vector, single in zip(mine, singles):
             with steer(model, vector, coeff=1.0):
-                _generate(model, single, tokenizer)
+                outputs.append(_new_tokens(_generate(model, single, tokenizer), single))
+        return torch.cat(outputs)
 
+    # the same work: each row of the batch generates what its vector gives it alone (greedy; a
+    # few tokens may flip where left padding changes float summation order, more so in bf16)
+    agreement = _agreement(_new_tokens(batched(), batch), one_at_a_time())
+    assert agreement >= 0.9, f"per-row steering in one batch disagrees with one vector at a time: {agreement:.2f}"
     fast, slow, ratio = _paired_medians(batched, one_at_a_time, rounds=3)
-    benchmark.extra_info.update(speedup=1 / ratio, target=">= 5", baseline_s=slow, steered_s=fast)
+    benchmark.extra_info.update(speedup=1 / ratio, target=">= 5", baseline_s=slow, steered_s=fast,
+                                token_agreement=agreement)
     benchmark.pedantic(batched, rounds=3, iterations=1)
 
 
@@ -100,6 +117,8 @@ def test_one_vector_overhead(benchmark, setup):
     def plain():
         return _generate(model, batch, tokenizer)
 
+    changed = 1 - _agreement(_new_tokens(steered(), batch), _new_tokens(plain(), batch))
+    assert changed > 0, "the vector changed no generated token: the overhead would be of nothing"
     fast, slow, ratio = _paired_medians(steered, plain, rounds=11)
     benchmark.extra_info.update(overhead=ratio - 1, target="<= 0.03", baseline_s=slow, steered_s=fast)
     benchmark.pedantic(steered, rounds=3, iterations=1)
@@ -118,6 +137,9 @@ def test_many_vectors_vs_one(benchmark, setup):
         with steer(model, vectors[0], coeff=1.0):
             return _generate(model, batch, tokenizer)
 
+    # row 0 has vectors[0] in both: 63 other vectors in the batch must not change it
+    first_many, first_one = _new_tokens(many(), batch)[0], _new_tokens(one(), batch)[0]
+    assert torch.equal(first_many, first_one), "a row's steering depends on the other rows' vectors"
     t_many, t_one, ratio = _paired_medians(many, one, rounds=3)
     benchmark.extra_info.update(relative_throughput=1 / ratio, target=">= 0.95",
                                 baseline_s=t_one, steered_s=t_many)
