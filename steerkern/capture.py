@@ -184,8 +184,8 @@ class _Reads:
 
     ``set(rows, cols, texts, js, shape)`` names, for the next forward pass over a batch of
     ``shape = (rows, width)`` tokens, the positions ``(rows[i], cols[i])`` whose states are read
-    ``js[i]`` of text ``texts[i]``; ``take(store, layer, tensor)`` copies them (CPU; float32, float64 for a float64 model) into
-    ``store[layer] [n_texts, n_reads, D]``."""
+    ``js[i]`` of text ``texts[i]``; ``take(store, layer, tensor)`` copies them (CPU; float32, or
+    float64 for a float64 model) into ``store[layer] [n_texts, n_reads, D]``."""
 
     def __init__(self, n_texts: int, n_reads: int, stream: int = 0):
         self.n_texts, self.n_reads, self.stream = n_texts, n_reads, stream
@@ -292,8 +292,8 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
 
     Returns ``{layer: Tensor [n_texts, last_n_tokens, D]}`` (CPU; float32, or float64 for a
     float64 model), keyed by the layers as given (an int or a list; negative indices count from
-    the last layer); with ``inputs=True`` the tuple ``(outputs, inputs)``, ``inputs`` being the module inputs
-    ``{layer: [n_texts, last_n_tokens, D_in]}``.
+    the last layer); with ``inputs=True`` the tuple ``(outputs, inputs)``, ``inputs`` being the
+    module inputs ``{layer: [n_texts, last_n_tokens, D_in]}``.
     Only the requested modules are hooked; the forward pass stops after the deepest one.
     ``texts`` is a list of strings, each with at least ``last_n_tokens`` tokens.
 
