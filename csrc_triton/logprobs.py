@@ -1,14 +1,16 @@
 """Fused per-token log-probs: Triton kernels (SPEC section 2). Reference: ``logprobs_ref.py``.
 
-Maths (``h [N, D]``, ``W [V, D]``, labels ``y [N]``, upstream gradient ``g [N]``)::
+Maths (``h [N, D]``, ``W [V, D]``, labels ``y [N]``, upstream gradient ``g [N]``, optional
+logit soft-cap ``c``)::
 
-    z[n, v]  = h[n] . W[v]
+    u[n, v]  = h[n] . W[v]
+    z[n, v]  = u[n, v], or c tanh(u[n, v] / c) with a cap
     lse[n]   = logsumexp_v z[n, v]        online over vocabulary tiles: m <- max(m, max z),
                                           s <- s * exp(m_old - m) + sum exp(z - m)
     logp[n]  = z[n, y[n]] - lse[n]        (0 where y[n] == ignore_index)
-    dz[n, v] = g[n] * (onehot(y[n])[v] - exp(z[n, v] - lse[n]))
-    dh       = sum over vocabulary chunks of dz_chunk @ W_chunk
-    dW_chunk = dz_chunk^T @ h
+    du[n, v] = g[n] * (onehot(y[n])[v] - exp(z[n, v] - lse[n]))  (times 1 - tanh(u / c)^2 with a cap)
+    dh       = sum over vocabulary chunks of du_chunk @ W_chunk
+    dW_chunk = du_chunk^T @ h
 
 Kernels:
 
@@ -171,6 +173,13 @@ def _logits_tile(
     return z
 
 
+@triton.jit
+def _tanh(x):
+    """tanh from exp (``tl`` has none the interpreter runs): 1 - 2 / (exp(2x) + 1), exact at
+    both saturations (exp overflowing to inf gives 1), absolute error ~1 ulp near 0."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
 @triton.autotune(
     configs=_configs(LOGITS_TILE_CONFIGS, LOGITS_TILE_NAMES),
     key=["V", "D"],
@@ -191,15 +200,18 @@ def _fwd_kernel(
     stride_hn,
     stride_wv,
     ignore_index,
+    softcap,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     ACC: tl.constexpr,
+    SOFTCAP: tl.constexpr = False,
 ):
     """Partials of one (row block, vocabulary split): running max m, sum of exp(z - m) s and
-    target logit t, each [splits, N] fp32 (t = 0 where the label is outside the split)."""
+    target logit t, each [splits, N] fp32 (t = 0 where the label is outside the split); with
+    ``SOFTCAP`` the logits are ``softcap * tanh(u / softcap)``."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -230,6 +242,8 @@ def _fwd_kernel(
             PRECISION,
             ACC,
         )
+        if SOFTCAP:
+            z = softcap * _tanh(z / softcap)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         # t += z[n, y[n]] when y[n] is in this tile
         t += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
@@ -263,15 +277,18 @@ def _dlogits_kernel(
     stride_hn,
     stride_wv,
     stride_dzn,
+    softcap,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     ACC: tl.constexpr,
+    SOFTCAP: tl.constexpr = False,
 ):
-    """dz[n, j] = g[n] * (onehot(y[n])[v] - exp(z[n, v] - lse[n])), v = v_start + j, for the
-    chunk's columns j < chunk; dz [N, chunk] in dz_ptr's dtype. ``token_logprobs_bwd`` passes
+    """du[n, j] = g[n] * (onehot(y[n])[v] - exp(z[n, v] - lse[n])), v = v_start + j, for the
+    chunk's columns j < chunk, times ``1 - tanh(u / softcap)^2`` with ``SOFTCAP`` (z = softcap
+    tanh(u / softcap)); du [N, chunk] in dz_ptr's dtype. ``token_logprobs_bwd`` passes
     ``g = sign(upstream gradient)`` and applies ``|upstream gradient|`` in fp32 afterwards."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -300,9 +317,14 @@ def _dlogits_kernel(
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+    if SOFTCAP:
+        t = _tanh(z / softcap)
+        z = softcap * t
     p = tl.exp(z - lse[:, None])
     onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
     dz = g[:, None] * (onehot - p)
+    if SOFTCAP:
+        dz = dz * (1.0 - t * t)
     tl.store(
         dz_ptr + rows[:, None].to(tl.int64) * stride_dzn + local[None, :],
         dz.to(dz_ptr.dtype.element_ty),
@@ -397,10 +419,12 @@ def token_logprobs_fwd(
     labels: torch.Tensor,
     ignore_index: int = -100,
     splits: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h [N, D] (unit column stride), W [V, D] (unit column stride, same dtype), labels [N]
     contiguous int -> (logp [N] fp32, lse [N] fp32). ``splits``: vocabulary slices run by
-    separate programs (default: enough to fill the GPU; 1 under the interpreter)."""
+    separate programs (default: enough to fill the GPU; 1 under the interpreter). ``softcap``:
+    the logits are ``softcap * tanh(u / softcap)``."""
     N, D = h.shape
     V = W.shape[0]
     if splits is None:
@@ -425,6 +449,8 @@ def token_logprobs_fwd(
         h.stride(0),
         W.stride(0),
         ignore_index,
+        float(softcap or 0.0),
+        SOFTCAP=softcap is not None,
         **_dot_flags(h.dtype),
     )
     m_all = m.amax(dim=0)
@@ -467,10 +493,12 @@ def token_logprobs_bwd(
     need_h: bool = True,
     need_W: bool = False,
     chunk: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Chunked backward on the rows with ``grad != 0`` (and a real label): (dh [N, D] in
     h.dtype or None, dW [V, D] in W.dtype or None). ``chunk``: vocabulary columns per chunk
-    (default: ``SCRATCH_ELEMENTS // active rows``, at least 256)."""
+    (default: ``SCRATCH_ELEMENTS // active rows``, at least 256). ``softcap``: as in the
+    forward."""
     N, D = h.shape
     V = W.shape[0]
     active = ((grad != 0) & (labels != ignore_index)).nonzero()[:, 0]
@@ -526,6 +554,8 @@ def token_logprobs_bwd(
             ha.stride(0),
             W.stride(0),
             dz.stride(0),
+            float(softcap or 0.0),
+            SOFTCAP=softcap is not None,
             **flags,
         )
         dz_c = dz[:, :width]

@@ -1,16 +1,21 @@
 """Plain-torch references for the fused per-token log-probs (SPEC section 2).
 
-Maths, for hidden states ``h [N, D]``, an output head ``W [V, D]`` and labels ``y [N]``::
+Maths, for hidden states ``h [N, D]``, an output head ``W [V, D]``, labels ``y [N]`` and an
+optional logit soft-cap ``c > 0`` (Gemma 2's ``final_logit_softcapping``)::
 
-    z[n]     = W h[n]                                   logits, [V]  (never all of [N, V] at once)
+    u[n]     = W h[n]                                   the head's output, [V]  (never all of [N, V])
+    z[n]     = u[n]                  without a cap      logits
+             = c tanh(u[n] / c)      with cap c
     lse[n]   = logsumexp_v z[n, v]
     logp[n]  = z[n, y[n]] - lse[n]                      0 where y[n] == ignore_index
 
 Backward, for an upstream gradient ``g [N]`` (``g = 0`` on ignored rows)::
 
     dz[n, v] = g[n] * (onehot(y[n])[v] - softmax(z[n])[v]),   softmax(z[n])[v] = exp(z[n, v] - lse[n])
-    dh       = dz @ W                                   [N, D]
-    dW       = dz^T @ h                                 [V, D]
+    du[n, v] = dz[n, v]                  without a cap
+             = dz[n, v] (1 - tanh(u[n, v] / c)^2)   with cap c
+    dh       = du @ W                                   [N, D]
+    dW       = du^T @ h                                 [V, D]
 
 Two implementations:
 
@@ -20,8 +25,8 @@ Two implementations:
   path of ``steerkern.ops.token_logprobs``. The vocabulary is walked in chunks with an online
   logsumexp; the backward recomputes each chunk's logits from ``h``, ``W`` and the saved ``lse``
   and works only on the rows whose upstream gradient is non-zero (an inactive margin-loss token
-  or an ignored row costs nothing). Scratch memory is one ``[rows, chunk]`` block, independent
-  of ``V``, and one ``[chunk, D]`` copy of the head's chunk in the accumulation dtype (for 16-bit
+  or an ignored row costs nothing). Scratch memory is one ``[rows, chunk]`` block (two in the
+  backward with a soft-cap), independent of ``V``, and one ``[chunk, D]`` copy of the head's chunk in the accumulation dtype (for 16-bit
   heads), with ``chunk * max(rows, D) <= CHUNK_ELEMENTS``. Accumulation is in fp32 (float64 for
   float64 inputs).
 """
@@ -55,15 +60,19 @@ def vocab_chunk(rows: int, V: int, chunk: int | None = None, D: int = 1) -> int:
 
 
 def token_logprobs_naive(
-    h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Unchunked reference (tests only): ``log_softmax(h @ W^T)`` gathered at ``labels``.
+    """Unchunked reference (tests only): ``log_softmax(h @ W^T)`` gathered at ``labels``, the
+    logits soft-capped (``softcap * tanh(logits / softcap)``) when ``softcap`` is given.
 
     h [N, D], W [V, D], labels [N] -> [N] in the accumulation dtype; 0 on ignored rows.
     Differentiable by plain autograd.
     """
     acc = accumulation_dtype(h.dtype)
     logits = h.to(acc) @ W.to(acc).T
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     logp = torch.log_softmax(logits, dim=-1).gather(1, safe[:, None].long())[:, 0]
@@ -77,9 +86,11 @@ def token_logprobs_fwd(
     labels: torch.Tensor,
     ignore_index: int = -100,
     chunk: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked forward. h [N, D], W [V, D], labels [N] -> (logp [N], lse [N]) in the accumulation
-    dtype (fp32, or float64 for float64 inputs). Scratch: one [N, chunk] logits block."""
+    dtype (fp32, or float64 for float64 inputs); logits soft-capped by ``softcap`` when given.
+    Scratch: one [N, chunk] logits block."""
     N, V = h.shape[0], W.shape[0]
     acc = accumulation_dtype(h.dtype)
     hx = h.to(acc)
@@ -92,6 +103,8 @@ def token_logprobs_fwd(
     for v0 in range(0, V, step):
         v1 = min(v0 + step, V)
         zc = torch.mm(hx, W[v0:v1].to(acc).T, out=buf[: N * (v1 - v0)].view(N, v1 - v0))
+        if softcap is not None:
+            zc.div_(softcap).tanh_().mul_(softcap)
         # target logit: rows whose label falls in this chunk
         here = valid & (labels >= v0) & (labels < v1)
         idx = here.nonzero()[:, 0]
@@ -118,12 +131,13 @@ def token_logprobs_bwd(
     need_h: bool = True,
     need_W: bool = False,
     chunk: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Chunked backward: (dh [N, D] in h.dtype or None, dW [V, D] in W.dtype or None).
 
     Only rows with ``grad != 0`` and a label other than ``ignore_index`` do any work; their
-    logits are recomputed chunk by chunk: ``dz = g (onehot - exp(z - lse))``,
-    ``dh += dz @ W_chunk``, ``dW_chunk = dz^T @ h``.
+    logits are recomputed chunk by chunk: ``du = g (onehot - exp(z - lse))`` (times
+    ``1 - tanh(u / softcap)^2`` with a cap), ``dh += du @ W_chunk``, ``dW_chunk = du^T @ h``.
     """
     N, D = h.shape
     V = W.shape[0]
@@ -150,14 +164,22 @@ def token_logprobs_bwd(
     ha_signed = ha * neg_sign if need_W else None
     step = vocab_chunk(Na, V, chunk, D)
     buf = torch.empty(Na * step, dtype=acc, device=h.device)
+    slope = torch.empty(Na * step, dtype=acc, device=h.device) if softcap is not None else None
     for v0 in range(0, V, step):
         v1 = min(v0 + step, V)
         Wc = W[v0:v1].to(acc)
         q = buf[: Na * (v1 - v0)].view(Na, v1 - v0)
-        torch.addmm(shift.expand(Na, v1 - v0), ha, Wc.T, out=q).exp_()  # |g| softmax
+        if softcap is None:
+            torch.addmm(shift.expand(Na, v1 - v0), ha, Wc.T, out=q).exp_()  # |g| softmax
+        else:
+            t = torch.mm(ha, Wc.T, out=q).div_(softcap).tanh_()  # tanh(u / c), in q
+            dzdu = torch.mul(t, t, out=slope[: Na * (v1 - v0)].view(Na, v1 - v0)).neg_().add_(1)
+            q.mul_(softcap).add_(shift).exp_()  # |g| softmax(z), z = c tanh(u / c)
         here = ((ya >= v0) & (ya < v1)).nonzero()[:, 0]
         if here.numel():
             q[here, ya[here] - v0] -= abs_g[here]  # - |g| onehot
+        if softcap is not None:
+            q.mul_(dzdu)  # chain rule through the cap: du = dz (1 - tanh(u / c)^2)
         if need_h:
             dha.addmm_(q, Wc)
         if need_W:

@@ -6,12 +6,15 @@ for a 49k vocabulary). So the forward stops at the head's input, the final norme
 ``h`` (:class:`FinalHidden`), and :func:`steerkern.ops.token_logprobs` walks the vocabulary in
 chunks:
 
-    logits = a (W h + b)        logp[n] = logits[n, y[n]] - logsumexp_v logits[n, v]
+    u = a (W h + b)             logits = u, or c tanh(u / c) for a model that soft-caps them
+    logp[n] = logits[n, y[n]] - logsumexp_v logits[n, v]
 
 ``W [V, D]`` and ``b`` are the head's weight and bias (:func:`head_matrix` appends ``b`` as a
-column, with a 1 appended to ``h``), and ``a`` the constant factor some models apply after the
+column, with a 1 appended to ``h``), ``a`` the constant factor some models apply after the
 head (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``), measured once on a real pass
-(:func:`logit_scale`). A model that transforms its logits otherwise (soft-capping) is refused.
+(:func:`logit_scale`), and ``c`` the config's ``final_logit_softcapping`` (Gemma 2, Gemma 3n,
+VaultGemma, ...; :func:`logit_softcap`). A model that transforms its logits otherwise is
+refused.
 
 Used by ``steerkern.train`` (the coherence term's log-probs) and ``steerkern.sweep`` (the ΔNLL
 of a sweep's generations).
@@ -33,21 +36,33 @@ class StopAtHead(Exception):
 
 def output_head(model, purpose: str):
     """The model's output head module (``get_output_embeddings()``), or ``ValueError`` naming
-    ``purpose`` when it has none with a weight, or soft-caps its logits."""
+    ``purpose`` when it has none with a weight or its config's logit soft-cap is not a positive
+    number."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ValueError(
             f"{type(model).__name__} has no output head (get_output_embeddings()): {purpose} "
             "needs a causal LM"
         )
+    logit_softcap(model)
+    return head
+
+
+def logit_softcap(model) -> float | None:
+    """``c`` of the model's ``logits = c tanh(u / c)`` (``config.final_logit_softcapping``, or
+    its ``text_config``'s), ``None`` when the model does not soft-cap; ``ValueError`` for a cap
+    that is not a finite positive number."""
     config = getattr(model, "config", None)
     config = getattr(config, "text_config", None) or config
-    if getattr(config, "final_logit_softcapping", None):
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is None:
+        return None
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) \
+            or cap <= 0:
         raise ValueError(
-            "the model soft-caps its logits (config.final_logit_softcapping), which the fused "
-            f"token log-probs do not model; {purpose} would be wrong for it"
-        )
-    return head
+            f"{type(model).__name__}'s config.final_logit_softcapping is {cap!r}: a soft-cap must be "
+            "None or a finite number > 0")
+    return float(cap)
 
 
 @contextlib.contextmanager
@@ -85,17 +100,19 @@ def head_matrix(head, scale: float = 1.0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logit_scale(model, head, ids, mask, positions) -> float:
-    """The factor ``a`` with ``logits = a * head(h)`` for this model, measured on one pass of
+def logit_scale(model, head, ids, mask, positions, softcap: float | None = None) -> float:
+    """The factor ``a`` with ``logits = a * head(h)`` for this model (``logits = c tanh(a *
+    head(h) / c)`` with a soft-cap ``c``, :func:`logit_softcap`), measured on one pass of
     ``ids``/``mask``/``positions`` ``[B, T]``.
 
     Most causal LMs return the head's output as their logits (``a = 1``); some scale it after
     the head: Cohere multiplies by ``config.logit_scale`` (0.0625 by default), Granite divides by
-    ``config.logits_scaling``. ``a`` is the least-squares fit ``<logits, z> / <z, z>`` (``z`` the
-    head's output), snapped to 1 within 1e-3; a model whose logits are not such a multiple of
-    ``z`` (soft-capping, an added bias) raises ``ValueError`` ("constant factor"), as does a
-    head whose input is not the ``[B, T, D]`` states of the batch's positions (which
-    :func:`head_logprobs` reads).
+    ``config.logits_scaling``. ``a`` is the least-squares fit ``<l, z> / <z, z>`` (``z`` the
+    head's output, ``l`` the logits, or ``c atanh(logits / c)`` over the logits below 0.9 c in
+    magnitude for a soft-capped model), snapped to 1 within 1e-3; a model whose logits are not
+    so made from ``z`` (a soft-cap its config does not name, an added bias) raises
+    ``ValueError`` ("constant factor"), as does a head whose input is not the ``[B, T, D]``
+    states of the batch's positions (which :func:`head_logprobs` reads).
     """
     seen = {}
 
@@ -127,20 +144,30 @@ def logit_scale(model, head, ids, mask, positions) -> float:
     logits, z = logits.double(), z.double()
     if not bool(z.any()) and not bool(logits.any()):
         return 1.0  # an all-zero head (any factor fits)
-    a = float((logits * z).sum() / (z * z).sum().clamp(min=1e-300))
+    if softcap is None:
+        uncapped, zs = logits, z
+    else:  # invert the cap where it is well conditioned
+        inside = logits.abs() < 0.9 * softcap
+        uncapped, zs = softcap * torch.atanh(logits[inside] / softcap), z[inside]
+    a = float((uncapped * zs).sum() / (zs * zs).sum().clamp(min=1e-300))
+    made = a * z if softcap is None else softcap * torch.tanh(a * z / softcap)
     if not (math.isfinite(a) and a > 0) or \
-            float((logits - a * z).abs().max()) > tol * max(float(logits.abs().max()), 1e-6):
+            float((logits - made).abs().max()) > tol * max(float(logits.abs().max()), 1e-6):
+        how = "a constant factor" if softcap is None else \
+            f"a constant factor and the soft-cap {softcap:g} of its config"
         raise ValueError(
             f"{type(model).__name__} transforms its logits after the output head in a way other "
-            "than a constant factor (e.g. soft-capping); the fused token log-probs cannot model it")
+            f"than {how} (e.g. an unnamed soft-cap); the fused token log-probs cannot model it")
     return 1.0 if abs(a - 1.0) <= 1e-3 else a
 
 
-def head_logprobs(h_final: torch.Tensor, W: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def head_logprobs(h_final: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
+                  softcap: float | None = None) -> torch.Tensor:
     """Per-token log-probs ``[R, L-1]`` (fp32) of ``labels [R, L-1]`` (``IGNORE``: 0) from
     ``h_final [R, L, D]`` under the head matrix ``W`` (:func:`head_matrix`: ``[V, D]``, or
-    ``[V, D + 1]`` with the bias): position ``t``'s state scores ``labels[:, t]``. Runs on
-    ``W``'s device (a model split by ``device_map`` hands its head states from another one)."""
+    ``[V, D + 1]`` with the bias) and the model's soft-cap (:func:`logit_softcap`): position
+    ``t``'s state scores ``labels[:, t]``. Runs on ``W``'s device (a model split by
+    ``device_map`` hands its head states from another one)."""
     from steerkern import ops
 
     rows, width, dim = h_final.shape
@@ -148,7 +175,26 @@ def head_logprobs(h_final: torch.Tensor, W: torch.Tensor, labels: torch.Tensor) 
     if W.shape[1] == dim + 1:
         flat = torch.cat([flat, flat.new_ones(flat.shape[0], 1)], dim=1)
     return ops.token_logprobs(flat, W.to(flat.dtype), labels.reshape(-1).to(W.device),
-                              ignore_index=IGNORE).view(rows, width - 1)
+                              ignore_index=IGNORE, softcap=softcap).view(rows, width - 1)
+
+
+class HeadLogits:
+    """The model's logits as :func:`head_logprobs` computes them: ``u = W [h, 1]`` with ``W`` the
+    head matrix times the measured factor ``a`` (:func:`head_matrix`, :func:`logit_scale`),
+    soft-capped by ``softcap`` (:func:`logit_softcap`). ``HeadLogits.measure(model, head, ids,
+    mask, positions)`` makes one from a pass of ``[B, T]`` prompts."""
+
+    def __init__(self, W: torch.Tensor, softcap: float | None = None):
+        self.W, self.softcap = W, softcap
+
+    @classmethod
+    def measure(cls, model, head, ids, mask, positions) -> HeadLogits:
+        softcap = logit_softcap(model)
+        return cls(head_matrix(head, logit_scale(model, head, ids, mask, positions, softcap)), softcap)
+
+    def logprobs(self, h_final: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """:func:`head_logprobs` of ``h_final [R, L, D]`` at ``labels [R, L-1]``."""
+        return head_logprobs(h_final, self.W, labels, self.softcap)
 
 
 class FinalHidden:

@@ -150,10 +150,11 @@ def margin_loss(
     kappa: float = 1.0,
     reduction: str = "mean",
     ignore_index: int = -100,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Fused margin loss: the coherence penalty of the policy's per-token log-probs.
 
-    ``logp_pi = token_logprobs(h_pi, W, labels)`` (fused, never ``[N, V]``), then
+    ``logp_pi = token_logprobs(h_pi, W, labels, softcap=softcap)`` (fused, never ``[N, V]``), then
     ``sequence_penalty(logp_pi, logp_ref, mask)``. Masked-out tokens are sent to the kernel as
     ``ignore_index`` and cost nothing; in the backward only tokens whose penalty is active
     (``d > tau``) recompute logits, since every other token's upstream gradient is exactly 0.
@@ -166,6 +167,8 @@ def margin_loss(
         mask: tokens that count (bool or 0/1), ``[N]`` / ``[B, T]``; default: labels != ignore_index.
         tau, kind, kappa: see ``coherence_penalty``.
         reduction: ``"none"`` (per token), ``"mean"`` (see ``sequence_penalty``) or ``"sum"``.
+        softcap: the model's logit soft-cap ``c`` (logits ``c tanh(W h / c)``, Gemma 2), or
+            ``None``; see ``steerkern.ops.token_logprobs``.
 
     Returns:
         Per-token ``[N]`` / ``[B, T]`` penalty, or a scalar; fp32 (float64 for float64 ``h_pi``).
@@ -188,7 +191,7 @@ def margin_loss(
     _check_penalty_args(kind, tau, kappa)
     mask = _as_mask(mask, labels, "mask") & (labels != ignore_index)
     masked_labels = torch.where(mask, labels, torch.full_like(labels, ignore_index))
-    logp_pi = ops.token_logprobs(h_pi, W, masked_labels, ignore_index=ignore_index)
+    logp_pi = ops.token_logprobs(h_pi, W, masked_labels, ignore_index=ignore_index, softcap=softcap)
     return sequence_penalty(
         logp_pi, logp_ref, mask, tau=tau, kind=kind, kappa=kappa, reduction=reduction
     )

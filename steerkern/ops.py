@@ -13,6 +13,8 @@ run the Triton kernels under the interpreter on CPU).
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 
 import torch
@@ -342,13 +344,14 @@ class _TokenLogprobs(torch.autograd.Function):
     caller's autocast state, on the torch path as in the kernel."""
 
     @staticmethod
-    def forward(ctx, h, W, labels, ignore_index, use_triton):
+    def forward(ctx, h, W, labels, ignore_index, use_triton, softcap):
         impl = _token_logprobs_impl(use_triton)
         with _without_autocast(h):
-            logp, lse = impl.token_logprobs_fwd(h, W, labels, ignore_index)
+            logp, lse = impl.token_logprobs_fwd(h, W, labels, ignore_index, softcap=softcap)
         ctx.save_for_backward(h, W, labels, lse)
         ctx.ignore_index = ignore_index
         ctx.use_triton = use_triton
+        ctx.softcap = softcap
         return logp
 
     @staticmethod
@@ -360,20 +363,24 @@ class _TokenLogprobs(torch.autograd.Function):
         # autocast dtype: fp32 (float64) throughout, as the kernel computes
         with _without_autocast(h):
             dh, dW = _token_logprobs_impl(ctx.use_triton).token_logprobs_bwd(
-                h, W, labels, lse, grad.contiguous(), ctx.ignore_index, need_h=need_h, need_W=need_W
+                h, W, labels, lse, grad.contiguous(), ctx.ignore_index, need_h=need_h, need_W=need_W,
+                softcap=ctx.softcap,
             )
-        return dh, dW, None, None, None
+        return dh, dW, None, None, None, None
 
 
 def token_logprobs(
-    h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Per-token log-probabilities under an output head, never building ``[N, V]`` logits.
 
-    ``logp[n] = (W h[n])[y[n]] - logsumexp(W h[n])``, accumulated in fp32 (float64 for float64
-    inputs) with an online logsumexp over vocabulary chunks; the backward recomputes the logits
-    chunk by chunk, gives ``W`` a gradient only when it requires one, and skips rows whose
-    upstream gradient is zero. Extra memory is O(N + chunk), independent of ``V``.
+    ``logp[n] = z[n, y[n]] - logsumexp(z[n])`` with logits ``z[n] = W h[n]``, or
+    ``z[n] = softcap * tanh(W h[n] / softcap)`` for a model that soft-caps its logits (Gemma 2's
+    ``final_logit_softcapping``), accumulated in fp32 (float64 for float64 inputs) with an
+    online logsumexp over vocabulary chunks; the backward recomputes the logits chunk by chunk,
+    gives ``W`` a gradient only when it requires one, and skips rows whose upstream gradient is
+    zero. Extra memory is O(N + chunk), independent of ``V``.
 
     Args:
         h: hidden states ``[*, D]`` (fp32, fp16, bf16 or float64), any leading shape.
@@ -381,6 +388,8 @@ def token_logprobs(
         labels: target token ids ``[*]`` (the leading shape of ``h``), int32 or int64, each in
             ``[0, V)`` or equal to ``ignore_index``.
         ignore_index: label value of rows to skip: their log-prob is 0 with zero gradient.
+        softcap: ``None`` (the head's output is the logits) or the cap ``c > 0`` of
+            ``c * tanh(W h / c)``.
 
     Returns:
         ``[*]`` fp32 log-probs (float64 for float64 inputs), differentiable w.r.t. ``h`` and ``W``.
@@ -426,6 +435,13 @@ def token_logprobs(
     V = W.shape[0]
     if V == 0:
         raise ValueError("token_logprobs: W has no vocabulary rows (V = 0)")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) \
+                or not math.isfinite(softcap) or softcap <= 0:
+            raise ValueError(
+                f"token_logprobs: softcap must be None or a finite number > 0 (the c of "
+                f"c * tanh(logits / c)), got {softcap!r}")
+        softcap = float(softcap)
     lead = labels.shape
     h2 = h.reshape(-1, h.shape[-1])
     y = labels.reshape(-1).contiguous()
@@ -446,5 +462,5 @@ def token_logprobs(
     if W.stride(-1) != 1:
         W = W.contiguous()
     use_triton = _use_triton(h2)
-    logp = _TokenLogprobs.apply(h2, W, y, int(ignore_index), use_triton)
+    logp = _TokenLogprobs.apply(h2, W, y, int(ignore_index), use_triton, softcap)
     return logp.reshape(lead)

@@ -40,7 +40,7 @@ import inspect
 import numpy as np
 import torch
 
-from steerkern.head import IGNORE, FinalHidden, head_logprobs, head_matrix, logit_scale, output_head
+from steerkern.head import IGNORE, FinalHidden, HeadLogits, output_head
 from steerkern.items import BinaryItem, render
 from steerkern.kvcache import (
     cache_argument,
@@ -427,17 +427,17 @@ def _sweep_sharing_first_token(model, tokenizer, vectors, ids, mask, prompt_inde
     return new[:, :1 + rest.shape[1]]
 
 
-def _fused_head(model, ids, mask) -> tuple[torch.nn.Module, torch.Tensor] | None:
-    """``(head, W)`` for the NLL's fused log-probs (:mod:`steerkern.head`), the model's logit
-    factor measured on the shortest of the ``[P, T]`` prompts; ``None`` when the model has no
-    usable head or transforms its logits beyond a constant factor (soft-capping): its NLL then
-    reads full logits."""
+def _fused_head(model, ids, mask) -> tuple[torch.nn.Module, HeadLogits] | None:
+    """``(head, logits)`` for the NLL's fused log-probs (:mod:`steerkern.head`), the model's
+    logit factor measured on the shortest of the ``[P, T]`` prompts; ``None`` when the model has
+    no usable head or transforms its logits beyond a constant factor and its config's soft-cap:
+    its NLL then reads full logits."""
     try:
         head = output_head(model, "the sweep's NLL")
         shortest = int(mask.sum(-1).argmin())
         width = int(mask[shortest].sum())
         one_ids, one_mask = ids[shortest:shortest + 1, -width:], mask[shortest:shortest + 1, -width:]
-        return head, head_matrix(head, logit_scale(model, head, one_ids, one_mask, positions_from_mask(one_mask)))
+        return head, HeadLogits.measure(model, head, one_ids, one_mask, positions_from_mask(one_mask))
     except ValueError:
         return None
 
@@ -452,11 +452,11 @@ def _generated_logprobs(run, fused_head, new: torch.Tensor, gen_mask: torch.Tens
     keep = new.shape[1] + 1
     labels = new.masked_fill(~gen_mask, IGNORE)
     if fused_head is not None:
-        head, W = fused_head
+        head, head_logits = fused_head
         with FinalHidden(head) as final:
             logits = run(keep=keep)
         if final.h is not None:
-            return head_logprobs(final.h[:, -keep:], W, labels)
+            return head_logits.logprobs(final.h[:, -keep:], labels)
     else:
         logits = run(keep=keep)
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)

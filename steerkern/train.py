@@ -17,7 +17,8 @@ One training step on a batch of ``B`` (chosen, rejected) pairs:
    ones at ``c = -1``, ``steerkern.ops.token_logprobs(h_final, W_head, next_tokens)`` (fused,
    never ``[N, V]``), against the reference log-probs of the same tokens. ``W_head`` includes
    the constant factor some models apply to the head's output (Cohere's ``logit_scale``,
-   Granite's ``1 / logits_scaling``), measured once on one text (:mod:`steerkern.head`).
+   Granite's ``1 / logits_scaling``), measured once on one text, and the logits are soft-capped
+   as the model's config says (Gemma 2's ``final_logit_softcapping``; :mod:`steerkern.head`).
 3. **Loss**: :func:`steerkern.loss.inner_contrastive_loss` with the reference (unsteered, frozen)
    loss-layer states and the frozen unit direction ``u``. By default its bounded form: the
    projection reward ``-m tanh(z / m)`` (``projection="tanh"``) of the shift
@@ -52,7 +53,7 @@ import torch
 from steerkern.checks import count, model_and_tokenizer, real
 from steerkern.control import SteeringBank, first_tensor, whole_prompt_passes
 from steerkern.data import as_pairs, pair_text_name
-from steerkern.head import IGNORE, StopAtHead, head_logprobs, head_matrix, logit_scale, output_head
+from steerkern.head import IGNORE, HeadLogits, StopAtHead, output_head
 from steerkern.kvcache import positions_from_mask
 from steerkern.loss import (
     PENALTY_KINDS,
@@ -209,7 +210,7 @@ class _Reader:
         self.model, self.n_last = model, n_last
         self.loss_module = decoder_layers(model)[loss_layer]
         self.head = output_head(model, COHERENCE)
-        self.head_weight = head_matrix(self.head)
+        self.logits: HeadLogits | None = None  # measured before the first pass (train_adapter)
         self.handles: list = []
         self.h_loss = self.h_final = None
 
@@ -257,7 +258,7 @@ def _reference(reader, ids_list, pad_id, device, batch_size, progress):
     for chunk in tqdm(chunks, desc="train: reference", disable=not progress, leave=False):
         ids, mask, positions, labels = _left_pad([ids_list[i] for i in chunk], pad_id, device)
         h_loss, h_final = reader(ids, mask, positions)
-        logp = head_logprobs(h_final, reader.head_weight, labels).float().cpu()
+        logp = reader.logits.logprobs(h_final, labels).float().cpu()
         for row, index in enumerate(chunk):
             h_ref[index] = h_loss[row].float().cpu()
             logp_ref[index] = logp[row, -(len(ids_list[index]) - 1):]
@@ -460,8 +461,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
         set_training_flags(model, False)
         shortest = min(ids_list, key=len)
         scale_ids, scale_mask, scale_pos, _ = _left_pad([shortest], pad_id, device)
-        reader.head_weight = head_matrix(
-            reader.head, logit_scale(model, reader.head, scale_ids, scale_mask, scale_pos))
+        reader.logits = HeadLogits.measure(model, reader.head, scale_ids, scale_mask, scale_pos)
         reader.attach()
         h_ref, logp_ref = _reference(reader, ids_list, pad_id, device, 4 * batch_size, show)
         reader.detach()
@@ -567,8 +567,8 @@ def _step(reader, bank, ids_list, h_ref, logp_ref, batch, pad_id, device, u, **l
     at = h_loss.device
     width = labels.shape[1]
     # coherence: chosen rows at c = +1 (rows 0..n-1), rejected rows at c = -1 (rows 3n..4n-1)
-    logp_pos = head_logprobs(h_final[:n], reader.head_weight, labels[:n]).to(at)
-    logp_neg = head_logprobs(h_final[3 * n:], reader.head_weight, labels[3 * n:]).to(at)
+    logp_pos = reader.logits.logprobs(h_final[:n], labels[:n]).to(at)
+    logp_neg = reader.logits.logprobs(h_final[3 * n:], labels[3 * n:]).to(at)
     ref_pos = _right_align([logp_ref[2 * i] for i in batch], width, 0.0).to(at)
     ref_neg = _right_align([logp_ref[2 * i + 1] for i in batch], width, 0.0).to(at)
     ref_states = (torch.stack([h_ref[2 * i] for i in batch]).to(at),

@@ -104,23 +104,27 @@ def _steer_autograd_ref(out, slot, coeff, bias, A, B):
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,D,V", [(4096, 1024, 50257), (300, 576, 49152), (17, 4096, 128256)])
-def test_token_logprobs_matches_float64(N, D, V, dtype):
+def test_token_logprobs_matches_float64(N, D, V, dtype, softcap):
     g = torch.Generator().manual_seed(N + V)
+    spread = 1.0 if softcap is None else 20.0  # capped: logits of about +-40 against the cap 30
     h = (torch.randn(N, D, generator=g) / D**0.25).to(CUDA, dtype)
-    W = (torch.randn(V, D, generator=g) / D**0.25).to(CUDA, dtype)
+    W = (spread * torch.randn(V, D, generator=g) / D**0.25).to(CUDA, dtype)
     labels = torch.randint(0, V, (N,), generator=g)
     labels[::7] = -100
     labels = labels.to(CUDA)
     h_leaf, W_leaf = h.clone().requires_grad_(), W.clone().requires_grad_()
-    logp = ops.token_logprobs(h_leaf, W_leaf, labels)
+    logp = ops.token_logprobs(h_leaf, W_leaf, labels, softcap=softcap)
     weights = torch.randn(N, generator=g).to(CUDA)
     (logp * weights).sum().backward()
 
     h64 = h.double().cpu().requires_grad_()
     W64 = W.double().cpu().requires_grad_()
     logits = h64 @ W64.T
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     lse = torch.logsumexp(logits, dim=-1)
     keep = labels.cpu() != -100
     picked = logits.gather(1, labels.cpu().clamp_min(0)[:, None])[:, 0]
@@ -134,7 +138,7 @@ def test_token_logprobs_matches_float64(N, D, V, dtype):
     assert _rel(W_leaf.grad.cpu(), W64.grad) < tol
     assert not h_leaf.grad[~keep.to(CUDA)].any()
     # forward agrees with the chunked torch reference at the input dtype as well
-    ref_same, _ = logprobs_fwd_ref(h, W, labels, -100)
+    ref_same, _ = logprobs_fwd_ref(h, W, labels, -100, softcap=softcap)
     assert _rel(logp.detach(), ref_same) < 1e-4
 
 

@@ -22,20 +22,20 @@ def _inputs(n=N, d=D, v=V, dtype=torch.float32, ignore=(3, 20), seed=0):
     return h, W, y
 
 
-def _reference(h, W, y, grad):
+def _reference(h, W, y, grad, softcap=None):
     """float64 value and gradients of the unchunked formula, for h/W as given (rounded)."""
     hr = h.detach().double().clone().requires_grad_()
     Wr = W.detach().double().clone().requires_grad_()
-    lp = R.token_logprobs_naive(hr, Wr, y)
+    lp = R.token_logprobs_naive(hr, Wr, y, softcap=softcap)
     (lp * grad.double()).sum().backward()
     return lp.detach(), hr.grad, Wr.grad
 
 
-def _run(backend, h, W, y, grad, need_W=True):
+def _run(backend, h, W, y, grad, need_W=True, softcap=None):
     hh = h.clone().requires_grad_()
     WW = W.clone().requires_grad_(need_W)
     with ops.use_backend(backend):
-        lp = ops.token_logprobs(hh, WW, y)
+        lp = ops.token_logprobs(hh, WW, y, softcap=softcap)
         (lp * grad.to(lp.dtype)).sum().backward()
     return lp.detach(), hh.grad, WW.grad
 
@@ -203,6 +203,78 @@ def test_gradcheck_float64(backend):
 
     # fast_mode: checks random projections of the Jacobian (a few evaluations, not one per input)
     assert torch.autograd.gradcheck(f, (h, W), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcapped_logits_match_float64_reference(backend, dtype):
+    """Logits ``c tanh(u / c)`` (Gemma 2): a head large enough that many logits saturate the cap
+    (|u| / c up to about 8), so that neither the cap nor its slope ``1 - tanh^2`` may be
+    dropped."""
+    h, W, y = _inputs(dtype=dtype)
+    W = (W.float() * 5).to(dtype)
+    grad = torch.randn(N, generator=torch.Generator().manual_seed(1))
+    lp, dh, dW = _run(backend, h, W, y, grad, softcap=3.0)
+    ref, dh_ref, dW_ref = _reference(h, W, y, grad, softcap=3.0)
+    plain, _, _ = _reference(h, W, y, grad)
+    assert (ref - plain).abs().max() > 1.0  # the cap changes these log-probs
+    atol, rel = TOL[dtype]
+    torch.testing.assert_close(lp.double(), ref, atol=atol, rtol=1e-5)
+    _assert_grad_close(dh, dh_ref, rel)
+    _assert_grad_close(dW, dW_ref, rel)
+
+
+def test_softcapped_reference_chunked_equals_unchunked_in_float64():
+    h, W, y = _inputs(dtype=torch.float64)
+    grad = torch.randn(N, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    lp, lse = R.token_logprobs_fwd(h, W * 5, y, chunk=64, softcap=2.5)
+    torch.testing.assert_close(lp, R.token_logprobs_naive(h, W * 5, y, softcap=2.5),
+                               atol=1e-12, rtol=1e-12)
+    dh, dW = R.token_logprobs_bwd(h, W * 5, y, lse, grad, need_h=True, need_W=True, chunk=64,
+                                  softcap=2.5)
+    _, dh_ref, dW_ref = _reference(h, W * 5, y, grad, softcap=2.5)
+    torch.testing.assert_close(dh, dh_ref, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(dW, dW_ref, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcapped_gradcheck_float64(backend):
+    n, d, v = (6, 5, 37) if backend == "triton" else (9, 7, 50)
+    h, W, y = _inputs(n=n, d=d, v=v, dtype=torch.float64, ignore=(2,))
+    h.requires_grad_()
+    W = (W * 4).requires_grad_()
+
+    def f(h, W):
+        with ops.use_backend(backend):
+            return ops.token_logprobs(h, W, y, softcap=1.5)
+
+    assert torch.autograd.gradcheck(f, (h, W), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_triton_softcapped_backward_small_chunks():
+    """Several backward chunks with the cap, the last one partial."""
+    if not INTERPRETING:
+        pytest.skip("CPU interpreter check")
+    from csrc_triton import logprobs as K
+
+    h, W, y = _inputs()
+    W = W * 5
+    grad = torch.randn(N, generator=torch.Generator().manual_seed(3))
+    _, lse = R.token_logprobs_fwd(h, W, y, softcap=2.0)
+    _, lse_k = K.token_logprobs_fwd(h, W, y, softcap=2.0)
+    torch.testing.assert_close(lse_k, lse, atol=1e-5, rtol=1e-6)
+    dh, dW = K.token_logprobs_bwd(h, W, y, lse, grad, need_h=True, need_W=True, chunk=128,
+                                  softcap=2.0)
+    _, dh_ref, dW_ref = _reference(h, W, y, grad, softcap=2.0)
+    _assert_grad_close(dh, dh_ref, 1e-4)
+    _assert_grad_close(dW, dW_ref, 1e-4)
+
+
+@pytest.mark.parametrize("softcap", [0, -1.0, float("inf"), float("nan"), True, "30"])
+def test_bad_softcap_is_refused(softcap):
+    h, W, y = _inputs(n=4)
+    with pytest.raises(ValueError, match="softcap must be None or a finite number > 0"):
+        ops.token_logprobs(h, W, y, softcap=softcap)
 
 
 def test_bad_input_errors_name_the_argument():

@@ -45,9 +45,12 @@ def _precision(dt):
     return "tf32x3" if dt == "fp32" else "tf32"
 
 
-def _spec(kernel_name, dt, cfg):
-    """(kernel, signature, constexprs) for one kernel / dtype / autotune config."""
+def _spec(kernel_name, dt, cfg, softcap=False):
+    """(kernel, signature, constexprs) for one kernel / dtype / autotune config (``softcap``:
+    the logits kernels' soft-capped variant)."""
     common = {"UPCAST": False, "PRECISION": _precision(dt), "ACC": tl.float32}
+    if kernel_name in ("fwd", "dlogits"):
+        common["SOFTCAP"] = softcap
     if kernel_name == "fwd":
         sig = {
             "h_ptr": f"*{dt}",
@@ -63,6 +66,7 @@ def _spec(kernel_name, dt, cfg):
             "stride_hn": "i32",
             "stride_wv": "i32",
             "ignore_index": "i32",
+            "softcap": "fp32",
         }
         return K._fwd_kernel, sig, {**cfg, **common}
     if kernel_name == "dlogits":
@@ -81,6 +85,7 @@ def _spec(kernel_name, dt, cfg):
             "stride_hn": "i32",
             "stride_wv": "i32",
             "stride_dzn": "i32",
+            "softcap": "fp32",
         }
         return K._dlogits_kernel, sig, {**cfg, **common}
     # matmul: B row-major (stride_bn = 1, specialised by Triton at run time like any 1)
@@ -130,9 +135,9 @@ def _operand_smem(kernel_name, cfg, stages, dt):
     return stages * (m * k + k * n) * size
 
 
-def compile_one(kernel_name, dt, arch, index):
+def compile_one(kernel_name, dt, arch, index, softcap=False):
     cfg, warps, stages = _configs(kernel_name, dt)[index]
-    kernel, sig, constexprs = _spec(kernel_name, dt, cfg)
+    kernel, sig, constexprs = _spec(kernel_name, dt, cfg, softcap)
     divisible = tuple(n for n, t in sig.items() if t.startswith("*") or n in INTS_DIVISIBLE)
     k = compile_for_gpu(
         kernel, sig, constexprs, arch=arch, num_warps=warps, num_stages=stages, divisible=divisible
@@ -140,9 +145,10 @@ def compile_one(kernel_name, dt, arch, index):
     return k, cfg, warps, stages
 
 
-def _check(kernel_name, dt, arch, index):
-    k, cfg, warps, stages = compile_one(kernel_name, dt, arch, index)
-    where = f"{kernel_name} {dt} sm_{arch} config {index} {cfg} warps={warps} stages={stages}"
+def _check(kernel_name, dt, arch, index, softcap=False):
+    k, cfg, warps, stages = compile_one(kernel_name, dt, arch, index, softcap)
+    where = (f"{kernel_name} {dt} sm_{arch} config {index} {cfg} warps={warps} stages={stages}"
+             f"{' soft-capped' if softcap else ''}")
     assert k.local_bytes == 0 and k.stack_bytes == 0, (
         f"register spills in {where}:\n{k.resource_usage}"
     )
@@ -169,6 +175,12 @@ def test_first_config_compiles_without_spills(kernel_name, dt, arch):
     _check(kernel_name, dt, arch, 0)
 
 
+@pytest.mark.parametrize(("dt", "arch"), FAST)
+@pytest.mark.parametrize("kernel_name", ["fwd", "dlogits"])
+def test_softcapped_first_config_compiles_without_spills(kernel_name, dt, arch):
+    _check(kernel_name, dt, arch, 0, softcap=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dt", list(DTYPES))
@@ -178,6 +190,8 @@ def test_every_config_compiles_without_spills(kernel_name, dt, arch):
         if (dt, arch) in FAST and index == 0:
             continue  # the default run covers it
         _check(kernel_name, dt, arch, index)
+        if kernel_name in ("fwd", "dlogits"):
+            _check(kernel_name, dt, arch, index, softcap=True)
 
 
 def register_table():

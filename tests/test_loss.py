@@ -70,10 +70,13 @@ def _data(B=3, T=7, D=12, V=40, seed=0, dtype=torch.float64):
     return h, W, y, logp_ref, mask
 
 
-def _plain_margin(h, W, y, logp_ref, mask, kind, reduction):
-    """Obvious float64 reference: full logits, loops over sequences."""
+def _plain_margin(h, W, y, logp_ref, mask, kind, reduction, softcap=None):
+    """Obvious float64 reference: full logits (soft-capped by ``softcap``), loops over sequences."""
     B, T, D = h.shape
-    logp = torch.log_softmax(h.double() @ W.double().T, -1).gather(-1, y[..., None])[..., 0]
+    logits = h.double() @ W.double().T
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logp = torch.log_softmax(logits, -1).gather(-1, y[..., None])[..., 0]
     d = logp_ref.double() - logp
     x = torch.relu(d - TAU)
     pen = {"log_barrier": KAPPA * torch.log1p(x), "hinge": x, "squared_hinge": x * x}[kind]
@@ -101,6 +104,23 @@ def test_margin_loss_value_and_gradients(kind, reduction):
     )
     (got * w).sum().backward()
     (want * w).sum().backward()
+    torch.testing.assert_close(hh.grad, hr.grad, atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(WW.grad, Wr.grad, atol=1e-12, rtol=1e-9)
+
+
+def test_margin_loss_of_a_soft_capped_model():
+    """Logits ``c tanh(W h / c)`` (Gemma 2): value and gradients against the full-logits form."""
+    h, W, y, logp_ref, mask = _data()
+    W = W * 4
+    hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+    got = margin_loss(hh, WW, y, logp_ref - 2.0, mask, tau=TAU, kind="hinge", softcap=1.5)
+    hr, Wr = h.clone().requires_grad_(), W.clone().requires_grad_()
+    want = _plain_margin(hr, Wr, y, logp_ref - 2.0, mask, "hinge", "mean", softcap=1.5)
+    uncapped = _plain_margin(h, W, y, logp_ref - 2.0, mask, "hinge", "mean")
+    assert abs(float(want - uncapped)) > 0.1
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    got.backward()
+    want.backward()
     torch.testing.assert_close(hh.grad, hr.grad, atol=1e-12, rtol=1e-9)
     torch.testing.assert_close(WW.grad, Wr.grad, atol=1e-12, rtol=1e-9)
 

@@ -5,6 +5,7 @@ import torch
 
 from steerkern import train as train_mod
 from steerkern.control import steer
+from steerkern.head import HeadLogits
 from steerkern.models import decoder_layers
 from steerkern.train import train_adapter
 from tests.hooks import steerkern_hook_count
@@ -310,12 +311,14 @@ def test_output_head_bias_is_part_of_the_log_probs():
     model = build("gptj")
     with torch.no_grad():
         model.lm_head.bias.normal_(0, 2.0)
-    reader = train_mod._Reader(model, loss_layer=3, n_last=2)
-    assert reader.head_weight.shape == (128, 65)
+    ids = torch.tensor([ToyTokenizer()(PAIRS[0][0])["input_ids"]])
+    mask = torch.ones_like(ids)
+    logits = HeadLogits.measure(model, model.lm_head, ids, mask, mask.cumsum(-1) - 1)
+    assert logits.W.shape == (128, 65) and logits.softcap is None
     h = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(1))
     labels[1, 0] = train_mod.IGNORE
-    got = train_mod.head_logprobs(h, reader.head_weight, labels)
+    got = logits.logprobs(h, labels)
     with torch.no_grad():
         logp = torch.log_softmax(model.lm_head(h[:, :-1]), -1)
     want = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0].masked_fill(labels < 0, 0.0)
@@ -338,6 +341,14 @@ def test_coherence_log_probs_include_the_models_logit_factor(monkeypatch, name, 
     if name == "granite":
         model.config.logits_scaling = 1 / factor
     assert getattr(model.config, "logit_scale", factor) == factor
+    for got, want, _ in _reference_logprobs_of_a_training_run(monkeypatch, model):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _reference_logprobs_of_a_training_run(monkeypatch, model, head_output=None):
+    """``(got, want, ids)`` per text of a one-step ``train_adapter`` run on ``model`` (left as
+    it was): the coherence term's reference log-probs, the model's own ``log_softmax`` of its
+    logits at the same tokens and the text's ``[1, T]`` ids. ``head_output``: a list that collects the output head's outputs of those passes."""
     seen = {}
     real = train_mod._reference
 
@@ -351,12 +362,40 @@ def test_coherence_log_probs_include_the_models_logit_factor(monkeypatch, name, 
                   batch_size=2, progress=False)
     assert_unchanged(model, before)
     texts = [text for pair in PAIRS[:2] for text in pair]
-    for text, got in zip(texts, seen["logp_ref"]):
-        ids = torch.tensor([ToyTokenizer()(text)["input_ids"]])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, :-1].float()
-        want = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+    pairs, heads = [], []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: heads.append(output[0, :-1]))
+    try:
+        for text, got in zip(texts, seen["logp_ref"]):
+            ids = torch.tensor([ToyTokenizer()(text)["input_ids"]])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, :-1].float()
+            want = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+            pairs.append((got, want, ids))
+    finally:
+        handle.remove()
+    if head_output is not None:
+        head_output.extend(heads)
+    return pairs
+
+
+def test_coherence_log_probs_of_a_soft_capped_model(monkeypatch, tiny_model_factory):
+    """Gemma 2 soft-caps its logits (``c tanh(u / c)``, ``config.final_logit_softcapping``):
+    it trains, and the coherence term's reference log-probs are the model's own, with a cap
+    small enough that dropping it would change them."""
+    model = tiny_model_factory("gemma2")
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    model.config.final_logit_softcapping = 2.0
+    heads = []
+    pairs = _reference_logprobs_of_a_training_run(monkeypatch, model, heads)
+    assert max(float(u.abs().max()) for u in heads) > 4.0  # logits well into the cap's bend
+    drops = []
+    for (got, want, ids), u in zip(pairs, heads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        uncapped = torch.log_softmax(u.float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+        drops.append(float((uncapped - want).abs().max()))
+    assert max(drops) > 0.5
 
 
 def test_logits_transformed_beyond_a_factor_are_refused(tiny_model_factory):
