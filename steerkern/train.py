@@ -75,8 +75,10 @@ from steerkern.models import (
     model_type,
     module_weight,
     num_layers,
+    residual_stream_index,
     resolve_module,
     set_training_flags,
+    token_states,
 )
 from steerkern.tokens import check_fits_positions, short_repr, text_token_ids
 from steerkern.vectors import SteeringVector
@@ -204,20 +206,32 @@ def _right_align(rows: list[torch.Tensor], width: int, fill: float) -> torch.Ten
 
 class _Reader:
     """Hooks reading the loss layer's output (last ``n_last`` positions) and the output head's
-    input (the final, normed hidden state); the head itself never runs."""
+    input (the final, normed hidden state); the head itself never runs.
+
+    The loss layer's output is read as per-token states ``[B, T, D]``
+    (:func:`steerkern.models.token_states`): for a model that keeps ``S`` parallel copies of the
+    residual stream (Gemma 3n's AltUp, ``[S, B, T, D]``), the active copy, the one the steering
+    bank adds to and extraction reads."""
 
     def __init__(self, model, loss_layer: int, n_last: int):
         self.model, self.n_last = model, n_last
         self.loss_module = decoder_layers(model)[loss_layer]
+        self.stream = residual_stream_index(model)
         self.head = output_head(model, COHERENCE)
         self.logits: HeadLogits | None = None  # measured before the first pass (train_adapter)
         self.handles: list = []
         self.h_loss = self.h_final = None
+        self.shape = None  # [B, T] of the pass being read (__call__)
 
     def attach(self):
         def read_loss(module, args, kwargs, output):
             hidden = output[0] if isinstance(output, (tuple, list)) else output
-            self.h_loss = hidden[:, -self.n_last:, :]
+            states = token_states(hidden, *self.shape, self.stream)
+            if states is None:
+                raise RuntimeError(
+                    f"the loss layer's output {tuple(getattr(hidden, 'shape', ()))} is not the "
+                    f"per-token states of the {tuple(self.shape)} batch")
+            self.h_loss = states[:, -self.n_last:, :]
 
         def read_final(module, args):
             self.h_final = args[0]
@@ -235,6 +249,7 @@ class _Reader:
     def __call__(self, ids, mask, positions):
         """Returns ``(h_loss [R, n_last, D], h_final [R, W, D])`` (model dtype)."""
         self.h_loss = self.h_final = None
+        self.shape = tuple(ids.shape)
         try:
             self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
         except StopAtHead:

@@ -398,6 +398,49 @@ def test_coherence_log_probs_of_a_soft_capped_model(monkeypatch, tiny_model_fact
     assert max(drops) > 0.5
 
 
+def test_gemma3n_trains_on_its_active_residual_copy(monkeypatch):
+    """Gemma 3n's layers return the residual stream as ``[S, B, T, D]`` copies (AltUp) and
+    soft-cap the logits: the reference loss-layer states are the active copy's last ``n_last``
+    positions of each text run alone (the loss layer's output was sliced as if ``[B, T, D]``: an
+    IndexError, or the wrong states), its coherence log-probs are the model's own, and it trains
+    with the model left as it was."""
+    from tests.test_more_architectures import build
+
+    model = build("gemma3n")
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    model.config.final_logit_softcapping = 3.0
+    stream = model.config.altup_active_idx
+    seen = {}
+    real = train_mod._reference
+
+    def spy(*args, **kwargs):
+        seen["ref"] = real(*args, **kwargs)
+        return seen["ref"]
+
+    monkeypatch.setattr(train_mod, "_reference", spy)
+    before = snapshot(model)
+    vector = train_adapter(model, ToyTokenizer(), PAIRS[:2], layers=[1], loss_layer=2, rank=2,
+                           steps=2, n_last=3, batch_size=2, progress=False)
+    assert_unchanged(model, before)
+    assert len(vector.metadata["loss_history"]) == 2
+    out = {}
+    handle = decoder_layers(model)[2].register_forward_hook(
+        lambda module, args, output: out.__setitem__("h", output))
+    try:
+        for i, text in enumerate(text for pair in PAIRS[:2] for text in pair):
+            ids = torch.tensor([ToyTokenizer()(text)["input_ids"]])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, :-1].double()
+            assert out["h"].dim() == 4 and out["h"].shape[1:3] == ids.shape
+            h_ref, logp_ref = seen["ref"][0][i], seen["ref"][1][i]
+            torch.testing.assert_close(h_ref, out["h"][stream, 0, -3:].float(), atol=1e-5, rtol=1e-5)
+            want = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0].float()
+            torch.testing.assert_close(logp_ref, want, atol=1e-4, rtol=1e-4)
+    finally:
+        handle.remove()
+
+
 def test_logits_transformed_beyond_a_factor_are_refused(tiny_model_factory):
     """Soft-capping (tanh) after the head is not a constant factor: refused, model intact."""
     model = tiny_model_factory("llama")
