@@ -1,13 +1,32 @@
 """Checks of arguments shared by the public API: counts (batch sizes, token counts, ranks,
-steps), real numbers (budgets, weights, rates), the model and its tokenizer."""
+steps), real numbers (budgets, weights, rates), on/off flags, tensors that hold data (not on
+the meta device), the model and its tokenizer."""
 
 import math
 import numbers
 
 
+def _scalar(value, name: str):
+    """A 0-d torch tensor or numpy array (``torch.tensor(3)``, ``np.array(0.5)``, what
+    ``x.sum()`` gives) as the Python number it holds; any other value unchanged. Bool and
+    complex scalars stay as they are, to be refused by the caller's type check; a tensor on
+    the ``meta`` device (shape only, no value) raises ``ValueError``."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or getattr(value, "ndim", None) != 0 or not hasattr(value, "item"):
+        return value
+    if getattr(getattr(value, "device", None), "type", None) == "meta":
+        raise ValueError(f"{name} is a tensor on the 'meta' device, which holds no value: give a "
+                         "number or a tensor with data")
+    if str(dtype) in ("torch.bool", "bool") or getattr(dtype, "is_complex", False) \
+            or getattr(dtype, "kind", None) in ("b", "c", "O", "U", "S", "V"):
+        return value
+    return value.item()
+
+
 def count(value, name: str, *, minimum: int = 1, optional: bool = False, meaning: str = "") -> int | None:
     """``value`` as a Python ``int >= minimum`` (any integral type: numpy and other integer
-    scalars too, never a bool), or ``None`` when ``optional`` and ``value`` is ``None``.
+    scalars, 0-d integer tensors and arrays too, never a bool), or ``None`` when ``optional``
+    and ``value`` is ``None``. ``minimum=None``: any int (a seed, an ``ignore_index``).
 
     Raises:
         ValueError: naming ``name``, what it must be (``meaning`` adds what ``None`` or the
@@ -15,21 +34,25 @@ def count(value, name: str, *, minimum: int = 1, optional: bool = False, meaning
     """
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    value = _scalar(value, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or (minimum is not None and value < minimum):
+        kind = "an int" if minimum is None else "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {kind}{' or None' if optional else ''}{meaning}, got {value!r}")
     return int(value)
 
 
 def real(value, name: str, *, positive: bool = False, non_negative: bool = False,
          maximum: float | None = None, meaning: str = "") -> float:
-    """``value`` as a finite Python ``float`` (any real type: ints, numpy scalars; never a bool),
-    ``> 0`` when ``positive``, ``>= 0`` when ``non_negative``, ``<= maximum`` when given.
+    """``value`` as a finite Python ``float`` (any real type: ints, numpy scalars, 0-d tensors
+    and arrays; never a bool), ``> 0`` when ``positive``, ``>= 0`` when ``non_negative``,
+    ``<= maximum`` when given.
 
     Raises:
         ValueError: naming ``name``, what it must be (``meaning`` adds what it stands for, e.g.
             ``" (nats per token)"``) and what it got.
     """
+    value = _scalar(value, name)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or (positive and value <= 0) or (non_negative and value < 0) \
             or (maximum is not None and value > maximum):
@@ -38,6 +61,33 @@ def real(value, name: str, *, positive: bool = False, non_negative: bool = False
             bounds += f"{',' if bounds else ''} <= {maximum:.3g}"
         raise ValueError(f"{name} must be a finite number{bounds}{meaning}, got {value!r}")
     return float(value)
+
+
+def flag(value, name: str) -> bool:
+    """``value`` as a bool: ``True`` / ``False`` (numpy bools too). A string such as ``"no"``
+    or a number would otherwise switch the option on by being truthy.
+
+    Raises:
+        TypeError: naming ``name`` and what it got.
+    """
+    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+        value = bool(value)
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def with_data(tensor, name: str):
+    """``tensor`` unchanged unless it is a torch tensor on the ``meta`` device, which has a
+    shape but no values to steer with, compare or check.
+
+    Raises:
+        ValueError: naming ``name``.
+    """
+    if getattr(getattr(tensor, "device", None), "type", None) == "meta":
+        raise ValueError(f"{name} is a tensor on the 'meta' device, which holds no values: "
+                         "materialise it (e.g. load the weights, or .to('cpu') a real tensor) first")
+    return tensor
 
 
 def encodable(text: str, name: str) -> str:

@@ -48,7 +48,7 @@ def coherence_penalty(
     ``squared_hinge``: ``relu(d - tau)^2``. Zero, with zero gradient, wherever ``d <= tau``.
     Returns a tensor of ``d``'s shape and dtype.
     """
-    _check_penalty_args(kind, tau, kappa)
+    tau, kappa = _check_penalty_args(kind, tau, kappa)
     excess = torch.relu(d - tau)
     if kind == "log_barrier":
         return kappa * torch.log1p(excess)
@@ -60,8 +60,8 @@ def coherence_penalty(
 def _check_penalty_args(kind, tau, kappa):
     if kind not in PENALTY_KINDS:
         raise ValueError(f"kind must be one of {PENALTY_KINDS}, got {kind!r}")
-    real(tau, "tau", non_negative=True, meaning=" (a margin in nats)")
-    real(kappa, "kappa", positive=True)
+    return (real(tau, "tau", non_negative=True, meaning=" (a margin in nats)"),
+            real(kappa, "kappa", positive=True))
 
 
 def _as_mask(mask: torch.Tensor | None, like: torch.Tensor, name: str) -> torch.Tensor:
@@ -188,7 +188,8 @@ def margin_loss(
             f"logp_ref must have labels' shape {tuple(labels.shape)}, got "
             f"{tuple(logp_ref.shape) if isinstance(logp_ref, torch.Tensor) else type(logp_ref).__name__}"
         )
-    _check_penalty_args(kind, tau, kappa)
+    tau, kappa = _check_penalty_args(kind, tau, kappa)
+    ignore_index = count(ignore_index, "ignore_index", minimum=None)
     mask = _as_mask(mask, labels, "mask") & (labels != ignore_index)
     masked_labels = torch.where(mask, labels, torch.full_like(labels, ignore_index))
     logp_pi = ops.token_logprobs(h_pi, W, masked_labels, ignore_index=ignore_index, softcap=softcap)
@@ -334,7 +335,7 @@ def projection_loss(
         raise ValueError(f"c must be +1 or -1, got {c!r}")
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
-    real(saturation, "saturation", positive=True)
+    saturation = real(saturation, "saturation", positive=True)
     if s_pi.dim() != 1 or s_ref.shape != s_pi.shape:
         raise ValueError(f"s_pi and s_ref must both be [B], got {tuple(s_pi.shape)} and "
                          f"{tuple(s_ref.shape)} (a [B, 1] s_ref would broadcast to [B, B])")
@@ -425,11 +426,11 @@ def inner_contrastive_loss(
         ``ContrastiveLoss(loss, proj_pos, proj_neg, coh_pos, coh_neg, order, shift)``, all scalars.
     """
     n_last = count(n_last, "n_last")
-    real(eps, "eps", positive=True)
-    real(order_weight, "order_weight", non_negative=True)
-    real(shift_weight, "shift_weight", non_negative=True)
-    real(order_margin, "order_margin")
-    _check_penalty_args(kind, tau, kappa)  # also when no coherence term is given
+    eps = real(eps, "eps", positive=True)
+    order_weight = real(order_weight, "order_weight", non_negative=True)
+    shift_weight = real(shift_weight, "shift_weight", non_negative=True)
+    order_margin = real(order_margin, "order_margin")
+    tau, kappa = _check_penalty_args(kind, tau, kappa)  # also when no coherence term is given
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
     for name, pair in (("pi_pos", pi_pos), ("pi_neg", pi_neg), ("ref", ref)):

@@ -13,11 +13,11 @@ run the Triton kernels under the interpreter on CPU).
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 import os
 
 import torch
+
+from steerkern.checks import count, real
 
 _BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
@@ -436,12 +436,10 @@ def token_logprobs(
     if V == 0:
         raise ValueError("token_logprobs: W has no vocabulary rows (V = 0)")
     if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) \
-                or not math.isfinite(softcap) or softcap <= 0:
-            raise ValueError(
-                f"token_logprobs: softcap must be None or a finite number > 0 (the c of "
-                f"c * tanh(logits / c)), got {softcap!r}")
-        softcap = float(softcap)
+        softcap = real(softcap, "token_logprobs: softcap", positive=True,
+                       meaning=" or None (the c of c * tanh(logits / c))")
+    ignore_index = count(ignore_index, "token_logprobs: ignore_index", minimum=None,
+                         meaning=" (the label value of rows to skip)")
     lead = labels.shape
     h2 = h.reshape(-1, h.shape[-1])
     y = labels.reshape(-1).contiguous()

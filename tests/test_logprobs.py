@@ -273,7 +273,7 @@ def test_triton_softcapped_backward_small_chunks():
 @pytest.mark.parametrize("softcap", [0, -1.0, float("inf"), float("nan"), True, "30"])
 def test_bad_softcap_is_refused(softcap):
     h, W, y = _inputs(n=4)
-    with pytest.raises(ValueError, match="softcap must be None or a finite number > 0"):
+    with pytest.raises(ValueError, match="softcap must be a finite number > 0 or None"):
         ops.token_logprobs(h, W, y, softcap=softcap)
 
 
@@ -372,3 +372,22 @@ def test_torch_path_accumulates_in_fp32_under_autocast(dtype):
     torch.testing.assert_close(lp.double(), ref, atol=1e-4, rtol=1e-5)
     _assert_grad_close(dh, dh_ref, 1e-4)
     _assert_grad_close(dW, dW_ref, 1e-4)
+
+
+def test_softcap_and_ignore_index_are_checked_numbers():
+    """``softcap`` takes what the other real arguments take (a 0-d tensor, a numpy scalar);
+    ``ignore_index`` must be an integer: ``1.5`` would be compared as 1.5 against the labels but
+    sent to the kernel as 1, ``True`` as 1, silently dropping every label 1."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    h, W = torch.randn(5, 8, generator=g), torch.randn(16, 8, generator=g)
+    y = torch.tensor([1, 3, 1, 0, 7])
+    capped = ops.token_logprobs(h, W, y, softcap=30.0)
+    torch.testing.assert_close(ops.token_logprobs(h, W, y, softcap=torch.tensor(30.0)), capped)
+    torch.testing.assert_close(ops.token_logprobs(h, W, y, softcap=np.float32(30.0)), capped)
+    torch.testing.assert_close(ops.token_logprobs(h, W, y, ignore_index=np.int64(-100)),
+                               ops.token_logprobs(h, W, y))
+    for bad in (1.5, True, "x", torch.tensor(1.5)):
+        with pytest.raises(ValueError, match="ignore_index must be an int"):
+            ops.token_logprobs(h, W, y, ignore_index=bad)

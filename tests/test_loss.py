@@ -690,3 +690,18 @@ def test_projection_loss_refuses_scores_of_different_shapes():
 
     with pytest.raises(ValueError, match=r"s_pi and s_ref must both be \[B\], got \(3,\) and \(3, 1\)"):
         projection_loss(torch.ones(3), torch.ones(3, 1), +1)
+
+
+def test_numbers_given_as_0d_tensors_or_numpy_scalars_are_numbers():
+    """``tau=torch.tensor(0.5)`` (what ``x.mean()`` gives) or ``np.float32(0.5)`` is the number
+    it holds; a bool, a 1-element tensor or a tensor on the meta device is refused by name."""
+    import numpy as np
+
+    d = torch.linspace(-1.0, 3.0, 9)
+    expected = coherence_penalty(d, tau=0.5, kappa=2.0)
+    for tau, kappa in ((torch.tensor(0.5), torch.tensor(2.0)), (np.float32(0.5), np.array(2.0)),
+                       (torch.tensor(0.5, dtype=torch.float64), torch.tensor(2))):
+        torch.testing.assert_close(coherence_penalty(d, tau=tau, kappa=kappa), expected)
+    for bad in (torch.tensor(True), torch.tensor([0.5]), np.bool_(True), torch.tensor(0.5, device="meta")):
+        with pytest.raises(ValueError, match="tau"):
+            coherence_penalty(d, tau=bad)
