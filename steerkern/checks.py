@@ -106,6 +106,19 @@ def encodable(text: str, name: str) -> str:
     return text
 
 
+def causal_lm(model) -> None:
+    """Refuse what cannot be a causal LM before any work starts.
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``, naming the argument.
+    """
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a causal LM (a torch.nn.Module, e.g. from steerkern.load_model()), "
+                        f"got {type(model).__name__}")
+
+
 def model_and_tokenizer(model, tokenizer, methods: tuple[str, ...] = ()) -> None:
     """Refuse what cannot be a causal LM and its tokenizer before any work starts.
 
@@ -117,11 +130,7 @@ def model_and_tokenizer(model, tokenizer, methods: tuple[str, ...] = ()) -> None
         TypeError: ``model`` is not a ``torch.nn.Module``, or ``tokenizer`` is not callable or
             lacks one of ``methods``, naming the argument.
     """
-    import torch
-
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a causal LM (a torch.nn.Module, e.g. from steerkern.load_model()), "
-                        f"got {type(model).__name__}")
+    causal_lm(model)
     if isinstance(tokenizer, (str, bytes)) or not callable(tokenizer) \
             or not all(callable(getattr(tokenizer, m, None)) for m in methods):
         needs = f" with {' and '.join(methods)}" if methods else ""

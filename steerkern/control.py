@@ -36,13 +36,14 @@ import numbers
 import threading
 import types
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from steerkern import ops
+from steerkern.checks import causal_lm, flag, with_data
 from steerkern.models import execution_device, residual_stream_index, resolve_module, token_states
 from steerkern.vectors import SteeringVector
 
@@ -118,8 +119,12 @@ class SteeringBank:
     """
 
     def __init__(self, model: nn.Module, vectors, *, positions="all", normalize: bool = False):
+        causal_lm(model)
         if isinstance(vectors, SteeringVector):
             vectors = [vectors]
+        if isinstance(vectors, (str, bytes, dict)) or not isinstance(vectors, Iterable):
+            raise TypeError(f"vectors must be a SteeringVector or a list of them (pick one per row "
+                            f"with slots), got {type(vectors).__name__}")
         vectors = list(vectors)
         if not vectors:
             raise ValueError("vectors is empty: give at least one SteeringVector")
@@ -132,9 +137,7 @@ class SteeringBank:
                 raise type(error)(f"vectors[{index}]: {error}") from None
         self.model = model
         self.vectors = vectors
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be True or False, got {normalize!r}")
-        self.normalize = normalize
+        self.normalize = flag(normalize, "normalize")
         self.positions, self._position_mask = _check_positions(positions)
         self.sites = self._build_sites()
         try:
@@ -763,6 +766,7 @@ def _check_positions(positions):
             raise ValueError(f"positions={positions!r}: use one of {POSITIONS} or a boolean mask [batch, seq]")
         return positions, None
     if isinstance(positions, torch.Tensor):
+        with_data(positions, "positions mask")
         if positions.dim() != 2 or positions.dtype != torch.bool:
             raise ValueError(
                 f"positions mask must be a bool tensor [batch, seq], got {positions.dtype} of "
@@ -776,6 +780,9 @@ def _as_coeff(coeff) -> torch.Tensor:
     """``coeff`` as a float32 CPU tensor: 0-d for one number (python, numpy or 0-d tensor),
     ``[rows]`` for per-row values (a sequence, numpy array or tensor)."""
     if isinstance(coeff, torch.Tensor):
+        with_data(coeff, "coeff")
+        if coeff.dtype == torch.bool or coeff.dtype.is_complex:
+            raise TypeError(f"coeff must hold real numbers, got a {coeff.dtype} tensor")
         values = coeff.detach().to("cpu", torch.float32)
     elif isinstance(coeff, numbers.Real) and not isinstance(coeff, bool):  # numpy scalars too
         values = torch.tensor(float(coeff))
@@ -796,7 +803,13 @@ def _as_coeff(coeff) -> torch.Tensor:
 
 
 def _real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+    if isinstance(value, torch.Tensor):  # a 0-d (or one-element) real tensor is its number
+        with_data(value, name)
+        if value.numel() != 1 or value.dtype == torch.bool or value.dtype.is_complex:
+            raise TypeError(f"{name} values must be numbers, got a {value.dtype} tensor of shape "
+                            f"{tuple(value.shape)}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} values must be numbers, got {type(value).__name__}")
     return float(value)
 
@@ -816,15 +829,18 @@ def _as_slots(slots, count: int) -> torch.Tensor:
     if slots is None:
         return torch.zeros((), dtype=torch.int64)
     if isinstance(slots, torch.Tensor):
-        values = slots.detach().cpu()
+        values = with_data(slots, "slots").detach().cpu()
     elif isinstance(slots, numbers.Integral) and not isinstance(slots, bool):  # numpy ints too
         values = torch.tensor(int(slots))
     elif hasattr(slots, "__array__") and not isinstance(slots, (str, bytes)):
         values = torch.as_tensor(_numpy_values(slots, "slots"))
     elif isinstance(slots, Sequence) and not isinstance(slots, (str, bytes)):
-        if not all(isinstance(v, (numbers.Integral, torch.Tensor)) and not isinstance(v, bool) for v in slots):
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                   or isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type != "meta"
+                   and not v.is_floating_point() and not v.dtype.is_complex and v.dtype != torch.bool
+                   for v in slots):
             raise TypeError(f"slots must hold integers (indices into vectors, -1 = unsteered), got {list(slots)!r}")
-        values = torch.tensor([int(v) if isinstance(v, numbers.Integral) else v for v in slots])
+        values = torch.tensor([int(v) for v in slots], dtype=torch.int64)
     else:
         raise TypeError(f"slots must be an integer, a sequence of integers or an integer tensor, got {type(slots).__name__}")
     if values.dim() > 1 or (values.numel() and (values.is_floating_point() or values.dtype == torch.bool)):

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from steerkern.checks import count, encodable, model_and_tokenizer, real
+from steerkern.checks import count, encodable, model_and_tokenizer, real, with_data
 from steerkern.control import FLOAT32_MAX
 from steerkern.eval_report import (
     ComparisonReport,
@@ -76,11 +76,13 @@ def _check_coeffs(coeffs, argument: str = "coeffs") -> list[float]:
     """``coeffs`` (a sequence, tensor or numpy array of real numbers; numpy scalars welcome)
     as a list of distinct finite floats, ``-0.0`` written as ``0.0`` (both are unsteered)."""
     if isinstance(coeffs, (torch.Tensor, np.ndarray)):
-        coeffs = coeffs.tolist()
+        coeffs = with_data(coeffs, argument).tolist()
     if isinstance(coeffs, (str, bytes)) or not isinstance(coeffs, Sequence):
         raise TypeError(f"{argument} must be a sequence of numbers, e.g. (-2, -1, 0, 1, 2)")
     values = []
     for c in coeffs:
+        if isinstance(c, (torch.Tensor, np.ndarray)) and c.ndim == 0 and c.dtype not in (torch.bool, np.bool_):
+            c = with_data(c, argument).item()  # a 0-d tensor or array is its number
         if isinstance(c, (bool, np.bool_)) or not isinstance(c, numbers.Real):
             raise TypeError(f"{argument} must hold numbers, got {c!r}")
         c = float(c)

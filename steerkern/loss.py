@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from steerkern import ops
-from steerkern.checks import count, real
+from steerkern.checks import count, real, with_data
 
 PENALTY_KINDS = ("log_barrier", "hinge", "squared_hinge")
 REDUCTIONS = ("none", "mean", "sum")
@@ -69,6 +69,7 @@ def _as_mask(mask: torch.Tensor | None, like: torch.Tensor, name: str) -> torch.
         return torch.ones(like.shape, dtype=torch.bool, device=like.device)
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a tensor of 0/1 or bool, got {type(mask).__name__}")
+    with_data(mask, name)
     if tuple(mask.shape) != tuple(like.shape):
         raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(like.shape)}")
     if mask.dtype != torch.bool:
@@ -113,6 +114,7 @@ def sequence_penalty(
                 f"{name} must be a floating-point tensor of per-token log-probs, got "
                 f"{getattr(value, 'dtype', type(value).__name__)}"
             )
+        with_data(value, name)
     if tuple(logp_ref.shape) != tuple(logp_pi.shape):
         raise ValueError(
             f"logp_ref has shape {tuple(logp_ref.shape)} but logp_pi has {tuple(logp_pi.shape)}"

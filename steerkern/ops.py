@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from steerkern.checks import count, real
+from steerkern.checks import count, real, with_data
 
 _BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
@@ -75,6 +75,7 @@ def _check_float(name: str, t, out: torch.Tensor) -> None:
         raise TypeError(f"steer_: {name} must be float32/float16/bfloat16/float64, got {t.dtype}; cast it with .to(out.dtype)")
     if t.device != out.device:
         raise ValueError(f"steer_: {name} is on {t.device} but out is on {out.device}; move it with .to(out.device)")
+    with_data(t, f"steer_: {name}")
 
 
 def _validate_steer(out, slot, coeff, bias, A, B, src, check_values: bool, in_place: bool = True) -> None:
@@ -91,6 +92,7 @@ def _validate_steer(out, slot, coeff, bias, A, B, src, check_values: bool, in_pl
         raise ValueError(f"steer_: out has overlapping rows (strides {out.stride()}); in-place steering needs distinct rows, pass out.contiguous()")
     if not isinstance(slot, torch.Tensor) or slot.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"steer_: slot must be an int32/int64 tensor [N] (-1 = unsteered), got {getattr(slot, 'dtype', type(slot).__name__)}")
+    with_data(slot, "steer_: slot")
     if slot.shape != (N,):
         raise ValueError(f"steer_: slot must have shape [N] = [{N}] (one bank index per row of out), got {tuple(slot.shape)}")
     if slot.device != out.device:
@@ -403,6 +405,8 @@ def token_logprobs(
         raise TypeError("token_logprobs: h and W must be torch.Tensor")
     if not isinstance(labels, torch.Tensor):
         raise TypeError("token_logprobs: labels must be a torch.Tensor of token ids")
+    for name, t in (("h", h), ("W", W), ("labels", labels)):
+        with_data(t, f"token_logprobs: {name}")
     if h.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"token_logprobs: h must be float32/float16/bfloat16/float64, got {h.dtype}")
     if W.dtype != h.dtype:

@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from steerkern.checks import causal_lm, with_data
+
 RESIDUAL = "residual"
 SOURCES = ("output", "input")
 FORMAT_VERSION = 1
@@ -76,6 +78,7 @@ def _check_tensor(value, name: str, ndim: int) -> torch.Tensor | None:
         value = torch.tensor(value)  # a copy: repeng's GGUF directions are read-only memory maps
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, a numpy array or None, got {type(value).__name__}")
+    with_data(value, name)
     if value.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
     if not value.is_floating_point():
@@ -283,7 +286,15 @@ class SteeringVector:
                 + (f", concept={concept!r}" if concept else "") + ")")
 
     def to(self, device=None, dtype=None) -> SteeringVector:
-        """A copy with every tensor on ``device`` and/or in ``dtype``."""
+        """A copy with every tensor on ``device`` and/or in ``dtype`` (a floating-point
+        ``torch.dtype``); ``ValueError`` / ``TypeError`` naming a device or dtype that is not one."""
+        if device is not None:
+            device = _check_device(device)
+            if device.type == "meta":
+                raise ValueError("device='meta' holds no values, and a steering vector needs them: "
+                                 "give 'cpu', 'cuda' or the model's device")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float16) or None, got {dtype!r}")
         return SteeringVector({k: p.to(device, dtype) for k, p in self.parts.items()}, self.metadata)
 
     # --- validation -----------------------------------------------------------------------
@@ -301,6 +312,7 @@ class SteeringVector:
             resolve_module,
         )
 
+        causal_lm(model)
         width = hidden_size(model)
         made_for = self.metadata.get("model")
         hint = f" (the vector was made for {made_for!r})" if made_for else ""
@@ -683,7 +695,9 @@ def _scalar(value) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, torch.Tensor):
-        return float(value) if value.numel() == 1 and not value.dtype.is_complex else None
+        if value.numel() != 1 or value.dtype.is_complex or value.dtype == torch.bool:
+            return None
+        return float(with_data(value, "the factor"))
     if isinstance(value, numbers.Real):
         return float(value)
     return None

@@ -909,3 +909,49 @@ def test_a_deep_copy_inside_steer_is_refused_and_outside_is_clean(tiny_model_fac
     assert not any(name.startswith("_steerkern") or name == "__deepcopy__" for name in model.__dict__)
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(clone(ids).logits, model(ids).logits)
+
+
+def test_tensors_without_data_and_non_real_coefficients_are_refused_by_name(tiny_model_factory):
+    """A tensor on the meta device (a shape, no values), a bool or complex coefficient tensor
+    (which a cast to float32 turned into 1.0 or dropped the imaginary part of, silently), a
+    one-element list holding a whole tensor, a model that is not a module and ``vectors=None``
+    fail with the argument's name, and leave no hook behind."""
+    model = tiny_model_factory("llama")
+    vector = random_vector(model, [1], 0)
+    meta = dict(device="meta")
+    cases = [
+        (lambda: SteeringVector.from_directions({1: torch.empty(64, **meta)}), ValueError, "bias .*meta"),
+        (lambda: vector * torch.tensor(2.0, **meta), ValueError, "factor .*meta"),
+        (lambda: vector.to("meta"), ValueError, "device='meta'"),
+        (lambda: vector.to("nodevice"), ValueError, "device='nodevice' is not a device"),
+        (lambda: vector.to(dtype=torch.int32), TypeError, "dtype must be a floating-point"),
+        (lambda: vector.validate("a model"), TypeError, "model must be a causal LM"),
+    ]
+    for thunk, error, message in cases:
+        with pytest.raises(error, match=message):
+            thunk()
+    for kwargs, error, message in (
+        (dict(coeff=torch.tensor(1.0, **meta)), ValueError, "coeff .*meta"),
+        (dict(coeff=[torch.tensor(1.0, **meta)]), ValueError, "coeff .*meta"),
+        (dict(coeff=torch.tensor([True, False])), TypeError, "coeff must hold real numbers"),
+        (dict(coeff=torch.tensor([1 + 2j])), TypeError, "coeff must hold real numbers"),
+        (dict(coeff=[torch.tensor([1.0, 2.0])]), TypeError, "coeff values must be numbers"),
+        (dict(slots=torch.tensor([0], **meta)), ValueError, "slots .*meta"),
+        (dict(slots=[torch.tensor([0, 0])]), TypeError, "slots must hold integers"),
+        (dict(positions=torch.ones(1, 3, dtype=torch.bool, **meta)), ValueError, "positions mask .*meta"),
+        (dict(vectors=None), TypeError, "vectors must be a SteeringVector or a list"),
+        (dict(model="a model"), TypeError, "model must be a causal LM"),
+    ):
+        args = dict(model=model, vectors=vector)
+        args.update(kwargs)
+        with pytest.raises(error, match=message):
+            with steer(args.pop("model"), args.pop("vectors"), **args):
+                pass
+    assert steerkern_hook_count(model) == 0
+    with torch.no_grad():  # 0-d and one-element tensors in a list are numbers
+        ids = torch.randint(3, 100, (2, 5))
+        with steer(model, vector, slots=[0, 0], coeff=[2.0, -1.0]):
+            expected = model(ids).logits
+        with steer(model, vector, slots=[torch.tensor(0), torch.tensor([0])],
+                   coeff=[torch.tensor(2.0), torch.tensor([-1.0])]):
+            torch.testing.assert_close(model(ids).logits, expected)

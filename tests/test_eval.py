@@ -792,6 +792,11 @@ def test_coeffs_from_numpy_and_negative_zero():
         with pytest.raises(ValueError, match="equal as float32"):
             _check_coeffs(same)
     assert _check_coeffs([0.0, 1e-40]) == [0.0, 1e-40]  # a float32 subnormal, still distinct
+    assert _check_coeffs([torch.tensor(-1.0), np.array(2.0)]) == [-1.0, 2.0]  # 0-d: their numbers
+    with pytest.raises(ValueError, match="coeffs .*meta"):
+        _check_coeffs(torch.tensor([0.0, 1.0], device="meta"))
+    with pytest.raises(TypeError, match="numbers"):
+        _check_coeffs([torch.tensor(True), 1.0])
 
 
 def test_model_and_tokenizer_are_checked_first(tiny_model_factory):

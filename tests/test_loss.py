@@ -705,3 +705,13 @@ def test_numbers_given_as_0d_tensors_or_numpy_scalars_are_numbers():
     for bad in (torch.tensor(True), torch.tensor([0.5]), np.bool_(True), torch.tensor(0.5, device="meta")):
         with pytest.raises(ValueError, match="tau"):
             coherence_penalty(d, tau=bad)
+
+
+def test_tensors_on_the_meta_device_are_refused_by_name():
+    h, W, y = torch.randn(4, 8), torch.randn(16, 8), torch.tensor([1, 2, 3, 4])
+    with pytest.raises(ValueError, match="token_logprobs: h .*meta"):
+        ops.token_logprobs(h.to("meta"), W.to("meta"), y.to("meta"))
+    with pytest.raises(ValueError, match="logp_ref .*meta"):
+        margin_loss(h, W, y, torch.zeros(4, device="meta"))
+    with pytest.raises(ValueError, match="mask .*meta"):
+        sequence_penalty(torch.zeros(4), torch.zeros(4), torch.ones(4, dtype=torch.bool, device="meta"))

@@ -425,3 +425,17 @@ def test_low_rank_steering_under_autocast_keeps_its_precision(backend):
     for name, plain, autocast in zip(("steer_", "steer") + names, *results):
         assert plain.dtype == autocast.dtype == torch.float32, name
         torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_tensors_on_the_meta_device_are_refused_by_name():
+    """A meta tensor has a shape and no values: the value checks (finite bank and
+    coefficients, slots < K) cannot run on it, nor can the steering."""
+    out, slot, coeff, bias = torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), torch.ones(3), torch.ones(2, 4)
+    for name in ("out", "slot", "coeff", "bias"):
+        args = dict(out=out, slot=slot, coeff=coeff, bias=bias)
+        args[name] = args[name].to("meta")
+        if name == "out":
+            args.update(slot=slot.to("meta"), coeff=coeff.to("meta"), bias=bias.to("meta"))
+        for op in (ops.steer_, ops.steer):
+            with pytest.raises(ValueError, match=f"steer_: {name} .*meta"):
+                op(**args)
