@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from steerkern import _callable_module
-from steerkern.checks import count
+from steerkern.checks import count, flag, model_and_tokenizer
 from steerkern.control import whole_prompt_passes
 from steerkern.directions import work_dtype
 from steerkern.kvcache import cache_argument, empty_model_cache, filled_layers, positions_from_mask
@@ -307,6 +307,8 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
     ``batch_size`` bounds the rows of every forward pass either way. ``text_names(i)`` names
     text ``i`` in errors (default ``texts[i]``; extraction names the pair it came from).
     """
+    model_and_tokenizer(model, tokenizer)
+    inputs, share_prefixes = flag(inputs, "inputs"), flag(share_prefixes, "share_prefixes")
     texts = _check_texts(texts)
     given = _layer_indices(model, layers)
     batch_size = count(batch_size, "batch_size")

@@ -31,7 +31,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from steerkern.checks import count, encodable
+from steerkern.checks import count, encodable, flag
 from steerkern.tokens import short_repr
 
 DEFAULT_TEMPLATE = "Pretend you're {persona} person making statements about the world."
@@ -535,6 +535,7 @@ def concept_pairs(concept: str, tokenizer=None, *, suffixes: list[str] | None = 
     """Persona contrast pairs for a shipped concept (its personas x the neutral suffixes, cut at
     ``cuts`` token lengths each), plus its hand-written minimal pairs when ``minimal=True``."""
     spec = _concept(concept)
+    minimal = flag(minimal, "minimal")
     suffixes = _first_suffixes(suffixes, max_suffixes)
     result = persona_pairs(tokenizer, spec["positive"], spec["negative"], suffixes,
                            template=spec.get("template", DEFAULT_TEMPLATE), cuts=cuts,

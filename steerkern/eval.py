@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from steerkern.checks import count, encodable, model_and_tokenizer, real, with_data
+from steerkern.checks import count, encodable, flag, model_and_tokenizer, real, with_data
 from steerkern.control import FLOAT32_MAX
 from steerkern.eval_report import (
     ComparisonReport,
@@ -117,8 +117,7 @@ def _check_vector(model, vector, argument: str = "vector"):
 
 def _check_common(max_new_tokens, batch_size, positions, share_prefill) -> tuple[int, int | None]:
     """``(max_new_tokens, batch_size)`` as Python ints (``batch_size`` may be ``None``)."""
-    if not isinstance(share_prefill, (bool, np.bool_)):
-        raise TypeError(f"share_prefill must be True or False, got {share_prefill!r}")
+    flag(share_prefill, "share_prefill")
     max_new_tokens = count(max_new_tokens, "max_new_tokens", minimum=0, meaning=" (0: no coherence measurement)")
     batch_size = count(batch_size, "batch_size", optional=True, meaning=" (None: one batch)")
     if positions not in POSITIONS:
@@ -371,6 +370,7 @@ def calibrate(model, tokenizer, vector, *, max_delta_nll=0.5, max_coeff=16.0, si
     if signs is None:
         raise ValueError(f"sign={sign!r}: use 'both', '+' or '-'")
     grid, rounds = count(grid, "grid", minimum=2), count(rounds, "rounds")
+    return_history = flag(return_history, "return_history")
     max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size, positions, share_prefill)
     if max_new_tokens < 1:
         raise ValueError("calibrate needs max_new_tokens >= 1: ΔNLL is measured on generations")

@@ -21,7 +21,7 @@ import torch
 from steerkern import _callable_module
 from steerkern import directions as maths
 from steerkern.capture import capture, last_positions, vjp_gradients
-from steerkern.checks import count, model_and_tokenizer
+from steerkern.checks import count, flag, model_and_tokenizer
 from steerkern.data import PairSet, as_pairs, pair_text_name
 from steerkern.models import (
     RESIDUAL,
@@ -74,8 +74,7 @@ def _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readou
         raise ValueError(f"method={method!r} is not one of {list(maths.METHODS)}")
     if method != "grad" and (readout_layer is not None or fisher_lambda is not None):
         raise ValueError("readout_layer and fisher_lambda apply to method='grad' only")
-    if not isinstance(share_prefixes, bool):
-        raise TypeError(f"share_prefixes must be True or False, got {share_prefixes!r}")
+    share_prefixes = flag(share_prefixes, "share_prefixes")
     plan = _Plan(method, _check_layers(model, layers), target, count(rank, "rank"),
                  count(last_n_tokens, "last_n_tokens"),
                  count(batch_size, "batch_size", optional=True), bool(share_prefixes))

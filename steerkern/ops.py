@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from steerkern.checks import count, real, with_data
+from steerkern.checks import count, flag, real, with_data
 
 _BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
@@ -136,6 +136,17 @@ def _validate_steer(out, slot, coeff, bias, A, B, src, check_values: bool, in_pl
             raise ValueError(f"steer_: {name} requires grad; steer_ is in place and not differentiable, use steerkern.ops.steer() for training")
 
 
+def _checked(validate, preserve_norm) -> bool:
+    """Whether steer_ / steer check their arguments (``validate``: ``True``, ``"full"`` or
+    ``False``); when they do, ``preserve_norm`` must be a bool too: a truthy string such as
+    ``"no"`` would otherwise rescale every steered row."""
+    if not (validate is True or validate is False or validate == "full"):
+        raise ValueError(f"steer_: validate must be True, False or 'full', got {validate!r}")
+    if validate:
+        flag(preserve_norm, "steer_: preserve_norm")
+    return bool(validate)
+
+
 def _check_values(slot, coeff, num_entries: int, **bank) -> None:
     """Value checks of steer_ / steer, one host sync for all of them: every slot is ``< K``,
     every steered row's coefficient is finite, every bank tensor (bias, A, B) is finite.
@@ -229,7 +240,7 @@ def steer_(
         h2 = hidden.view(-1, D)                       # [B*T, D]
         steer_(h2, slot_per_token, coeff_per_token, bias=bank_bias)
     """
-    if validate:
+    if _checked(validate, preserve_norm):
         check_values = validate == "full" or not out.is_cuda
         _validate_steer(out, slot, coeff, bias, A, B, src, check_values)
     if bias is None and A is None:
@@ -322,7 +333,7 @@ def steer(
     ``coeff``, ``bias``, ``A`` and ``B``. Memory: the backward builds a few ``[N, D]`` fp32
     temporaries and loops over the K bank entries.
     """
-    if validate:
+    if _checked(validate, preserve_norm):
         check_values = validate == "full" or not out.is_cuda
         _validate_steer(out, slot, coeff, bias, A, B, src, check_values, in_place=False)
     return _Steer.apply(out, slot, coeff, bias, A, B, src, bool(preserve_norm))

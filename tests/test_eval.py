@@ -1002,3 +1002,11 @@ def test_an_unsteered_model_that_overflows_is_an_error_not_a_steering_warning():
         calibrate(model, tokenizer, vector, max_new_tokens=2, grid=2, rounds=1)
     with pytest.raises(ValueError, match="logits hold Inf or NaN .* overflows"):
         train_adapter(model, tokenizer, [("I like cats", "I hate cats")], layers=[1], steps=1, n_last=1)
+
+
+def test_calibrate_return_history_is_a_bool(tiny_model_factory):
+    """``return_history="no"`` returned the ``(magnitude, history)`` tuple (a truthy string)."""
+    model = tiny_model_factory("llama")
+    vector = SteeringVector.from_directions({1: torch.ones(64)})
+    with pytest.raises(TypeError, match="return_history must be True or False"):
+        calibrate(model, word_tokenizer(), vector, return_history="no", gen_prompts=["Hi"])

@@ -867,3 +867,19 @@ def test_what_the_pair_count_rules_out_is_refused_before_any_pass(tiny_model_fac
         handle.remove()
     assert not calls
     extract(model, CharTokenizer(), PAIRS[:1], layers=[1], method="pca_diff", last_n_tokens=2, progress=False)
+
+
+def test_on_off_options_and_the_tokenizer_of_capture_are_checked(tiny_model_factory):
+    """``inputs="no"`` returned the ``(outputs, inputs)`` tuple, ``minimal="no"`` added the
+    minimal pairs (truthy strings); capture with ``tokenizer=None`` failed with
+    "'NoneType' object is not callable"."""
+    model = tiny_model_factory("llama")
+    for kwargs, error, message in ((dict(inputs="no"), TypeError, "inputs must be True or False"),
+                                   (dict(share_prefixes=1), TypeError, "share_prefixes must be True or False"),
+                                   (dict(tokenizer=None), TypeError, "tokenizer must be the model's tokenizer")):
+        args = dict(tokenizer=CharTokenizer(), progress=False)
+        args.update(kwargs)
+        with pytest.raises(error, match=message):
+            capture(model, args.pop("tokenizer"), ["some text"], [1], **args)
+    with pytest.raises(TypeError, match="minimal must be True or False"):
+        concept_pairs("sentiment", None, minimal="no")

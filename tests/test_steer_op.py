@@ -439,3 +439,15 @@ def test_tensors_on_the_meta_device_are_refused_by_name():
         for op in (ops.steer_, ops.steer):
             with pytest.raises(ValueError, match=f"steer_: {name} .*meta"):
                 op(**args)
+
+
+def test_preserve_norm_and_validate_are_not_taken_by_truthiness():
+    """``preserve_norm="no"`` rescaled every steered row and ``validate="fulll"`` checked as
+    ``True``: both are refused by name."""
+    out, slot, coeff, bias = torch.randn(3, 4), torch.zeros(3, dtype=torch.long), torch.ones(3), torch.ones(2, 4)
+    for op in (ops.steer_, ops.steer):
+        with pytest.raises(TypeError, match="preserve_norm must be True or False"):
+            op(out.clone(), slot, coeff, bias, preserve_norm="no")
+        with pytest.raises(ValueError, match="validate must be True, False or 'full'"):
+            op(out.clone(), slot, coeff, bias, validate="fulll")
+        torch.testing.assert_close(op(out.clone(), slot, coeff, bias, validate="full"), out + 1)
