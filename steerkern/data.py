@@ -26,12 +26,13 @@ import numbers
 import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from steerkern.checks import count, encodable, flag
+from steerkern.checks import count, encodable, flag, real
 from steerkern.tokens import short_repr
 
 DEFAULT_TEMPLATE = "Pretend you're {persona} person making statements about the world."
@@ -405,16 +406,23 @@ def _answer_list(answer) -> tuple:
 def split_items(items: list, held_out: float = 0.2, seed: int = 0) -> tuple[list, list]:
     """Deterministic shuffled split into ``(train, held)``; ``held_out`` is a fraction in (0, 1)
     or a count."""
+    if isinstance(items, (str, bytes, dict)) or not isinstance(items, Sequence):
+        raise TypeError(f"items must be a list of items, got {type(items).__name__}")
     if not items:
         raise ValueError("items is empty")
+    try:  # a count (any integral type: numpy, a 0-d tensor; never a bool), or a fraction
+        n_held = count(held_out, "held_out")
+    except ValueError:
+        try:
+            fraction = real(held_out, "held_out", positive=True)
+        except ValueError:
+            fraction = 1.0
+        if fraction >= 1.0:
+            raise ValueError(f"held_out must be a fraction in (0, 1) or a positive int count, got "
+                             f"{held_out!r}") from None
+        n_held = max(1, round(len(items) * fraction))
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    if isinstance(held_out, float):
-        if not 0.0 < held_out < 1.0:
-            raise ValueError(f"held_out must be a fraction in (0, 1) or a count, got {held_out}")
-        n_held = max(1, round(len(items) * held_out))
-    else:
-        n_held = int(held_out)
     if not 0 < n_held < len(items):
         raise ValueError(f"held_out={held_out} leaves no training or no held-out items of {len(items)}")
     held = sorted(order[:n_held])

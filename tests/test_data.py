@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from steerkern.data import (
     MWEItem,
@@ -180,6 +181,25 @@ def test_mwe_reader_on_published_files():
     assert len(held) == 250 and len(train) == 750
     assert not {id(i) for i in train} & {id(i) for i in held}
     assert split_items(items, 0.25, seed=3)[1] == held
+
+
+def test_split_items_takes_counts_and_fractions_of_any_numeric_type_and_nothing_else():
+    """``held_out=True`` was a count of 1 and ``"3"`` a count of 3; ``np.float32(0.2)`` or a
+    0-d tensor, a fraction, became ``int(0.2) == 0`` and was refused as "leaves no training";
+    a dict of items raised KeyError, a string was split into its characters."""
+    import numpy as np
+
+    items = list(range(10))
+    fifth = split_items(items, 0.2)
+    for fraction in (np.float32(0.2), np.float64(0.2), torch.tensor(0.2), np.array(0.2)):
+        assert split_items(items, fraction) == fifth
+    assert split_items(items, np.int64(3)) == split_items(items, torch.tensor(3)) == split_items(items, 3)
+    for bad in (True, "3", 1.0, 0, -0.5, float("nan"), torch.tensor([0.2])):
+        with pytest.raises(ValueError, match="held_out must be a fraction in \\(0, 1\\) or a positive int count"):
+            split_items(items, bad)
+    for bad in ({"a": 1, "b": 2}, "abcdef", (i for i in items), None):
+        with pytest.raises(TypeError, match="items must be a list"):
+            split_items(bad, 0.5)
 
 
 def test_split_items_and_pair_normalisation():
