@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,50 @@ def _clean(value):
 
 
 def _float(value) -> float:
-    return float("nan") if value is None else float(value)
+    """A number read from report.json (``None``: NaN, as JSON cannot hold it)."""
+    if value is None:
+        return float("nan")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _not_a_list(value):
+    raise TypeError(f"expected a list of texts, got {value!r:.80}")
+
+
+def _check_read(report: EvalReport) -> EvalReport:
+    """``report`` read from a dict, when its parts describe one sweep: ``C`` distinct
+    coefficients and ``C`` values in every per-coefficient list and every prompt's scores,
+    string prompts labelled +1 / -1, string generation prompts and samples. A damaged file
+    would otherwise load and fail later (``IndexError`` in ``table()``) or plot wrong numbers.
+
+    Raises:
+        ValueError: naming the first field that does not fit.
+    """
+    n = len(report.coeffs)
+    if len(set(report.coeffs)) != n:
+        raise ValueError(f"'coeffs' repeats a coefficient: {report.coeffs}")
+    for name in ("scores", "score_se", "delta_nll", "delta_nll_se", "nll"):
+        if len(getattr(report, name)) != n:
+            raise ValueError(f"'{name}' has {len(getattr(report, name))} values for {n} coefficients")
+    for i, (prompt, label, scores) in enumerate(zip(report.prompts, report.labels, report.prompt_scores)):
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompts[{i}]['prompt'] is not a text: {prompt!r}")
+        if label not in (1, -1):
+            raise ValueError(f"prompts[{i}]['label'] must be +1 or -1, got {label!r}")
+        if len(scores) != n:
+            raise ValueError(f"prompts[{i}]['scores'] has {len(scores)} values for {n} coefficients")
+    texts = {"gen_prompts": report.gen_prompts}
+    texts.update({f"samples at coeff {c}": t for c, t in report.samples.items()})
+    for name, values in texts.items():
+        if not all(isinstance(t, str) for t in values):
+            raise ValueError(f"'{name}' must be a list of texts, got {values!r:.80}")
+    for c, values in report.samples.items():
+        if c not in report.coeffs or len(values) != len(report.gen_prompts):
+            raise ValueError(f"samples at coeff {c} do not match the coefficients {report.coeffs} and "
+                             f"{len(report.gen_prompts)} generation prompts")
+    return report
 
 
 def counted(n: int, noun: str) -> str:
@@ -255,18 +299,25 @@ class EvalReport:
             raise ValueError("not an EvalReport dict (expected 'kind': 'eval', as written by to_dict)")
         try:
             floats = lambda key: [_float(v) for v in data[key]]  # noqa: E731
-            return cls(
+            texts = lambda value: value if isinstance(value, list) else _not_a_list(value)  # noqa: E731
+            labels = [p["label"] for p in data["prompts"]]
+            if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in labels):
+                raise ValueError(f"labels must be +1 or -1, got {labels!r:.80}")
+            metadata = data.get("metadata", {})
+            if not isinstance(metadata, dict):
+                raise TypeError(f"'metadata' must be a dict, got {type(metadata).__name__}")
+            return _check_read(cls(
                 coeffs=floats("coeffs"), effect=_float(data["effect"]),
                 effect_se=_float(data["effect_se"]), scores=floats("scores"),
                 score_se=floats("score_se"), delta_nll=floats("delta_nll"),
                 delta_nll_se=floats("delta_nll_se"), nll=floats("nll"),
                 prompt_scores=[[_float(v) for v in p["scores"]] for p in data["prompts"]],
                 prompts=[p["prompt"] for p in data["prompts"]],
-                labels=[int(p["label"]) for p in data["prompts"]],
-                gen_prompts=list(data.get("gen_prompts", [])),
-                samples={_float(s["coeff"]): list(s["texts"]) for s in data.get("samples", [])},
-                metadata=dict(data.get("metadata", {})),
-            )
+                labels=[int(v) for v in labels],
+                gen_prompts=list(texts(data.get("gen_prompts", []))),
+                samples={_float(s["coeff"]): list(texts(s["texts"])) for s in data.get("samples", [])},
+                metadata=dict(metadata),
+            ))
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"damaged EvalReport dict: {error!r}") from None
 

@@ -145,6 +145,33 @@ def test_report_without_generations_or_standard_errors_saves_cleanly(tmp_path):
     _check_png(directory / "plot.png")
 
 
+def test_a_report_whose_parts_disagree_is_refused_when_read():
+    """A damaged report.json whose lists do not describe one sweep loaded, then failed with
+    IndexError in table() (a short 'scores') or plotted and tabulated wrong values (a label of
+    0.5 read as 0, gen_prompts "abc" read as three prompts, effect true read as 1.0)."""
+    import copy
+
+    good = _synthetic_report().to_dict()
+    assert EvalReport.from_dict(copy.deepcopy(good)).table() == _synthetic_report().table()
+    damages = {
+        "'scores' has": lambda d: d.__setitem__("scores", d["scores"][:-1]),
+        "repeats a coefficient": lambda d: d.__setitem__("coeffs", [d["coeffs"][0]] * len(d["coeffs"])),
+        r"prompts\[0\]\['scores'\] has": lambda d: d["prompts"][0].__setitem__("scores", [1.0]),
+        "label": lambda d: d["prompts"][0].__setitem__("label", 0.5),
+        r"prompts\[0\]\['label'\] must be \+1 or -1": lambda d: d["prompts"][0].__setitem__("label", 7),
+        r"prompts\[0\]\['prompt'\] is not a text": lambda d: d["prompts"][0].__setitem__("prompt", 5),
+        "expected a list of texts": lambda d: d.__setitem__("gen_prompts", "abc"),
+        "expected a number, got True": lambda d: d.__setitem__("effect", True),
+        "expected a number, got '1.5'": lambda d: d.__setitem__("effect", "1.5"),
+        "'metadata' must be a dict": lambda d: d.__setitem__("metadata", [1, 2]),
+    }
+    for message, damage in damages.items():
+        data = copy.deepcopy(good)
+        damage(data)
+        with pytest.raises(ValueError, match="damaged EvalReport dict.*" + message):
+            EvalReport.from_dict(data)
+
+
 def test_report_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         EvalReport.load(tmp_path)
