@@ -465,8 +465,7 @@ class SteeringVector:
                     tensors[f"parts.{i}.{name}"] = value.detach().to("cpu").clone(
                         memory_format=torch.contiguous_format)
         header = {"format": FORMAT_VERSION, "parts": index, "metadata": self.metadata}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={_HEADER_KEY: json.dumps(header)})
+        _write_whole(path, "save", lambda into: save_file(tensors, into, metadata={_HEADER_KEY: json.dumps(header)}))
         return path
 
     @classmethod
@@ -562,18 +561,23 @@ class SteeringVector:
         hint = (model_hint or self.metadata.get("model_type") or self.metadata.get("model_hint")
                 or self.metadata.get("model") or "unknown")
         path = Path(os.fspath(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        writer = gguf.GGUFWriter(str(path), _GGUF_ARCH)
-        writer.add_string(f"{_GGUF_ARCH}.model_hint", str(hint))
-        writer.add_uint32(f"{_GGUF_ARCH}.layer_count", len(self.parts))
-        writer.add_string(_GGUF_META_KEY, json.dumps(self.metadata))
-        for (layer, _), part in self.parts.items():
-            data = part.bias.detach().to("cpu", torch.float32).contiguous().numpy()
-            writer.add_tensor(f"direction.{layer}", data)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+
+        def write(into: str) -> None:
+            writer = gguf.GGUFWriter(into, _GGUF_ARCH)
+            writer.add_string(f"{_GGUF_ARCH}.model_hint", str(hint))
+            writer.add_uint32(f"{_GGUF_ARCH}.layer_count", len(self.parts))
+            writer.add_string(_GGUF_META_KEY, json.dumps(self.metadata))
+            for (layer, _), part in self.parts.items():
+                data = part.bias.detach().to("cpu", torch.float32).contiguous().numpy()
+                writer.add_tensor(f"direction.{layer}", data)
+            try:
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+            finally:
+                writer.close()
+
+        _write_whole(path, "to_gguf", write)
         return path
 
     @classmethod
@@ -675,6 +679,30 @@ def _gguf_direction(tensor, path) -> torch.Tensor:
         raise ValueError(f"{str(path)!r}: tensor {tensor.name!r} holds {values.numel()} values for "
                          f"{shape[0]} features: corrupt control vector")
     return values
+
+
+def _write_whole(path: Path, method: str, write) -> None:
+    """Run ``write(name)`` into a new file beside ``path``, then rename it to ``path``: a write
+    that fails half-way (a full disk, an interrupt) leaves ``path`` as it was, never a
+    truncated vector. Parent directories are created.
+
+    Raises:
+        ValueError: ``path`` is a directory, or lies under a file, naming it (``method``:
+            the method it was given to).
+    """
+    if path.is_dir():
+        raise ValueError(f"{method}: {str(path)!r} is a directory; give a file name "
+                         f"({'.gguf' if method == 'to_gguf' else '.safetensors'})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{method}: cannot write {str(path)!r}: a part of its directory is a file") from None
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        write(str(temporary))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _check_device(device) -> torch.device:

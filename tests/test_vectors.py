@@ -3,6 +3,7 @@
 import json
 import struct
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -677,3 +678,38 @@ def test_scaling_is_recorded_and_a_sum_drops_the_operands_scale(tmp_path):
     assert total.metadata["method"] == "arithmetic"
     assert "scale" not in total.metadata and "scaled_by" not in total.metadata
     assert a.metadata == before
+
+
+def test_writing_to_a_directory_or_under_a_file_is_refused_and_a_failed_write_leaves_the_old_file(
+        tmp_path, monkeypatch):
+    """save / to_gguf to a directory raised SafetensorError / IsADirectoryError, under a file
+    FileExistsError; a write that failed half-way left a truncated file in place of the vector."""
+    import gguf
+    import safetensors.torch
+
+    vector = SteeringVector.from_directions({1: torch.ones(8), 2: torch.ones(8)})
+    (tmp_path / "a_file").write_text("x")
+    for write in (vector.save, vector.to_gguf):
+        with pytest.raises(ValueError, match="is a directory"):
+            write(tmp_path)
+        with pytest.raises(ValueError, match="cannot write .* a part of its directory is a file"):
+            write(tmp_path / "a_file" / "v.bin")
+    old = {suffix: vector.save(tmp_path / "v.safetensors") if suffix == ".safetensors"
+           else vector.to_gguf(tmp_path / "v.gguf") for suffix in (".safetensors", ".gguf")}
+    before = {suffix: path.read_bytes() for suffix, path in old.items()}
+
+    def half(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    def half_safetensors(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\x10\x00\x00")
+        half()
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_safetensors)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", half)
+    bigger = 2 * vector
+    for write, suffix in ((bigger.save, ".safetensors"), (bigger.to_gguf, ".gguf")):
+        with pytest.raises(OSError, match="No space"):
+            write(old[suffix])
+        assert old[suffix].read_bytes() == before[suffix]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "v.gguf", "v.safetensors"]
