@@ -344,6 +344,14 @@ def json_records(path) -> list[tuple[str, object]]:
         text = path.read_text(encoding="utf-8-sig")  # -sig: drop a byte-order mark
     except UnicodeDecodeError as error:
         raise ValueError(f"{str(path)!r} is not UTF-8 text ({error}): save it as UTF-8") from None
+    try:
+        return _json_records(path, text)
+    except RecursionError:  # JSON nested deeper than Python's parser goes: '[[[[...' of a damaged file
+        raise ValueError(f"{str(path)!r} nests JSON deeper than it can be read: a damaged file, or not "
+                         "model-written-evals items / pairs") from None
+
+
+def _json_records(path: Path, text: str) -> list[tuple[str, object]]:
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)

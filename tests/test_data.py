@@ -415,3 +415,16 @@ def test_every_published_file_gives_pairs_and_labelled_prompts():
             assert (prompt["choices"][0] == matching) == (prompt["label"] == 1)
             assert chosen.endswith(answer_text(row["answer_matching_behavior"]))
             assert rejected.endswith(answer_text(row["answer_not_matching_behavior"]))
+
+
+def test_json_nested_too_deep_is_a_damaged_file(tmp_path):
+    """'[[[[...' (a damaged or hostile file) raised RecursionError from inside json, through
+    load_mwe and the CLI's --pairs / --prompts / --mwe."""
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000)
+    with pytest.raises(ValueError, match="deep.json' nests JSON deeper than it can be read"):
+        load_mwe(path)
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"question": "q", "answer_matching_behavior": " Yes"}\n' + "[" * 100_000 + "\n")
+    with pytest.raises(ValueError, match="nests JSON deeper"):
+        load_mwe(path)
