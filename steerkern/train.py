@@ -431,6 +431,11 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
     kappa = real(kappa, "kappa", positive=True)
     order_weight = real(order_weight, "order_weight", non_negative=True)
     weight_decay = real(weight_decay, "weight_decay", non_negative=True)
+    seed = count(seed, "seed", minimum=None)
+    needs = ("num_processes", "process_index", "prepare", "backward")
+    if accelerator is not None and not all(hasattr(accelerator, name) for name in needs):
+        raise TypeError(f"accelerator must be an accelerate.Accelerator (with {', '.join(needs)}) or None, "
+                        f"got {type(accelerator).__name__}")
     if kind not in PENALTY_KINDS:
         raise ValueError(f"kind must be one of {PENALTY_KINDS}, got {kind!r}")
     if projection not in PROJECTIONS:

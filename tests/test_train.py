@@ -271,6 +271,9 @@ def test_a_module_whose_train_does_more_than_set_its_flag_is_left_alone(tiny_mod
         (dict(shift_weight=-0.5), ValueError, "shift_weight"),
         (dict(target="mlp.nonexistent"), ValueError, "target"),
         (dict(target="mlp.act_fn"), ValueError, "target 'mlp.act_fn': .* holds no parameters"),
+        (dict(seed=1.5), ValueError, "seed must be an int"),  # was RuntimeError from manual_seed
+        (dict(seed=None), ValueError, "seed must be an int"),
+        (dict(accelerator="cpu"), TypeError, "accelerator must be an accelerate.Accelerator"),
     ],
 )
 def test_bad_arguments(tiny_model_factory, kwargs, error, match):
