@@ -823,6 +823,14 @@ def _numpy_values(array, name: str):
     return values.astype(np.float64) if values.dtype.kind == "f" else values.astype(np.int64)
 
 
+def _is_index(value) -> bool:
+    """An integer (any integral type, never a bool) or a one-element integer tensor with data."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and value.device.type != "meta" and not value.is_floating_point() \
+            and not value.dtype.is_complex and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _as_slots(slots, count: int) -> torch.Tensor:
     """``slots`` as an int64 CPU tensor: 0-d for one index shared by every row (``None`` is
     vector 0), ``[rows]`` for per-row indices; each in ``-1..count-1``."""
@@ -835,10 +843,7 @@ def _as_slots(slots, count: int) -> torch.Tensor:
     elif hasattr(slots, "__array__") and not isinstance(slots, (str, bytes)):
         values = torch.as_tensor(_numpy_values(slots, "slots"))
     elif isinstance(slots, Sequence) and not isinstance(slots, (str, bytes)):
-        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
-                   or isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type != "meta"
-                   and not v.is_floating_point() and not v.dtype.is_complex and v.dtype != torch.bool
-                   for v in slots):
+        if not all(_is_index(v) for v in slots):
             raise TypeError(f"slots must hold integers (indices into vectors, -1 = unsteered), got {list(slots)!r}")
         values = torch.tensor([int(v) for v in slots], dtype=torch.int64)
     else:
