@@ -497,8 +497,17 @@ def decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.Modul
     ``layers_path`` overrides discovery for an architecture steerkern does not know: the dotted
     attribute path of the ``nn.ModuleList`` of decoder layers (e.g. ``"model.layers"``). It is
     remembered on the model, so later calls (and ``steer``/``extract``) find it.
+
+    Raises:
+        TypeError: ``layers_path`` is not a str (or None).
+        ValueError: ``layers_path`` does not name an ``nn.ModuleList``, or (without it) the
+            layers cannot be found.
     """
     if layers_path is not None:
+        if not isinstance(layers_path, str):
+            raise TypeError(f"layers_path must be the dotted attribute path of the decoder layers' "
+                            f"nn.ModuleList as a str (e.g. 'model.layers'), or None to find them, "
+                            f"got {type(layers_path).__name__}")
         found = _get_path(model, layers_path)
         if not isinstance(found, nn.ModuleList):
             raise ValueError(

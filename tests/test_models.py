@@ -86,6 +86,10 @@ def test_unknown_architecture_gets_an_override():
         decoder_layers(model)
     with pytest.raises(ValueError, match="does not name an nn.ModuleList"):
         decoder_layers(model, layers_path="stack.0")
+    for bad in (3, ["stack"], b"stack"):
+        with pytest.raises(TypeError, match="layers_path must be the dotted attribute path"):
+            decoder_layers(model, layers_path=bad)
+    assert not hasattr(model, "_steerkern_layers_path")
     assert len(decoder_layers(model, layers_path="stack")) == 2
     assert resolve_module(model, 1, "mix") is model.stack[1].mix  # remembered override
 
