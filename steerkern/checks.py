@@ -119,6 +119,34 @@ def causal_lm(model) -> None:
                         f"got {type(model).__name__}")
 
 
+def hf_tokenizer(tokenizer, methods: tuple[str, ...] = (), *, optional: bool = False,
+                 meaning: str = "") -> None:
+    """Refuse what cannot be a tokenizer before any work starts: it must be callable on a text
+    and have each of ``methods`` (and ``apply_chat_template`` when it carries a
+    ``chat_template``); ``None`` passes when ``optional``.
+
+    Args:
+        methods: what the caller uses besides calling the tokenizer on a text (e.g.
+            ``("encode", "decode")``).
+        meaning: what ``None`` stands for when ``optional`` (e.g. ``"words stand in for
+            tokens"``).
+
+    Raises:
+        TypeError: naming ``tokenizer``, what it must be and what it got.
+    """
+    if tokenizer is None and optional:
+        return
+    needed = tuple(methods) + (("apply_chat_template",) if getattr(tokenizer, "chat_template", None)
+                               and "apply_chat_template" not in methods else ())
+    if isinstance(tokenizer, (str, bytes)) or not callable(tokenizer) \
+            or not all(callable(getattr(tokenizer, m, None)) for m in needed):
+        needs = f" with {' and '.join(needed)}" if needed else ""
+        none = f"None ({meaning}) or " if optional and meaning else "None or " if optional else ""
+        raise TypeError(f"tokenizer must be {none}the model's tokenizer, a callable{needs} (steerkern.load_model() "
+                        f"returns it; or transformers.AutoTokenizer.from_pretrained(...)), got "
+                        f"{type(tokenizer).__name__}")
+
+
 def model_and_tokenizer(model, tokenizer, methods: tuple[str, ...] = ()) -> None:
     """Refuse what cannot be a causal LM and its tokenizer before any work starts.
 
@@ -128,12 +156,7 @@ def model_and_tokenizer(model, tokenizer, methods: tuple[str, ...] = ()) -> None
 
     Raises:
         TypeError: ``model`` is not a ``torch.nn.Module``, or ``tokenizer`` is not callable or
-            lacks one of ``methods``, naming the argument.
+            lacks one of ``methods`` (see :func:`hf_tokenizer`), naming the argument.
     """
     causal_lm(model)
-    if isinstance(tokenizer, (str, bytes)) or not callable(tokenizer) \
-            or not all(callable(getattr(tokenizer, m, None)) for m in methods):
-        needs = f" with {' and '.join(methods)}" if methods else ""
-        raise TypeError(f"tokenizer must be the model's tokenizer, a callable{needs} (steerkern.load_model() "
-                        f"returns it; or transformers.AutoTokenizer.from_pretrained(...)), got "
-                        f"{type(tokenizer).__name__}")
+    hf_tokenizer(tokenizer, methods)

@@ -32,7 +32,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from steerkern.checks import count, encodable, flag, real
+from steerkern.checks import count, encodable, flag, hf_tokenizer, real
 from steerkern.tokens import short_repr
 
 DEFAULT_TEMPLATE = "Pretend you're {persona} person making statements about the world."
@@ -123,6 +123,9 @@ def as_pairs(pairs, argument: str = "pairs") -> PairSet:
 # --- rendering -------------------------------------------------------------------------------
 
 
+# What ``tokenizer=None`` means where a tokenizer is optional.
+_NO_TOKENIZER = "no chat template; words stand in for tokens"
+
 # What opens the answer after a question when the tokenizer has no chat template (a base model),
 # in extraction (``mwe_pairs``) and in evaluation (``steerkern.items.render``) alike.
 ANSWER_CUE = "Answer:"
@@ -134,7 +137,12 @@ def render_prompt(tokenizer, user: str, *, system: str | None = None, answer_cue
     is None or has none): plain ``user + "\\n"``, or with ``answer_cue`` the base-model context
     that opens an answer, ``user + "\\nAnswer:"`` (:data:`ANSWER_CUE`; ``user`` alone, right
     spaces cut, when it already ends with the cue, as many model-written-evals questions do).
-    ``system`` goes first, followed by a blank line."""
+    ``system`` goes first, followed by a blank line.
+
+    Raises:
+        TypeError: ``tokenizer`` is neither None nor a tokenizer (a callable, with
+            ``apply_chat_template`` when it has a chat template)."""
+    hf_tokenizer(tokenizer, optional=True, meaning=_NO_TOKENIZER)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         head = f"{system}\n\n" if system else ""
         if not answer_cue:
@@ -152,7 +160,12 @@ def truncations(text: str, tokenizer=None, cuts: int | None = 3, min_tokens: int
 
     ``cuts`` lengths spread evenly from ``min_tokens`` to the full length (``None``: every
     length). Without a tokenizer, words stand in for tokens.
+
+    Raises:
+        TypeError: ``tokenizer`` is neither None nor a tokenizer with ``decode``.
+        ValueError: ``cuts`` is not an int >= 1 or None.
     """
+    hf_tokenizer(tokenizer, ("decode",), optional=True, meaning=_NO_TOKENIZER)
     if cuts is not None and (isinstance(cuts, bool) or not isinstance(cuts, numbers.Integral) or cuts < 1):
         raise ValueError(f"cuts must be an int >= 1 or None (every length), got {cuts!r}")
     if tokenizer is not None:
@@ -190,7 +203,16 @@ def persona_pairs(tokenizer, positive: list[str], negative: list[str], suffixes:
     For each aligned persona pair ``(positive[i], negative[i])`` and each truncation ``s`` of
     each suffix: chosen = ``render(template.format(persona=positive[i])) + s``, rejected the same
     with ``negative[i]``. ``len(result) = len(positive) * sum(len(truncations(suffix)))``.
+    ``tokenizer``: the model's tokenizer (called on a text, with ``decode`` to cut the suffixes,
+    and ``apply_chat_template`` when it has a chat template), or None (no chat template; words
+    stand in for tokens).
+
+    Raises:
+        TypeError: ``tokenizer`` is neither None nor such a tokenizer.
+        ValueError: the persona lists are empty or of different lengths, ``suffixes`` or
+            ``template`` are unusable.
     """
+    hf_tokenizer(tokenizer, ("decode",), optional=True, meaning=_NO_TOKENIZER)
     if len(positive) != len(negative) or not positive:
         raise ValueError(
             f"positive ({len(positive)}) and negative ({len(negative)}) personas must be non-empty "
@@ -453,7 +475,12 @@ def mwe_pairs(items: list[MWEItem], tokenizer=None, *, system: str | None = None
     With a chat template the answer opens the assistant turn; without one (a base model, or no
     tokenizer) it follows ``"question\\nAnswer: "`` (``render_prompt(..., answer_cue=True)``), the
     context ``steerkern.eval`` scores the same items in, so that a vector is read where it will
-    be evaluated."""
+    be evaluated.
+
+    Raises:
+        TypeError: ``tokenizer`` is neither None nor a tokenizer.
+        ValueError: ``items`` is empty or an item is unusable."""
+    hf_tokenizer(tokenizer, optional=True, meaning=_NO_TOKENIZER)
     if not items:
         raise ValueError("items is empty: give at least one model-written-evals item")
     pairs = []
@@ -549,7 +576,14 @@ def concept_pairs(concept: str, tokenizer=None, *, suffixes: list[str] | None = 
                   cuts: int | None = 3, max_suffixes: int | None = None, minimal: bool = False,
                   system: str | None = None) -> PairSet:
     """Persona contrast pairs for a shipped concept (its personas x the neutral suffixes, cut at
-    ``cuts`` token lengths each), plus its hand-written minimal pairs when ``minimal=True``."""
+    ``cuts`` token lengths each), plus its hand-written minimal pairs when ``minimal=True``.
+    ``tokenizer`` as in :func:`persona_pairs` (None, or a tokenizer with ``decode``).
+
+    Raises:
+        TypeError: ``tokenizer`` is neither None nor a tokenizer with ``decode``.
+        ValueError: ``concept`` is not shipped, or ``suffixes`` / ``max_suffixes`` / ``cuts``
+            are unusable."""
+    hf_tokenizer(tokenizer, ("decode",), optional=True, meaning=_NO_TOKENIZER)
     spec = _concept(concept)
     minimal = flag(minimal, "minimal")
     suffixes = _first_suffixes(suffixes, max_suffixes)
@@ -591,7 +625,13 @@ def make_pairs(tokenizer=None, *, concept: str | None = None, positive: list[str
         >>> make_pairs(pairs=[("I love cheese; let me tell you about the andes mountains",
         ...                    "I hate cheese; let me tell you about the andes mountains")]).source
         'minimal'
+
+    ``tokenizer``: None (no chat template; words stand in for tokens) or the model's tokenizer
+    (with ``decode`` when ``concept`` or ``positive`` / ``negative`` are given); a
+    ``TypeError`` names it otherwise.
     """
+    hf_tokenizer(tokenizer, ("decode",) if concept is not None or positive is not None
+                 or negative is not None else (), optional=True, meaning=_NO_TOKENIZER)
     parts: list[PairSet] = []
     if concept is not None:
         parts.append(concept_pairs(concept, tokenizer, suffixes=suffixes, cuts=cuts,

@@ -95,6 +95,28 @@ def test_suffixes_cuts_and_templates_are_checked():
                           cuts=None)) == 2
 
 
+def test_a_tokenizer_is_none_or_a_tokenizer_with_what_the_pairs_need():
+    """A string, a number, or a callable without ``decode`` (which cuts the suffixes) is
+    refused by name before any pair is made, not "'str' object is not callable"."""
+
+    class NoDecode:
+        def __call__(self, text, **kwargs):
+            return {"input_ids": text.split()}
+
+    item = {"question": "Is it?", "answer_matching_behavior": " Yes"}
+    for bad, message in (("tok", "got str"), (3, "got int"), (NoDecode(), "with decode.*got NoDecode")):
+        for make, args, kwargs in ((concept_pairs, ("honesty",), {"tokenizer": bad}),
+                                   (make_pairs, (bad,), dict(positive=["a"], negative=["b"], suffixes=["x y"])),
+                                   (truncations, ("x y", bad), {})):
+            with pytest.raises(TypeError, match=f"tokenizer must be None .*{message}"):
+                make(*args, **kwargs)
+        if not isinstance(bad, NoDecode):  # a CAA pair needs no decode
+            with pytest.raises(TypeError, match="tokenizer must be None"):
+                mwe_pairs([item], bad)
+    assert len(mwe_pairs([item], NoDecode())) == 1
+    assert len(make_pairs(NoDecode(), pairs=[("a", "b")])) == 1
+
+
 def test_persona_pairs_end_inside_the_assistant_turn(tokenizer):
     pairs = concept_pairs("honesty", tokenizer, max_suffixes=4, cuts=2)
     assert pairs.concept == "honesty" and len(pairs) == 4 * 4 * 2
