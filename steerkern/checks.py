@@ -4,6 +4,8 @@ the meta device), the model and its tokenizer."""
 
 import math
 import numbers
+import os
+from pathlib import Path
 
 
 def _scalar(value, name: str):
@@ -104,6 +106,29 @@ def encodable(text: str, name: str) -> str:
                          "surrogate that no tokenizer can encode: repair the text (e.g. read it "
                          "with errors='replace')") from None
     return text
+
+
+def path(value, name: str, *, what: str = "a file path") -> Path:
+    """``value`` as a ``pathlib.Path``: a non-empty ``str`` or an ``os.PathLike`` (a
+    ``pathlib.Path``) that gives one. ``os.fspath``'s own error for a number or ``None`` does
+    not say which argument was wrong; an empty string would mean the working directory.
+
+    Raises:
+        TypeError: naming ``name``, what it must be (``what``) and what it got.
+        ValueError: ``value`` is empty (or only spaces).
+    """
+    text = value
+    if isinstance(value, os.PathLike):
+        try:
+            text = os.fspath(value)
+        except TypeError:
+            text = None
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be {what}, a str or os.PathLike (e.g. pathlib.Path), "
+                        f"got {type(value).__name__}")
+    if not text.strip():
+        raise ValueError(f"{name} is empty: give {what}")
+    return Path(text)
 
 
 def causal_lm(model) -> None:

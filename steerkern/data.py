@@ -32,6 +32,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from steerkern import checks
 from steerkern.checks import count, encodable, flag, hf_tokenizer, real
 from steerkern.tokens import short_repr
 
@@ -332,9 +333,9 @@ def load_mwe(path, *, limit: int | None = None) -> list[MWEItem]:
     (``" Yes"`` / ``" No"``, ``" (A)"`` / ``"(B)"`` / ``" (C)"`` ..., or lists of those: see
     :class:`MWEItem`); the last may be left out where it follows from the first (Yes/No,
     (A)/(B): :func:`opposite_answer`), as ``evaluate`` takes such items too. Raises ``FileNotFoundError`` / ``ValueError`` naming the path and the line (JSONL)
-    or item (array).
+    or item (array), ``TypeError`` naming ``path`` when it is not a str or ``pathlib.Path``.
     """
-    path = Path(os.fspath(path))
+    path = checks.path(path, "path", what="the path of a model-written-evals file (JSONL or JSON)")
     if not path.is_file():
         raise FileNotFoundError(f"load_mwe: no such file {str(path)!r}")
     limit = count(limit, "limit", optional=True)
@@ -360,8 +361,9 @@ def json_records(path) -> list[tuple[str, object]]:
     JSONL file (one record per line, blank lines skipped), whatever its extension: ``(where,
     record)`` pairs, ``where`` being ``"item N"`` or ``"line N"`` for error messages. UTF-8, a
     byte-order mark allowed; lines are split on ``"\\n"`` only (a JSON string may hold U+2028 raw). Raises
-    ``ValueError`` naming ``path`` (and the line) for text that is not UTF-8 or not JSON."""
-    path = Path(os.fspath(path))
+    ``ValueError`` naming ``path`` (and the line) for text that is not UTF-8 or not JSON,
+    ``TypeError`` when ``path`` is not a str or ``pathlib.Path``."""
+    path = checks.path(path, "path", what="the path of a JSON or JSONL file")
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: drop a byte-order mark
     except UnicodeDecodeError as error:
@@ -644,8 +646,13 @@ def make_pairs(tokenizer=None, *, concept: str | None = None, positive: list[str
         given = as_pairs(pairs, "pairs")
         parts.append(PairSet(given.pairs, given.concept, "minimal"))
     if mwe is not None:
-        items = load_mwe(mwe) if isinstance(mwe, (str, os.PathLike)) else list(mwe)
-        name = Path(os.fspath(mwe)).stem if isinstance(mwe, (str, os.PathLike)) else None
+        if isinstance(mwe, (str, os.PathLike)):
+            items, name = load_mwe(mwe), checks.path(mwe, "mwe").stem
+        elif isinstance(mwe, (bytes, dict)) or not hasattr(mwe, "__iter__"):
+            raise TypeError(f"mwe must be the path of a model-written-evals file (a str or "
+                            f"pathlib.Path) or a list of items (MWEItem or dicts), got {type(mwe).__name__}")
+        else:
+            items, name = list(mwe), None
         parts.append(mwe_pairs(items, tokenizer, system=system, concept=name))
     if not parts:
         raise ValueError("make_pairs needs at least one of concept=, positive=/negative=, pairs=, mwe=")

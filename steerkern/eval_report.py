@@ -20,11 +20,12 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from steerkern import checks
 
 REPORT_FORMAT = 1
 
@@ -424,7 +425,7 @@ class ComparisonReport:
 
 
 def _read_json(path) -> dict:
-    path = Path(os.fspath(path))
+    path = checks.path(path, "path", what="the path of a report.json or of the directory holding it")
     if path.is_dir():
         path = path / "report.json"
     if not path.is_file():
@@ -436,7 +437,7 @@ def _read_json(path) -> dict:
 
 
 def _save(directory, markdown: str, data: dict, plot) -> Path:
-    directory = Path(os.fspath(directory))
+    directory = checks.path(directory, "directory", what="the directory to write the report into")
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"save: {str(directory)!r} is a file; give a directory to write into")
     try:
@@ -452,7 +453,7 @@ def _save(directory, markdown: str, data: dict, plot) -> Path:
 
 def _plot(path, coeffs, reports: dict[str, EvalReport], title: str) -> Path:
     """Write :func:`_figure` as a PNG at ``path`` (parent directories created)."""
-    path = Path(os.fspath(path))
+    path = checks.path(path, "path", what="the file path of the PNG to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     _figure(coeffs, reports, title).savefig(path, format="png")
     return path

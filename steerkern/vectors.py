@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from steerkern import checks
 from steerkern.checks import causal_lm, with_data
 
 RESIDUAL = "residual"
@@ -452,10 +453,11 @@ class SteeringVector:
 
     def save(self, path) -> Path:
         """Write the vector as safetensors (tensors ``parts.<i>.bias|A|B``; metadata JSON in the
-        header). Returns the path."""
+        header). Returns the path. ``path`` (a str or ``pathlib.Path``) that is not a file path
+        raises ``TypeError`` naming it; the file is written whole or not at all."""
         from safetensors.torch import save_file
 
-        path = Path(os.fspath(path))
+        path = checks.path(path, "path", what="the file path to write the vector to")
         tensors, index = {}, []
         for i, ((layer, target), part) in enumerate(self.parts.items()):
             index.append({"layer": layer, "target": target, "source": part.source})
@@ -472,12 +474,13 @@ class SteeringVector:
     def load(cls, path, device="cpu") -> SteeringVector:
         """Read a vector written by :meth:`save`, its tensors in their saved dtypes on ``device``
         (a ``torch.device``, ``"cuda:1"``, or a CUDA index). A missing, truncated, corrupt or
-        foreign file raises ``ValueError`` (``FileNotFoundError`` when absent) naming ``path``; a
+        foreign file raises ``ValueError`` (``FileNotFoundError`` when absent, ``TypeError`` for a
+        ``path`` that is not a str or ``pathlib.Path``) naming ``path``; a
         device that does not exist here raises ``ValueError`` naming ``device``."""
         from safetensors import safe_open
 
+        path = checks.path(path, "path", what="the path of a vector file (SteeringVector.save)")
         device = _check_device(device)
-        path = Path(os.fspath(path))
         if not path.is_file():
             raise FileNotFoundError(f"SteeringVector.load: no such file {str(path)!r}")
         with open(path, "rb") as handle:
@@ -540,8 +543,12 @@ class SteeringVector:
         ``model_hint`` or the metadata's ``model_type`` / ``model_hint`` (a GGUF read back) /
         ``model``. steerkern's metadata is kept
         as a JSON string under ``controlvector.steerkern_metadata`` for a faithful round trip.
+        ``path`` (a str or ``pathlib.Path``) that is not a file path raises ``TypeError`` naming
+        it; the file is written whole or not at all.
         """
         import gguf
+
+        path = checks.path(path, "path", what="the file path to write the GGUF to")
 
         if not self.is_additive:
             raise ValueError(
@@ -560,7 +567,6 @@ class SteeringVector:
             )
         hint = (model_hint or self.metadata.get("model_type") or self.metadata.get("model_hint")
                 or self.metadata.get("model") or "unknown")
-        path = Path(os.fspath(path))
 
         def write(into: str) -> None:
             writer = gguf.GGUFWriter(into, _GGUF_ARCH)
@@ -583,10 +589,11 @@ class SteeringVector:
     @classmethod
     def from_gguf(cls, path, **metadata) -> SteeringVector:
         """Read a llama.cpp / repeng / EasySteer ``controlvector`` GGUF: ``direction.N`` becomes
-        the residual part at layer ``N``. Extra keyword arguments update the metadata."""
+        the residual part at layer ``N``. Extra keyword arguments update the metadata. ``path``
+        that is not a str or ``pathlib.Path`` raises ``TypeError`` naming it."""
         import gguf
 
-        path = Path(os.fspath(path))
+        path = checks.path(path, "path", what="the path of a controlvector GGUF file")
         if not path.is_file():
             raise FileNotFoundError(f"SteeringVector.from_gguf: no such file {str(path)!r}")
         with open(path, "rb") as handle:

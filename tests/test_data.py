@@ -14,6 +14,7 @@ from steerkern.data import (
     concept_eval_prompts,
     concept_minimal_pairs,
     concept_pairs,
+    json_records,
     list_concepts,
     load_mwe,
     make_pairs,
@@ -115,6 +116,18 @@ def test_a_tokenizer_is_none_or_a_tokenizer_with_what_the_pairs_need():
                 mwe_pairs([item], bad)
     assert len(mwe_pairs([item], NoDecode())) == 1
     assert len(make_pairs(NoDecode(), pairs=[("a", "b")])) == 1
+
+
+def test_mwe_paths_that_are_not_paths_are_refused_by_name():
+    for bad in (3, None, b"items.jsonl"):
+        for read in (load_mwe, json_records):
+            with pytest.raises(TypeError, match=r"^path must be .*a str or os.PathLike .*got "):
+                read(bad)
+    with pytest.raises(ValueError, match="path is empty"):
+        load_mwe("")
+    for bad in (3, b"items.jsonl", {"question": "q"}):
+        with pytest.raises(TypeError, match="mwe must be the path .* or a list of items"):
+            make_pairs(mwe=bad)
 
 
 def test_persona_pairs_end_inside_the_assistant_turn(tokenizer):

@@ -186,6 +186,19 @@ def test_report_load_errors(tmp_path):
         ComparisonReport.from_dict(_synthetic_report().to_dict())
 
 
+def test_report_paths_that_are_not_paths_are_refused_by_name(tmp_path):
+    report = _synthetic_report()
+    comparison = ComparisonReport({"happy": report})
+    for call, name in ((report.save, "directory"), (comparison.save, "directory"),
+                       (report.plot, "path"), (comparison.plot, "path"),
+                       (EvalReport.load, "path"), (ComparisonReport.load, "path")):
+        for bad in (3, None, b"out"):
+            with pytest.raises(TypeError, match=rf"^{name} must be .*a str or os.PathLike .*got "):
+                call(bad)
+        with pytest.raises(ValueError, match=f"{name} is empty"):
+            call("")
+
+
 def test_report_names_are_shown_literally(tmp_path):
     """Names are text: ``$...$`` is no matplotlib maths (it once failed the plot after the
     sweep), ``|`` and newlines do not break the markdown table."""

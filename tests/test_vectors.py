@@ -713,3 +713,17 @@ def test_writing_to_a_directory_or_under_a_file_is_refused_and_a_failed_write_le
             write(old[suffix])
         assert old[suffix].read_bytes() == before[suffix]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "v.gguf", "v.safetensors"]
+
+
+def test_a_path_that_is_not_a_path_is_refused_by_name(tmp_path):
+    """save / load / to_gguf / from_gguf given a number or None raised os.fspath's TypeError,
+    which names no argument; an empty string would have meant the working directory."""
+    vector = SteeringVector.from_directions({1: torch.ones(8)})
+    for call in (vector.save, SteeringVector.load, vector.to_gguf, SteeringVector.from_gguf):
+        for bad in (3, None, b"v.safetensors", ["v"]):
+            with pytest.raises(TypeError, match=r"path must be .*a str or os.PathLike .*got "):
+                call(bad)
+        with pytest.raises(ValueError, match="path is empty"):
+            call("  ")
+    assert list(tmp_path.iterdir()) == []
+    assert SteeringVector.load(str(vector.save(tmp_path / "v.safetensors"))).layers == [1]
