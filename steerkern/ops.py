@@ -396,8 +396,9 @@ def token_logprobs(
     zero. Extra memory is O(N + chunk), independent of ``V``.
 
     Args:
-        h: hidden states ``[*, D]`` (fp32, fp16, bf16 or float64), any leading shape.
-        W: output head (``lm_head.weight``) ``[V, D]``, same dtype and device as ``h``.
+        h: hidden states ``[*, D]`` (fp32, fp16, bf16 or float64), any leading shape, ``D >= 1``
+            (``D = 0`` raises ``ValueError``).
+        W: output head (``lm_head.weight``) ``[V, D]``, ``V >= 1``, same dtype and device as ``h``.
         labels: target token ids ``[*]`` (the leading shape of ``h``), int32 or int64, each in
             ``[0, V)`` or equal to ``ignore_index``.
         ignore_index: label value of rows to skip: their log-prob is 0 with zero gradient.
@@ -434,6 +435,12 @@ def token_logprobs(
         raise ValueError(
             f"token_logprobs: hidden size mismatch: h has D={h.shape[-1]} but W is "
             f"{tuple(W.shape)}; W must be [V, D] (lm_head.weight, not its transpose)"
+        )
+    if W.shape[1] == 0:
+        raise ValueError(
+            f"token_logprobs: h and W have hidden size D = 0 (h {tuple(h.shape)}, W {tuple(W.shape)}): "
+            "a head with no inputs gives every token the same logit; pass the model's final "
+            "hidden states and its lm_head.weight [V, D] with D >= 1"
         )
     if labels.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"token_logprobs: labels must be int32 or int64, got {labels.dtype}")

@@ -293,6 +293,14 @@ def test_bad_input_errors_name_the_argument():
         ops.token_logprobs(h, W, bad)
 
 
+def test_a_head_with_no_hidden_size_is_refused_by_name():
+    """D = 0 (h [N, 0], W [V, 0]) made every logit 0, and torch's reshape failed on it; a
+    head with no inputs is almost surely a mistake, so it is refused by name."""
+    for n in (3, 0):
+        with pytest.raises(ValueError, match=r"token_logprobs: h and W have hidden size D = 0"):
+            ops.token_logprobs(torch.zeros(n, 0), torch.zeros(5, 0), torch.zeros(n, dtype=torch.long))
+
+
 def test_empty_input():
     h, W, _ = _inputs(n=4)
     out = ops.token_logprobs(h[:0], W, torch.zeros(0, dtype=torch.long))
