@@ -124,7 +124,10 @@ def _validate_steer(out, slot, coeff, bias, A, B, src, check_values: bool, in_pl
         K, R = B.shape[0], B.shape[2]
         if tuple(A.shape) != (K, d_src, R) or B.shape[1] != D:
             raise ValueError(f"steer_: expected A [K, D_src, R] = [{K}, {d_src}, {R}] and B [K, D, R] = [{K}, {D}, {R}] (D_src = src.shape[1], or D without src), got A {tuple(A.shape)} and B {tuple(B.shape)}")
-        if not 1 <= R <= MAX_RANK:
+        if R == 0:
+            raise ValueError(f"steer_: rank R must be in 1..{MAX_RANK}, got R = 0 (A {tuple(A.shape)}, B {tuple(B.shape)}): "
+                             "a rank-0 low-rank term does nothing; pass bias only (A=B=None) or rank R >= 1")
+        if R > MAX_RANK:
             raise ValueError(f"steer_: rank R must be in 1..{MAX_RANK}, got R = {R}; truncate A and B to their top {MAX_RANK} components")
         if num_entries is not None and num_entries != K:
             raise ValueError(f"steer_: bias has K = {num_entries} entries but A/B have K = {K}; every bank tensor needs the same K")

@@ -95,8 +95,12 @@ class SteeringPart:
 
     Attributes:
         bias: ``[D_out]`` additive vector, or None.
-        A: ``[D_src, R]`` read-in basis, or None (then ``B`` is None too).
+        A: ``[D_src, R]`` read-in basis with ``R >= 1``, or None (then ``B`` is None too).
         B: ``[D_out, R]`` write-out basis, or None.
+
+    Raises:
+        ValueError: the parts disagree in shape, hold NaN/Inf, or ``A`` / ``B`` have rank 0
+            (use bias only, or rank ``R >= 1``).
         source: ``"output"`` (``src`` = the module's output before the update; ``D_src == D_out``)
             or ``"input"`` (``src`` = the module's first positional input: a weight delta).
     """
@@ -121,6 +125,11 @@ class SteeringPart:
                 raise ValueError(
                     f"A {tuple(self.A.shape)} and B {tuple(self.B.shape)} must share the rank R "
                     "(A is [D_src, R], B is [D_out, R])"
+                )
+            if self.A.shape[1] == 0:
+                raise ValueError(
+                    f"A {tuple(self.A.shape)} and B {tuple(self.B.shape)} have rank R = 0: a rank-0 "
+                    "low-rank term does nothing; pass bias only (A=None, B=None) or A and B of rank R >= 1"
                 )
             if self.bias is not None and self.bias.shape[0] != self.B.shape[0]:
                 raise ValueError(

@@ -196,6 +196,7 @@ def test_bad_inputs_have_clear_messages():
         (dict(A=A[:, :3], B=B), ValueError, r"expected A \[K, D_src, R\]"),
         (dict(bias=b[:1], A=A, B=B), ValueError, "every bank tensor needs the same K"),
         (dict(A=torch.zeros(2, 16, 65), B=torch.zeros(2, 16, 65)), ValueError, "rank R must be in 1..64"),
+        (dict(A=torch.zeros(2, 16, 0), B=torch.zeros(2, 16, 0)), ValueError, "R = 0 .*bias only"),
         (dict(slot=torch.full((8,), 2)), ValueError, "slot holds 2 but the bank has K = 2"),
         (dict(bias=b.to("meta")), ValueError, "bias is on meta"),
         (dict(src=torch.zeros(8, 16)), ValueError, "src is only read by the low-rank term"),

@@ -39,6 +39,11 @@ def test_part_validation():
         SteeringPart(A=torch.zeros(4, 2), B=torch.zeros(4, 1))
     with pytest.raises(ValueError, match="source='output'"):
         SteeringPart(A=torch.zeros(6, 1), B=torch.zeros(4, 1))
+    for bias in (None, torch.ones(4)):  # rank 0 does nothing, as ops.steer_ refuses it
+        with pytest.raises(ValueError, match=r"A \(4, 0\) and B \(4, 0\) have rank R = 0.*bias only.*R >= 1"):
+            SteeringPart(bias=bias, A=torch.zeros(4, 0), B=torch.zeros(4, 0))
+    with pytest.raises(ValueError, match="rank R = 0"):
+        SteeringVector.from_lowrank({1: (torch.ones(4), torch.zeros(4, 0), torch.zeros(4, 0))})
     with pytest.raises(ValueError, match="NaN or Inf"):
         SteeringPart(bias=torch.tensor([1.0, float("nan")]))
     with pytest.raises(ValueError, match="source must be"):
