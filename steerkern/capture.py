@@ -309,6 +309,7 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
     """
     model_and_tokenizer(model, tokenizer)
     inputs, share_prefixes = flag(inputs, "inputs"), flag(share_prefixes, "share_prefixes")
+    progress = flag(progress, "progress")
     texts = _check_texts(texts)
     given = _layer_indices(model, layers)
     batch_size = count(batch_size, "batch_size")

@@ -115,9 +115,11 @@ def _check_vector(model, vector, argument: str = "vector"):
     return vector
 
 
-def _check_common(max_new_tokens, batch_size, positions, share_prefill) -> tuple[int, int | None]:
-    """``(max_new_tokens, batch_size)`` as Python ints (``batch_size`` may be ``None``)."""
+def _check_common(max_new_tokens, batch_size, positions, share_prefill, progress) -> tuple[int, int | None]:
+    """``(max_new_tokens, batch_size)`` as Python ints (``batch_size`` may be ``None``); the
+    on/off options checked to be bools."""
     flag(share_prefill, "share_prefill")
+    flag(progress, "progress")
     max_new_tokens = count(max_new_tokens, "max_new_tokens", minimum=0, meaning=" (0: no coherence measurement)")
     batch_size = count(batch_size, "batch_size", optional=True, meaning=" (None: one batch)")
     if positions not in POSITIONS:
@@ -239,8 +241,8 @@ def evaluate(model, tokenizer, vector, *, coeffs=DEFAULT_COEFFS, prompts=None, m
             is the answer). Generation under "generated" steers new tokens only, as ``steer``
             does, so its first token comes from the unsteered prompt: the scores then measure
             a decision that the generated samples leave unsteered.
-        progress: show progress bars.
-        name: the vector's name in the report (default: its concept).
+        progress: show progress bars (True or False; anything else raises ``TypeError``).
+        name: the vector's name in the report, a str (default ``None``: its concept).
         share_prefill: run prompt work shared between rows once and copy its KV cache
             (``steerkern.prefill``): the chat template's common prefix once per coefficient
             and the layers below the lowest steered one once per prompt (``steerkern.trunk``),
@@ -256,7 +258,10 @@ def evaluate(model, tokenizer, vector, *, coeffs=DEFAULT_COEFFS, prompts=None, m
         >>> print(report); report.save("out/")                              # doctest: +SKIP
     """
     coeffs = _check_coeffs(coeffs)
-    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size, positions, share_prefill)
+    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size, positions, share_prefill, progress)
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str (the vector's name in the report) or None (its concept), "
+                        f"got {type(name).__name__}")
     vector = _check_vector(model, vector)
     items = binary_items(tokenizer, _eval_prompts(prompts, vector))
     gens = _gen_prompts(gen_prompts)
@@ -298,7 +303,7 @@ def compare(model, tokenizer, vectors: Mapping, *, coeffs=DEFAULT_COEFFS, prompt
     if not vectors:
         raise ValueError("vectors is empty: give a dict {name: SteeringVector} of at least one")
     coeffs = _check_coeffs(coeffs)
-    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size, positions, share_prefill)
+    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size, positions, share_prefill, progress)
     names = [str(n) for n in vectors]
     if len(set(names)) != len(names):
         raise ValueError(f"vectors has names that are equal as text {names}: the report keys them by "
@@ -371,7 +376,7 @@ def calibrate(model, tokenizer, vector, *, max_delta_nll=0.5, max_coeff=16.0, si
         raise ValueError(f"sign={sign!r}: use 'both', '+' or '-'")
     grid, rounds = count(grid, "grid", minimum=2), count(rounds, "rounds")
     return_history = flag(return_history, "return_history")
-    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size, positions, share_prefill)
+    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size, positions, share_prefill, progress)
     if max_new_tokens < 1:
         raise ValueError("calibrate needs max_new_tokens >= 1: ΔNLL is measured on generations")
     vector = _check_vector(model, vector)

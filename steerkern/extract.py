@@ -311,7 +311,7 @@ def extract(model, tokenizer, pairs, *, layers=None, method: str = "mean_diff", 
         accelerator: an ``accelerate.Accelerator``; with several processes (or an initialised
             ``torch.distributed``) the pairs are split and the activations gathered, giving
             the same vector on every process as one process would.
-        progress: show a tqdm progress bar (main process only).
+        progress: show a tqdm progress bar (main process only); True or False.
         readout_layer: ``grad`` only: the deeper read-out layer ``L'`` (default
             ``min(n_layers - 1, max(layers) + n_layers // 4)``).
         fisher_lambda: ``grad`` only: precondition with ``(F + λI)^{-1}`` (empirical Fisher
@@ -333,6 +333,7 @@ def extract(model, tokenizer, pairs, *, layers=None, method: str = "mean_diff", 
         >>> vector = extract(model, tokenizer, pairs, method="mean_diff")  # doctest: +SKIP
     """
     model_and_tokenizer(model, tokenizer)
+    progress = flag(progress, "progress")
     if concept is not None and not isinstance(concept, str):
         raise TypeError(f"concept must be a name (a string) or None, got {concept!r}")
     pair_set = as_pairs(pairs, "pairs")

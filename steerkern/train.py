@@ -50,7 +50,7 @@ import math
 
 import torch
 
-from steerkern.checks import count, model_and_tokenizer, real
+from steerkern.checks import count, flag, model_and_tokenizer, real
 from steerkern.control import SteeringBank, first_tensor, whole_prompt_passes
 from steerkern.data import as_pairs, pair_text_name
 from steerkern.head import IGNORE, HeadLogits, StopAtHead, output_head
@@ -127,10 +127,10 @@ def _grad_flags(model) -> list[tuple[torch.nn.Module, str, bool]]:
 
 def _restore_grad_flags(saved: list[tuple[torch.nn.Module, str, bool]]) -> None:
     """Set each saved ``requires_grad`` on the parameter the module holds under that name now."""
-    for module, name, flag in saved:
+    for module, name, required in saved:
         param = module._parameters.get(name)
         if param is not None:
-            param.requires_grad_(flag)
+            param.requires_grad_(required)
 
 
 # --- tokens -------------------------------------------------------------------------------------
@@ -398,7 +398,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
             prepared with it and gradients are averaged across its processes. The default one
             sees the processes of ``accelerate launch`` / torchrun; inside a ``torch.distributed``
             group started otherwise it sees one, and a warning says every process trains alone.
-        progress: tqdm progress bars (main process only).
+        progress: tqdm progress bars (main process only); True or False.
         seed: initialisation of ``A`` and the order of the pairs.
 
     Returns:
@@ -432,6 +432,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
     order_weight = real(order_weight, "order_weight", non_negative=True)
     weight_decay = real(weight_decay, "weight_decay", non_negative=True)
     seed = count(seed, "seed", minimum=None)
+    progress = flag(progress, "progress")
     needs = ("num_processes", "process_index", "prepare", "backward")
     if accelerator is not None and not all(hasattr(accelerator, name) for name in needs):
         raise TypeError(f"accelerator must be an accelerate.Accelerator (with {', '.join(needs)}) or None, "

@@ -889,6 +889,23 @@ def test_compare_refuses_names_equal_as_text(tiny_model_factory):
         compare(model, word_tokenizer(), {"v": vector}, prompts=TINY_PROMPTS, share_prefill="no")
 
 
+def test_progress_is_a_bool_and_a_name_a_string(tiny_model_factory):
+    """``progress="no"`` switched the bars on (a truthy string); ``name=3`` went into the
+    report's metadata as a number."""
+    model = tiny_model_factory("llama")
+    vector = SteeringVector.from_directions({1: torch.ones(64)})
+    tokenizer = word_tokenizer()
+    for call in (lambda **kw: evaluate(model, tokenizer, vector, prompts=TINY_PROMPTS, **kw),
+                 lambda **kw: compare(model, tokenizer, {"v": vector}, prompts=TINY_PROMPTS, **kw),
+                 lambda **kw: calibrate(model, tokenizer, vector, gen_prompts=["Hi"], **kw)):
+        for bad in ("no", 1, None):
+            with pytest.raises(TypeError, match="progress must be True or False"):
+                call(progress=bad)
+    for bad in (3, ["v"], b"v"):
+        with pytest.raises(TypeError, match=r"name must be a str \(the vector's name in the report\) or None"):
+            evaluate(model, tokenizer, vector, prompts=TINY_PROMPTS, name=bad)
+
+
 def test_greedy_config_drops_a_checkpoints_min_length(tiny_model_factory):
     """A checkpoint's ``generation_config.min_length`` would keep rows generating past their EOS
     (generate masks EOS until the length is reached); sweeps stop at the first EOS."""

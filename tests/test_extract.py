@@ -848,6 +848,8 @@ def test_small_arguments_are_checked(tiny_model_factory):
         extract(model, CharTokenizer(), PAIRS, layers=[1], share_prefixes="no", progress=False)
     with pytest.raises(TypeError, match="concept must be a name"):
         extract(model, CharTokenizer(), PAIRS, layers=[1], concept=5, progress=False)
+    with pytest.raises(TypeError, match="progress must be True or False, got 'no'"):
+        extract(model, CharTokenizer(), PAIRS, layers=[1], progress="no")
 
 
 def test_what_the_pair_count_rules_out_is_refused_before_any_pass(tiny_model_factory):
@@ -876,6 +878,7 @@ def test_on_off_options_and_the_tokenizer_of_capture_are_checked(tiny_model_fact
     model = tiny_model_factory("llama")
     for kwargs, error, message in ((dict(inputs="no"), TypeError, "inputs must be True or False"),
                                    (dict(share_prefixes=1), TypeError, "share_prefixes must be True or False"),
+                                   (dict(progress="no"), TypeError, "progress must be True or False"),
                                    (dict(tokenizer=None), TypeError, "tokenizer must be the model's tokenizer")):
         args = dict(tokenizer=CharTokenizer(), progress=False)
         args.update(kwargs)

@@ -274,6 +274,7 @@ def test_a_module_whose_train_does_more_than_set_its_flag_is_left_alone(tiny_mod
         (dict(seed=1.5), ValueError, "seed must be an int"),  # was RuntimeError from manual_seed
         (dict(seed=None), ValueError, "seed must be an int"),
         (dict(accelerator="cpu"), TypeError, "accelerator must be an accelerate.Accelerator"),
+        (dict(progress="no"), TypeError, "progress must be True or False, got 'no'"),
     ],
 )
 def test_bad_arguments(tiny_model_factory, kwargs, error, match):
