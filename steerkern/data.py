@@ -44,14 +44,30 @@ class PairSet:
     """Contrast pairs plus what they are about.
 
     Attributes:
-        pairs: ``[(chosen, rejected), ...]`` texts; extraction reads their last tokens.
+        pairs: ``[(chosen, rejected), ...]`` texts (each a non-empty string; a list or tuple
+            of pairs, stored as a list of tuples); extraction reads their last tokens. May be
+            empty here; ``extract`` / ``train_adapter`` refuse an empty set.
         concept: the concept's name (recorded in the vector's metadata), or None.
         source: where the pairs came from ("persona", "minimal", "mwe", ...).
+
+    ``a + b`` concatenates with another PairSet or a list of ``(chosen, rejected)`` pairs.
+
+    Raises:
+        TypeError / ValueError: naming the argument, for pairs that are not a list of two
+            non-empty strings each, or a concept / source that is not a string.
     """
 
     pairs: list[tuple[str, str]] = field(default_factory=list)
     concept: str | None = None
     source: str = "pairs"
+
+    def __post_init__(self):
+        self.pairs = _pair_list(self.pairs, "pairs")
+        if self.concept is not None and not isinstance(self.concept, str):
+            raise TypeError(f"concept must be a name (a str) or None, got {type(self.concept).__name__}")
+        if not isinstance(self.source, str):
+            raise TypeError(f"source must be a str (where the pairs came from, e.g. 'minimal'), "
+                            f"got {type(self.source).__name__}")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -64,9 +80,16 @@ class PairSet:
             return PairSet(self.pairs[index], self.concept, self.source)
         return self.pairs[index]
 
-    def __add__(self, other: PairSet) -> PairSet:
+    def __add__(self, other) -> PairSet:
+        if isinstance(other, PairSet):
+            added = other.pairs
+        elif isinstance(other, (list, tuple)):
+            added = _pair_list(other, "the pairs added")
+        else:
+            raise TypeError(f"a PairSet can be added only to another PairSet or a list of (chosen, "
+                            f"rejected) string pairs, got {type(other).__name__}")
         concept = self.concept if self.concept == getattr(other, "concept", None) else None
-        return PairSet(list(self.pairs) + list(other), concept, "mixed")
+        return PairSet(list(self.pairs) + list(added), concept, "mixed")
 
     @property
     def chosen(self) -> list[str]:
@@ -75,6 +98,23 @@ class PairSet:
     @property
     def rejected(self) -> list[str]:
         return [r for _, r in self.pairs]
+
+
+def _pair_list(pairs, argument: str) -> list[tuple[str, str]]:
+    """``pairs`` (a list or tuple of ``(chosen, rejected)`` pairs of non-empty strings) as a
+    list of tuples, possibly empty. Raises ``TypeError`` / ``ValueError`` naming ``argument``
+    (and the pair)."""
+    if not isinstance(pairs, (list, tuple)):
+        raise TypeError(f"{argument} must be a list of (chosen, rejected) string tuples, got "
+                        f"{type(pairs).__name__}")
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ValueError(f"{argument}[{i}] must be a (chosen, rejected) pair, got {short_repr(pair, 80)}")
+        if not all(isinstance(text, str) and text for text in pair):
+            raise TypeError(f"{argument}[{i}] must hold two non-empty strings, got {short_repr(pair, 80)}")
+        for side, text in zip(("chosen", "rejected"), pair):
+            encodable(text, f"{argument}[{i}]'s {side} text")
+    return [tuple(pair) for pair in pairs]
 
 
 def pair_text_name(index: int) -> str:
@@ -100,9 +140,9 @@ def as_pairs(pairs, argument: str = "pairs") -> PairSet:
                 f"{argument}: {len(chosen)} chosen texts but {len(rejected)} rejected texts: every "
                 "chosen text needs exactly one rejected counterpart"
             )
-        result = PairSet(list(zip(chosen, rejected)))
+        result = PairSet(_pair_list(list(zip(chosen, rejected)), argument))
     elif isinstance(pairs, (list, tuple)):
-        result = PairSet(list(pairs))
+        result = PairSet(_pair_list(pairs, argument))
     else:
         raise TypeError(
             f"{argument} must be a list of (chosen, rejected) string tuples or a PairSet, got "
@@ -110,14 +150,6 @@ def as_pairs(pairs, argument: str = "pairs") -> PairSet:
         )
     if not result.pairs:
         raise ValueError(f"{argument} is empty: give at least one (chosen, rejected) pair")
-    for i, pair in enumerate(result.pairs):
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-            raise ValueError(f"{argument}[{i}] must be a (chosen, rejected) pair, got {short_repr(pair, 80)}")
-        if not all(isinstance(text, str) and text for text in pair):
-            raise TypeError(f"{argument}[{i}] must hold two non-empty strings, got {short_repr(pair, 80)}")
-        for side, text in zip(("chosen", "rejected"), pair):
-            encodable(text, f"{argument}[{i}]'s {side} text")
-    result.pairs = [tuple(p) for p in result.pairs]
     return result
 
 

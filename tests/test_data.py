@@ -253,6 +253,32 @@ def test_split_items_and_pair_normalisation():
         as_pairs([("a", "b", "c")])
 
 
+def test_pair_sets_check_what_they_hold_and_what_is_added():
+    """``PairSet("ab")`` or ``PairSet([("a", 3)])`` were accepted and failed later, deep in
+    extraction; ``PairSet + 3`` raised "'int' object is not iterable"."""
+    for bad, error, message in (("ab", TypeError, r"pairs must be a list of \(chosen, rejected\)"),
+                                (3, TypeError, r"pairs must be a list of \(chosen, rejected\)"),
+                                ([("a", "b", "c")], ValueError, r"pairs\[0\] must be a \(chosen, rejected\) pair"),
+                                ([("a", "b"), ("a", 3)], TypeError, r"pairs\[1\] must hold two non-empty strings"),
+                                ([("a", "")], TypeError, r"pairs\[0\] must hold two non-empty strings")):
+        with pytest.raises(error, match=message):
+            PairSet(bad)
+    with pytest.raises(TypeError, match="concept must be a name"):
+        PairSet([("a", "b")], concept=3)
+    with pytest.raises(TypeError, match="source must be a str"):
+        PairSet([("a", "b")], source=None)
+    assert len(PairSet()) == 0 and PairSet((["a", "b"],)).pairs == [("a", "b")]
+    one = PairSet([("a", "b")], "x")
+    for bad in (3, "cd", None):
+        with pytest.raises(TypeError, match="a PairSet can be added only to another PairSet or a list"):
+            one + bad
+    with pytest.raises(TypeError, match=r"the pairs added\[0\] must hold two non-empty strings"):
+        one + [("c", 4)]
+    both = one + [("c", "d")]
+    assert both.pairs == [("a", "b"), ("c", "d")] and both.concept is None and both.source == "mixed"
+    assert (one + PairSet([("c", "d")], "x")).concept == "x"
+
+
 def test_make_pairs_mixes_sources(tmp_path, tokenizer):
     direct = [("I love cheese; let me tell you about the andes mountains",
                "I hate cheese; let me tell you about the andes mountains")]
