@@ -501,6 +501,18 @@ def answer_text(answer: str) -> str:
     return f"({letter.group(1)}" if letter else answer.strip()
 
 
+def _item_list(items) -> list:
+    """``items`` (a list, tuple or other iterable of model-written-evals items) as a non-empty
+    list; the items themselves are checked where they are read (``_as_item``)."""
+    if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
+        raise TypeError(f"items must be a list of model-written-evals items (MWEItem or dicts; "
+                        f"steerkern.load_mwe reads a file), got {type(items).__name__}")
+    items = list(items)
+    if not items:
+        raise ValueError("items is empty: give at least one model-written-evals item")
+    return items
+
+
 def mwe_pairs(items: list[MWEItem], tokenizer=None, *, system: str | None = None,
               concept: str | None = None) -> PairSet:
     """CAA contrast pairs: ``render(question) + matching answer`` vs ``render(question) +
@@ -515,8 +527,7 @@ def mwe_pairs(items: list[MWEItem], tokenizer=None, *, system: str | None = None
         TypeError: ``tokenizer`` is neither None nor a tokenizer.
         ValueError: ``items`` is empty or an item is unusable."""
     hf_tokenizer(tokenizer, optional=True, meaning=_NO_TOKENIZER)
-    if not items:
-        raise ValueError("items is empty: give at least one model-written-evals item")
+    items = _item_list(items)
     pairs = []
     for index, item in enumerate(items):
         item = _as_item(item, index)
@@ -537,7 +548,9 @@ def mwe_eval_prompts(items: list[MWEItem]) -> list[dict]:
     answers for a side (``[" (B)", " (C)"]``) stays a model-written-evals record
     ``{"question", "answer_matching_behavior", "answer_not_matching_behavior"}`` with its
     lists, which ``evaluate`` scores pooling each side's letters. Raises ``ValueError`` naming
-    the item when its answers are not Yes/No or different letters."""
+    the item when its answers are not Yes/No or different letters, and when ``items`` is empty
+    (as :func:`mwe_pairs` does); ``TypeError`` when it is not a list of items."""
+    items = _item_list(items)
     prompts = []
     for index, item in enumerate(items):
         item = _as_item(item, index)

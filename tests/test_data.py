@@ -279,6 +279,20 @@ def test_pair_sets_check_what_they_hold_and_what_is_added():
     assert (one + PairSet([("c", "d")], "x")).concept == "x"
 
 
+def test_mwe_pairs_and_eval_prompts_refuse_empty_or_non_list_items_alike():
+    """``mwe_eval_prompts([])`` returned [] where ``mwe_pairs([])`` raised; a number or a
+    single dict failed with "'int' object is not iterable" or a KeyError."""
+    for make in (mwe_pairs, mwe_eval_prompts):
+        for empty in ([], (), iter([])):
+            with pytest.raises(ValueError, match="items is empty: give at least one model-written-evals item"):
+                make(empty)
+        for bad in (3, "question", {"question": "q", "answer_matching_behavior": " Yes"}, None):
+            with pytest.raises(TypeError, match="items must be a list of model-written-evals items"):
+                make(bad)
+    item = {"question": "q?", "answer_matching_behavior": " Yes"}
+    assert len(mwe_pairs(iter([item]))) == len(mwe_eval_prompts((item,))) == 1
+
+
 def test_make_pairs_mixes_sources(tmp_path, tokenizer):
     direct = [("I love cheese; let me tell you about the andes mountains",
                "I hate cheese; let me tell you about the andes mountains")]
