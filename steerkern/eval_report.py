@@ -20,6 +20,9 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -345,7 +348,9 @@ class EvalReport:
 
     def save(self, directory) -> Path:
         """Write ``table.md`` (table and generations), ``report.json`` and ``plot.png`` into
-        ``directory`` (created if needed). Returns the directory."""
+        ``directory`` (created if needed), all three or none: a failure (e.g. the plot) leaves
+        no partial report and an existing ``directory`` as it was; its other files are left
+        alone. Returns the directory."""
         return _save(directory, self.table() + "\n\n" + self.samples_markdown(), self.to_dict(), self.plot)
 
 
@@ -417,7 +422,8 @@ class ComparisonReport:
         return _plot(path, self.coeffs, self.reports, title="steering comparison")
 
     def save(self, directory) -> Path:
-        """Write ``table.md``, ``report.json`` and ``plot.png`` into ``directory``."""
+        """Write ``table.md``, ``report.json`` and ``plot.png`` into ``directory``, all three or
+        none, as :meth:`EvalReport.save` does. Returns the directory."""
         text = self.table() + "\n"
         for name, report in self.reports.items():
             text += f"\n# {_one_line(name)}\n\n" + report.samples_markdown()
@@ -436,18 +442,57 @@ def _read_json(path) -> dict:
         raise ValueError(f"{str(path)!r} is not valid JSON: {error}") from None
 
 
+REPORT_FILES = ("table.md", "report.json", "plot.png")
+
+
 def _save(directory, markdown: str, data: dict, plot) -> Path:
+    """Write :data:`REPORT_FILES` into ``directory``, all three or none: they are written
+    into a new sibling directory first, which becomes ``directory`` when that did not exist,
+    or whose files replace those of an existing ``directory`` (its other files left alone)
+    once all three are written. A failure (the plot, a full disk) removes the sibling and any
+    parent directories this call created, and leaves an existing ``directory`` as it was.
+
+    Raises:
+        TypeError / ValueError: ``directory`` is not a path, is a file or lies under one.
+    """
     directory = checks.path(directory, "directory", what="the directory to write the report into")
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"save: {str(directory)!r} is a file; give a directory to write into")
+    parent = directory.absolute().parent
+    created = []  # parent directories this call makes, deepest last
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        created.insert(0, ancestor)
+        ancestor = ancestor.parent
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ValueError(f"save: {str(directory)!r} lies under a file; give a directory to write into") from None
-    (directory / "table.md").write_text(markdown.rstrip() + "\n", encoding="utf-8")
-    (directory / "report.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
-    plot(directory / "plot.png")
+    staging = parent / f".{directory.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        staging.mkdir()
+        (staging / "table.md").write_text(markdown.rstrip() + "\n", encoding="utf-8")
+        (staging / "report.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
+                                             encoding="utf-8")
+        plot(staging / "plot.png")
+        if not directory.exists():
+            try:
+                os.rename(staging, directory)  # the whole new directory appears at once
+            except OSError:  # made meanwhile by someone else: fill it as an existing one
+                directory.mkdir(exist_ok=True)
+        if staging.exists():
+            for name in REPORT_FILES:
+                os.replace(staging / name, directory / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # before the parents it lies in
+        for made in reversed(created):
+            try:
+                made.rmdir()
+            except OSError:
+                break
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 

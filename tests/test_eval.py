@@ -186,6 +186,36 @@ def test_report_load_errors(tmp_path):
         ComparisonReport.from_dict(_synthetic_report().to_dict())
 
 
+def test_report_save_writes_all_three_files_or_none(tmp_path, monkeypatch):
+    """table.md and report.json were written before plot.png, so a failing plot left two of
+    the three files (and a half-written report over an older one)."""
+    import steerkern.eval_report as eval_report
+
+    report = _synthetic_report()
+    comparison = ComparisonReport({"happy": report, "sad": _synthetic_report("sad")})
+    old = tmp_path / "old"
+    report.save(old)
+    (old / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    real_figure = eval_report._figure
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(eval_report, "_figure", broken)
+    for save in (_synthetic_report("newer").save, comparison.save):
+        for target in (tmp_path / "new", tmp_path / "deep" / "er" / "new", old):
+            with pytest.raises(RuntimeError, match="plot failed"):
+                save(target)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no partial, no parents
+        assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+    monkeypatch.setattr(eval_report, "_figure", real_figure)
+    comparison.save(old)
+    assert sorted(p.name for p in old.iterdir()) == ["notes.txt", "plot.png", "report.json", "table.md"]
+    assert (old / "notes.txt").read_text() == "mine" and ComparisonReport.load(old).names == ["happy", "sad"]
+    assert report.save(tmp_path / "a" / "b").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["a", "old"]
+
+
 def test_report_paths_that_are_not_paths_are_refused_by_name(tmp_path):
     report = _synthetic_report()
     comparison = ComparisonReport({"happy": report})
