@@ -430,7 +430,8 @@ def test_gemma3n_trains_on_its_active_residual_copy(monkeypatch):
     assert len(vector.metadata["loss_history"]) == 2
     out = {}
     handle = decoder_layers(model)[2].register_forward_hook(
-        lambda module, args, output: out.__setitem__("h", output))
+        lambda module, args, output: out.__setitem__(  # a tuple before transformers 5
+            "h", output[0] if isinstance(output, tuple) else output))
     try:
         for i, text in enumerate(text for pair in PAIRS[:2] for text in pair):
             ids = torch.tensor([ToyTokenizer()(text)["input_ids"]])
