@@ -72,8 +72,8 @@ def flag(value, name: str) -> bool:
     Raises:
         TypeError: naming ``name`` and what it got.
     """
-    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
-        value = bool(value)
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        value = bool(value)  # np.bool_: named "bool_" in numpy 1.x, "bool" in numpy 2
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value

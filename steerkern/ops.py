@@ -143,8 +143,13 @@ def _checked(validate, preserve_norm) -> bool:
     """Whether steer_ / steer check their arguments (``validate``: ``True``, ``"full"`` or
     ``False``); when they do, ``preserve_norm`` must be a bool too: a truthy string such as
     ``"no"`` would otherwise rescale every steered row."""
-    if not (validate is True or validate is False or validate == "full"):
-        raise ValueError(f"steer_: validate must be True, False or 'full', got {validate!r}")
+    if validate is False:  # the hot path: nothing more to look at
+        return False
+    if not (validate is True or (isinstance(validate, str) and validate == "full")):
+        try:
+            validate = flag(validate, "steer_: validate")  # numpy bools too
+        except TypeError:
+            raise ValueError(f"steer_: validate must be True, False or 'full', got {validate!r}") from None
     if validate:
         flag(preserve_norm, "steer_: preserve_norm")
     return bool(validate)

@@ -936,6 +936,21 @@ def test_progress_is_a_bool_and_a_name_a_string(tiny_model_factory):
             evaluate(model, tokenizer, vector, prompts=TINY_PROMPTS, name=bad)
 
 
+def test_numpy_bools_are_flags():
+    """numpy bools are True / False to every on/off option (``checks.flag``), as
+    ``share_prefill`` took them before it used the shared check: under numpy 2 their type is
+    named ``bool``, not ``bool_``, and ``np.True_`` was refused."""
+    from steerkern.checks import flag
+    from steerkern.eval import _check_common
+
+    assert flag(np.True_, "x") is True and flag(np.False_, "x") is False
+    assert flag(np.bool_(1), "x") is True
+    assert _check_common(4, None, "all", np.True_, np.False_) == (4, None)
+    for bad in (np.int64(1), np.array([True]), "True"):
+        with pytest.raises(TypeError, match="x must be True or False"):
+            flag(bad, "x")
+
+
 def test_greedy_config_drops_a_checkpoints_min_length(tiny_model_factory):
     """A checkpoint's ``generation_config.min_length`` would keep rows generating past their EOS
     (generate masks EOS until the length is reached); sweeps stop at the first EOS."""

@@ -452,3 +452,15 @@ def test_preserve_norm_and_validate_are_not_taken_by_truthiness():
         with pytest.raises(ValueError, match="validate must be True, False or 'full'"):
             op(out.clone(), slot, coeff, bias, validate="fulll")
         torch.testing.assert_close(op(out.clone(), slot, coeff, bias, validate="full"), out + 1)
+
+
+def test_numpy_bools_are_taken_for_preserve_norm_and_validate():
+    """``validate`` took any truthy value before it was checked; numpy bools (what a config
+    array or ``x > 0`` of a numpy scalar gives) stay accepted, for ``preserve_norm`` too."""
+    import numpy as np
+
+    out, slot, coeff, bias = torch.randn(3, 4), torch.zeros(3, dtype=torch.long), torch.ones(3), torch.ones(2, 4)
+    for op in (ops.steer_, ops.steer):
+        for validate in (np.True_, np.False_):
+            torch.testing.assert_close(op(out.clone(), slot, coeff, bias, validate=validate), out + 1)
+        torch.testing.assert_close(op(out.clone(), slot, coeff, bias, preserve_norm=np.False_), out + 1)
