@@ -447,10 +447,12 @@ REPORT_FILES = ("table.md", "report.json", "plot.png")
 
 def _save(directory, markdown: str, data: dict, plot) -> Path:
     """Write :data:`REPORT_FILES` into ``directory``, all three or none: they are written
-    into a new sibling directory first, which becomes ``directory`` when that did not exist,
-    or whose files replace those of an existing ``directory`` (its other files left alone)
-    once all three are written. A failure (the plot, a full disk) removes the sibling and any
-    parent directories this call created, and leaves an existing ``directory`` as it was.
+    into a new staging directory first, once all three are written either renamed to
+    ``directory`` (a sibling of it, when ``directory`` did not exist) or moved over the files of
+    an existing ``directory`` (a hidden directory inside it, so that neither a read-only parent
+    nor a mount point stops the save; its other files left alone). A failure (the plot, a full
+    disk) removes the staging directory and any parent directories this call created, and
+    leaves an existing ``directory`` as it was.
 
     Raises:
         TypeError / ValueError: ``directory`` is not a path, is a file or lies under one.
@@ -468,14 +470,16 @@ def _save(directory, markdown: str, data: dict, plot) -> Path:
         parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ValueError(f"save: {str(directory)!r} lies under a file; give a directory to write into") from None
-    staging = parent / f".{directory.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+    existed = directory.is_dir()
+    staging = (directory / f".report.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial" if existed
+               else parent / f".{directory.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
     try:
         staging.mkdir()
         (staging / "table.md").write_text(markdown.rstrip() + "\n", encoding="utf-8")
         (staging / "report.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
                                              encoding="utf-8")
         plot(staging / "plot.png")
-        if not directory.exists():
+        if not existed:
             try:
                 os.rename(staging, directory)  # the whole new directory appears at once
             except OSError:  # made meanwhile by someone else: fill it as an existing one

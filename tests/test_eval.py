@@ -216,6 +216,31 @@ def test_report_save_writes_all_three_files_or_none(tmp_path, monkeypatch):
     assert report.save(tmp_path / "a" / "b").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["a", "old"]
 
 
+def test_report_save_into_an_existing_directory_stages_inside_it(tmp_path, monkeypatch):
+    """The report files for an existing directory are staged inside it, never beside it: its
+    parent may be read-only (``save(".")`` in a home directory) or another filesystem (a
+    mounted volume, where moving the files over fails with EXDEV)."""
+    from pathlib import Path
+
+    import steerkern.eval_report as eval_report
+
+    drawn = []
+    real_plot = eval_report._plot
+    monkeypatch.setattr(eval_report, "_plot", lambda path, *a, **k: drawn.append(Path(path).absolute())
+                        or real_plot(path, *a, **k))
+    report = _synthetic_report()
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    for where in (target, "."):
+        monkeypatch.chdir(target)
+        assert report.save(where) == Path(where)
+        assert target in drawn[-1].parents, drawn[-1]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+        assert sorted(p.name for p in target.iterdir()) == ["notes.txt", "plot.png", "report.json", "table.md"]
+        assert EvalReport.load(target).coeffs == report.coeffs
+
+
 def test_report_paths_that_are_not_paths_are_refused_by_name(tmp_path):
     report = _synthetic_report()
     comparison = ComparisonReport({"happy": report})
