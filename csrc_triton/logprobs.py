@@ -180,6 +180,23 @@ def _tanh(x):
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
+@triton.jit
+def _cap(hi, lo, ACC: tl.constexpr):
+    """The soft-cap in ACC from its two fp32 parts (:func:`_softcap_args`): ``hi`` in fp32,
+    ``hi + lo`` to within 1e-15 in float64."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+def _softcap_args(softcap: float | None) -> tuple[float, float]:
+    """``softcap`` as two fp32 numbers ``(hi, lo)``, ``hi`` the cap rounded to fp32 and ``lo``
+    the rest: Triton passes a Python float to a compiled kernel as fp32, which would round the
+    cap of the float64 kernels (2.3 -> 2.29999995, log-probs 1e-7 off); ``(0, 0)`` for None."""
+    if softcap is None:
+        return 0.0, 0.0
+    hi = float(torch.tensor(softcap, dtype=torch.float32))
+    return hi, float(torch.tensor(softcap - hi, dtype=torch.float32))
+
+
 @triton.autotune(
     configs=_configs(LOGITS_TILE_CONFIGS, LOGITS_TILE_NAMES),
     key=["V", "D"],
@@ -201,6 +218,7 @@ def _fwd_kernel(
     stride_wv,
     ignore_index,
     softcap,
+    softcap_lo,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -243,7 +261,8 @@ def _fwd_kernel(
             ACC,
         )
         if SOFTCAP:
-            z = softcap * _tanh(z / softcap)
+            cap = _cap(softcap, softcap_lo, ACC)
+            z = cap * _tanh(z / cap)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         # t += z[n, y[n]] when y[n] is in this tile
         t += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
@@ -278,6 +297,7 @@ def _dlogits_kernel(
     stride_wv,
     stride_dzn,
     softcap,
+    softcap_lo,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -318,8 +338,9 @@ def _dlogits_kernel(
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
     if SOFTCAP:
-        t = _tanh(z / softcap)
-        z = softcap * t
+        cap = _cap(softcap, softcap_lo, ACC)
+        t = _tanh(z / cap)
+        z = cap * t
     p = tl.exp(z - lse[:, None])
     onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
     dz = g[:, None] * (onehot - p)
@@ -449,7 +470,7 @@ def token_logprobs_fwd(
         h.stride(0),
         W.stride(0),
         ignore_index,
-        float(softcap or 0.0),
+        *_softcap_args(softcap),
         SOFTCAP=softcap is not None,
         **_dot_flags(h.dtype),
     )
@@ -554,7 +575,7 @@ def token_logprobs_bwd(
             ha.stride(0),
             W.stride(0),
             dz.stride(0),
-            float(softcap or 0.0),
+            *_softcap_args(softcap),
             SOFTCAP=softcap is not None,
             **flags,
         )

@@ -142,6 +142,28 @@ def test_token_logprobs_matches_float64(N, D, V, dtype, softcap):
     assert _rel(logp.detach(), ref_same) < 1e-4
 
 
+@pytest.mark.parametrize("softcap", [2.3, 0.1, 30.0])
+def test_float64_softcapped_logprobs_keep_the_cap_in_float64(softcap):
+    """Triton passes a Python float to a kernel as fp32: a cap of 2.3 reached the float64
+    kernels as 2.29999995, log-probs 1e-7 off the float64 reference (the cap is sent as two
+    fp32 parts that float64 kernels add back)."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(40, 32, generator=g, dtype=torch.float64)
+    W = 3 * torch.randn(500, 32, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 500, (40,), generator=g)
+    grad = torch.randn(40, generator=g, dtype=torch.float64)
+    h_leaf, W_leaf = h.to(CUDA).requires_grad_(), W.to(CUDA).requires_grad_()
+    logp = ops.token_logprobs(h_leaf, W_leaf, labels.to(CUDA), softcap=softcap)
+    (logp * grad.to(CUDA)).sum().backward()
+    h64, W64 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    logits = softcap * torch.tanh(h64 @ W64.T / softcap)
+    ref = torch.log_softmax(logits, dim=-1).gather(1, labels[:, None])[:, 0]
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(logp.detach().cpu(), ref.detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(h_leaf.grad.cpu(), h64.grad, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(W_leaf.grad.cpu(), W64.grad, atol=1e-12, rtol=1e-10)
+
+
 # --- the bank on real models ------------------------------------------------------------------
 
 

@@ -270,6 +270,34 @@ def test_triton_softcapped_backward_small_chunks():
     _assert_grad_close(dW, dW_ref, 1e-4)
 
 
+def test_triton_float64_softcap_is_sent_in_two_fp32_parts():
+    """Triton passes a Python float to a compiled kernel as fp32 (the interpreter keeps it a
+    double, so only tests/test_gpu.py sees the rounding itself): the cap goes as ``hi + lo``,
+    both fp32, which the float64 kernels add back to within 1e-15 of the cap and the fp32
+    kernels read as ``hi``, the cap rounded to fp32."""
+    import numpy as np
+    from triton.runtime.jit import native_specialize_impl
+
+    from csrc_triton import logprobs as K
+
+    assert native_specialize_impl(None, 2.3, False, True, True)[0] == "fp32"
+    for cap in (2.3, 0.1, 7.7, 30.0, 1e-3, 1e6):
+        hi, lo = K._softcap_args(cap)
+        assert hi == float(np.float32(cap)) and lo == float(np.float32(lo))
+        assert abs((hi + lo) - cap) <= 1e-15 * cap
+        assert float(np.float32(hi) + np.float32(lo)) == hi
+    assert K._softcap_args(None) == (0.0, 0.0)
+    if INTERPRETING:  # the kernels as run here, at a cap that fp32 rounds
+        h, W, y = _inputs(n=8, d=16, v=70, dtype=torch.float64, ignore=(2,))
+        grad = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        lp, lse = K.token_logprobs_fwd(h, W * 3, y, softcap=2.3)
+        torch.testing.assert_close(lp, R.token_logprobs_naive(h, W * 3, y, softcap=2.3), atol=1e-13, rtol=0)
+        dh, dW = K.token_logprobs_bwd(h, W * 3, y, lse, grad, need_h=True, need_W=True, softcap=2.3)
+        _, dh_ref, dW_ref = _reference(h, W * 3, y, grad, softcap=2.3)
+        torch.testing.assert_close(dh, dh_ref, atol=1e-13, rtol=1e-11)
+        torch.testing.assert_close(dW, dW_ref, atol=1e-13, rtol=1e-11)
+
+
 @pytest.mark.parametrize("softcap", [0, -1.0, float("inf"), float("nan"), True, "30"])
 def test_bad_softcap_is_refused(softcap):
     h, W, y = _inputs(n=4)

@@ -67,6 +67,7 @@ def _spec(kernel_name, dt, cfg, softcap=False):
             "stride_wv": "i32",
             "ignore_index": "i32",
             "softcap": "fp32",
+            "softcap_lo": "fp32",
         }
         return K._fwd_kernel, sig, {**cfg, **common}
     if kernel_name == "dlogits":
@@ -86,6 +87,7 @@ def _spec(kernel_name, dt, cfg, softcap=False):
             "stride_wv": "i32",
             "stride_dzn": "i32",
             "softcap": "fp32",
+            "softcap_lo": "fp32",
         }
         return K._dlogits_kernel, sig, {**cfg, **common}
     # matmul: B row-major (stride_bn = 1, specialised by Triton at run time like any 1)
