@@ -26,7 +26,7 @@ import numbers
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -83,11 +83,11 @@ class PairSet:
     def __add__(self, other) -> PairSet:
         if isinstance(other, PairSet):
             added = other.pairs
-        elif isinstance(other, (list, tuple)):
-            added = _pair_list(other, "the pairs added")
+        elif isinstance(other, Iterable) and not isinstance(other, (str, bytes, dict)):
+            added = _pair_list(list(other), "the pairs added")
         else:
-            raise TypeError(f"a PairSet can be added only to another PairSet or a list of (chosen, "
-                            f"rejected) string pairs, got {type(other).__name__}")
+            raise TypeError(f"a PairSet can be added only to another PairSet or a list (any "
+                            f"iterable) of (chosen, rejected) string pairs, got {type(other).__name__}")
         concept = self.concept if self.concept == getattr(other, "concept", None) else None
         return PairSet(list(self.pairs) + list(added), concept, "mixed")
 

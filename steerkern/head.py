@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from steerkern.models import text_config
+
 IGNORE = -100
 
 
@@ -52,9 +54,7 @@ def logit_softcap(model) -> float | None:
     """``c`` of the model's ``logits = c tanh(u / c)`` (``config.final_logit_softcapping``, or
     its ``text_config``'s), ``None`` when the model does not soft-cap; ``ValueError`` for a cap
     that is not a finite positive number."""
-    config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
-    cap = getattr(config, "final_logit_softcapping", None)
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
     if cap is None:
         return None
     if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) \
@@ -149,7 +149,8 @@ def logit_scale(model, head, ids, mask, positions, softcap: float | None = None)
     else:  # invert the cap where it is well conditioned
         inside = logits.abs() < 0.9 * softcap
         uncapped, zs = softcap * torch.atanh(logits[inside] / softcap), z[inside]
-    a = float((uncapped * zs).sum() / (zs * zs).sum().clamp(min=1e-300))
+    # no logit where the cap can be inverted (all beyond 0.9 c): a = 1, checked below
+    a = float((uncapped * zs).sum() / (zs * zs).sum()) if bool(zs.any()) else 1.0
     made = a * z if softcap is None else softcap * torch.tanh(a * z / softcap)
     if not (math.isfinite(a) and a > 0) or \
             float((logits - made).abs().max()) > tol * max(float(logits.abs().max()), 1e-6):

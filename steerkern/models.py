@@ -555,10 +555,16 @@ def num_layers(model: nn.Module) -> int:
     return len(decoder_layers(model))
 
 
+def text_config(model: nn.Module):
+    """The config of the model's text decoder: ``config.text_config`` for a multimodal wrapper
+    (Gemma 3, Qwen2.5-VL, ...), else ``model.config`` (``None`` for a model without one)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "text_config", None) or config
+
+
 def hidden_size(model: nn.Module) -> int:
     """Width of the residual stream."""
-    config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
+    config = text_config(model)
     for key in ("hidden_size", "n_embd", "d_model"):
         value = getattr(config, key, None)
         if isinstance(value, int):
@@ -579,8 +585,7 @@ def model_id(model: nn.Module) -> str:
 def model_type(model: nn.Module) -> str | None:
     """The architecture's ``model_type`` (of the text model in a multimodal wrapper), recorded
     in vectors' metadata: a direction does not transfer between architectures."""
-    config = getattr(model, "config", None)
-    return getattr(getattr(config, "text_config", None) or config, "model_type", None)
+    return getattr(text_config(model), "model_type", None)
 
 
 def default_layers(model: nn.Module) -> list[int]:
@@ -689,9 +694,7 @@ def residual_stream_index(model: nn.Module) -> int:
     AltUp): the *active* one (``altup_active_idx``, default 0), which every layer attends from
     and the final norm reads. Steering adds to it, capture reads it; the other copies then
     take the change through the layers' learned mixing, as they take any layer's update."""
-    config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
-    index = getattr(config, "altup_active_idx", 0)
+    index = getattr(text_config(model), "altup_active_idx", 0)
     return index if isinstance(index, int) and not isinstance(index, bool) else 0
 
 

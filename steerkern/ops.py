@@ -467,6 +467,7 @@ def token_logprobs(
         raise ValueError("token_logprobs: W has no vocabulary rows (V = 0)")
     if softcap is not None:
         softcap = real(softcap, "token_logprobs: softcap", positive=True,
+                       maximum=torch.finfo(torch.float32).max,  # the kernels take it in fp32
                        meaning=" or None (the c of c * tanh(logits / c))")
     ignore_index = count(ignore_index, "token_logprobs: ignore_index", minimum=None,
                          meaning=" (the label value of rows to skip)")

@@ -700,7 +700,8 @@ def _gguf_direction(tensor, path) -> torch.Tensor:
 def _write_whole(path: Path, method: str, write) -> None:
     """Run ``write(name)`` into a new file beside ``path``, then rename it to ``path``: a write
     that fails half-way (a full disk, an interrupt) leaves ``path`` as it was, never a
-    truncated vector. Parent directories are created.
+    truncated vector. Parent directories are created. A symbolic link is written through: its
+    target is replaced, the link kept.
 
     Raises:
         ValueError: ``path`` is a directory, or lies under a file, naming it (``method``:
@@ -713,6 +714,8 @@ def _write_whole(path: Path, method: str, write) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ValueError(f"{method}: cannot write {str(path)!r}: a part of its directory is a file") from None
+    if path.is_symlink():
+        path = path.resolve()
     temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         write(str(temporary))

@@ -277,6 +277,9 @@ def test_pair_sets_check_what_they_hold_and_what_is_added():
     both = one + [("c", "d")]
     assert both.pairs == [("a", "b"), ("c", "d")] and both.concept is None and both.source == "mixed"
     assert (one + PairSet([("c", "d")], "x")).concept == "x"
+    # any iterable of pairs, as before the check: a generator, a zip of two text lists
+    assert (one + ((c, r) for c, r in [("c", "d")])).pairs == [("a", "b"), ("c", "d")]
+    assert (one + zip(["c", "e"], ["d", "f"])).pairs == [("a", "b"), ("c", "d"), ("e", "f")]
 
 
 def test_mwe_pairs_and_eval_prompts_refuse_empty_or_non_list_items_alike():

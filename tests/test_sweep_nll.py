@@ -123,6 +123,45 @@ class FlatHeadModel(torch.nn.Module):
         return SimpleNamespace(logits=logits)
 
 
+class SaturatedCapModel(torch.nn.Module):
+    """A toy causal LM whose every logit sits far past its soft-cap ``c`` (``|u| >= 100 c``), so
+    that no logit lies where the cap can be inverted; ``wrong_cap`` applies another cap than the
+    config says."""
+
+    def __init__(self, cap=0.5, wrong_cap=None):
+        super().__init__()
+        self.config = SimpleNamespace(final_logit_softcapping=cap)
+        self.embed = torch.nn.Embedding(128, 16)
+        self.lm_head = torch.nn.Linear(16, 128, bias=False)
+        self.applied = wrong_cap or cap
+        with torch.no_grad():
+            self.embed.weight.fill_(1.0)
+            signs = torch.where(torch.arange(128) % 2 == 0, 1.0, -1.0)
+            self.lm_head.weight.copy_(signs[:, None].expand(128, 16) * (10.0 + torch.arange(128)[:, None]))
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids, **kwargs):
+        u = self.lm_head(self.embed(input_ids))
+        return SimpleNamespace(logits=self.applied * torch.tanh(u / self.applied))
+
+
+def test_a_soft_cap_whose_logits_are_all_saturated_is_measured_or_refused():
+    """Every logit beyond 0.9 c: nothing to fit the factor on, so it is taken as 1 and checked
+    (the fit gave a = 0 and refused the model, naming a factor it never had); a cap the config
+    does not name is still refused."""
+    from steerkern.head import logit_scale
+
+    ids = torch.tensor([[3, 4, 5]])
+    mask = torch.ones_like(ids)
+    model = SaturatedCapModel()
+    assert logit_scale(model, model.lm_head, ids, mask, mask.cumsum(-1) - 1, softcap=0.5) == 1.0
+    wrong = SaturatedCapModel(wrong_cap=0.25)
+    with pytest.raises(ValueError, match="soft-cap 0.5 of its config"):
+        logit_scale(wrong, wrong.lm_head, ids, mask, mask.cumsum(-1) - 1, softcap=0.5)
+
+
 def test_a_head_fed_other_than_batch_states_reads_full_logits():
     """The fused log-probs read the head's input as ``[B, T, D]``: a model that feeds it other
     shapes is refused by the logit-factor measurement, and its sweep NLL reads full logits."""

@@ -720,6 +720,20 @@ def test_writing_to_a_directory_or_under_a_file_is_refused_and_a_failed_write_le
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "v.gguf", "v.safetensors"]
 
 
+def test_saving_through_a_symbolic_link_replaces_its_target_and_keeps_the_link(tmp_path):
+    """The write-beside-and-rename of save / to_gguf renamed the new file over the link itself:
+    the link became a plain file and its target kept the old vector."""
+    vector = SteeringVector.from_directions({1: torch.ones(8)})
+    for write, suffix in ((SteeringVector.save, ".safetensors"), (SteeringVector.to_gguf, ".gguf")):
+        target = write(vector, tmp_path / f"target{suffix}")
+        link = tmp_path / f"link{suffix}"
+        link.symlink_to(target)
+        write(2 * vector, link)
+        assert link.is_symlink() and link.resolve() == target.resolve()
+        read = SteeringVector.load if suffix == ".safetensors" else SteeringVector.from_gguf
+        torch.testing.assert_close(read(target).parts[(1, "residual")].bias, 2 * torch.ones(8))
+
+
 def test_a_path_that_is_not_a_path_is_refused_by_name(tmp_path):
     """save / load / to_gguf / from_gguf given a number or None raised os.fspath's TypeError,
     which names no argument; an empty string would have meant the working directory."""
