@@ -301,7 +301,7 @@ def test_triton_float64_softcap_is_sent_in_two_fp32_parts():
 @pytest.mark.parametrize("softcap", [0, -1.0, float("inf"), float("nan"), True, "30", 1e39])
 def test_bad_softcap_is_refused(softcap):
     h, W, y = _inputs(n=4)
-    with pytest.raises(ValueError, match="softcap must be a finite number > 0, <= 3.4e\+38 or None"):
+    with pytest.raises(ValueError, match=r"softcap must be a finite number > 0, <= 3.4e\+38 or None"):
         ops.token_logprobs(h, W, y, softcap=softcap)
 
 
