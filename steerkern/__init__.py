@@ -33,6 +33,7 @@ _EXPORTS = {
     # extraction
     "extract": "steerkern.extract",
     "capture": "steerkern.capture",
+    "record": "steerkern.capture",
     # losses
     "margin_loss": "steerkern.loss",
     "coherence_penalty": "steerkern.loss",

@@ -13,10 +13,14 @@ even in a model that ignores the attention mask or the position ids (RWKV ignore
 
 from __future__ import annotations
 
+import contextlib
+import numbers
+from collections.abc import Sequence
+
 import torch
 
 from steerkern import _callable_module
-from steerkern.checks import count, flag, model_and_tokenizer
+from steerkern.checks import causal_lm, count, flag, model_and_tokenizer
 from steerkern.control import whole_prompt_passes
 from steerkern.directions import work_dtype
 from steerkern.kvcache import cache_argument, empty_model_cache, filled_layers, positions_from_mask
@@ -85,6 +89,50 @@ def _check_reads(ids: list[list[int]], last_n_tokens, name=_text_name) -> int:
         raise ValueError(f"last_n_tokens={last_n_tokens} but {name(shortest)} has only "
                          f"{len(ids[shortest])} tokens: lower last_n_tokens")
     return last_n_tokens
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_read_token_index(read_token_index, n_texts: int | None = None):
+    """``read_token_index`` as given when it is an int, a callable, or (``n_texts`` given) a
+    sequence of ``n_texts`` ints; otherwise a ``TypeError`` / ``ValueError`` naming it."""
+    if _is_int(read_token_index) or callable(read_token_index):
+        return read_token_index
+    if n_texts is not None and isinstance(read_token_index, Sequence) and not isinstance(read_token_index, (str, bytes)):
+        if len(read_token_index) != n_texts or not all(_is_int(v) for v in read_token_index):
+            raise ValueError(f"read_token_index as a sequence must hold one int per text ({n_texts}), "
+                             f"got {list(read_token_index)!r}")
+        return list(read_token_index)
+    kinds = "an int, a callable text -> int" + (" or one int per text" if n_texts is not None else "")
+    raise TypeError(f"read_token_index must be {kinds}, got {type(read_token_index).__name__}")
+
+
+def read_spans(ids: list[list[int]], texts: list[str], read_token_index, last_n_tokens: int,
+               name=_text_name) -> list[list[int]]:
+    """The token positions read in each text: ``p - n + 1 .. p`` (``n = last_n_tokens``), where
+    ``p`` is ``read_token_index`` (an int, ``read_token_index(text)``, or entry ``i`` of a
+    sequence) as an index into the text's token ids (negative from the end: -1 is the last
+    token). A ``ValueError`` names the text whose index is not an int inside it, or whose span
+    would start before its first token."""
+    spans = []
+    for i, (seq, text) in enumerate(zip(ids, texts)):
+        if callable(read_token_index):
+            p = read_token_index(text)
+            if not _is_int(p):
+                raise TypeError(f"read_token_index({name(i)}) must return an int token index, got {p!r}")
+        else:
+            p = read_token_index[i] if isinstance(read_token_index, list) else read_token_index
+        if not -len(seq) <= int(p) < len(seq):
+            raise ValueError(f"read_token_index={int(p)} for {name(i)}, which has {len(seq)} tokens: give an "
+                             f"index in {-len(seq)}..{len(seq) - 1} (negative counts from the last token)")
+        end = int(p) % len(seq)
+        if end + 1 < last_n_tokens:
+            raise ValueError(f"last_n_tokens={last_n_tokens} tokens ending at token {end} of {name(i)} start "
+                             "before its first token: lower last_n_tokens or read a later token")
+        spans.append(list(range(end + 1 - last_n_tokens, end + 1)))
+    return spans
 
 
 def _layer_indices(model, layers) -> dict:
@@ -206,14 +254,15 @@ class _Reads:
         store[layer][texts, js] = picked
 
 
-def _plain_passes(model, tokenizer, ids, last_n_tokens, batch_size, reads, progress, desc):
-    """Length-sorted, padded batches of whole texts, read at the last ``last_n_tokens`` non-pad
-    positions of each row."""
+def _plain_passes(model, tokenizer, ids, spans, batch_size, reads, progress, desc):
+    """Length-sorted batches of whole texts, padded on the right (so a token's column is its
+    index in the text), read at each text's positions ``spans[i]``."""
     runner = _Runner(model, tokenizer, ids, batch_size, progress, desc)
+    n_reads = len(spans[0])
     for batch, input_ids, mask, positions in runner:
-        cols = last_positions(mask, last_n_tokens).cpu()
+        cols = torch.tensor([spans[i] for i in batch], dtype=torch.long)
         rows = torch.arange(len(batch))[:, None].expand_as(cols)
-        js = torch.arange(last_n_tokens)[None, :].expand_as(cols)
+        js = torch.arange(n_reads)[None, :].expand_as(cols)
         texts = torch.tensor(batch)[:, None].expand_as(cols)
         reads.set(rows, cols, texts, js, tuple(input_ids.shape))
         runner.forward(input_ids, mask, positions)
@@ -269,15 +318,14 @@ def _shared_prefix_passes(model, segments, max_length, pad_id, batch_size, reads
         bar.close()
 
 
-def _prefix_plan(model, ids, last_n_tokens):
+def _prefix_plan(model, ids, spans):
     """``(segments, max_length)``: the prefix-tree plan and a bound on its cache columns; or
     ``None`` when sharing would save less than a tenth of the tokens or the model's cache cannot
     be shared that far (:func:`steerkern.kvcache.is_gatherable`: a sliding window shorter than
     the bound, another kind of cache, no cache argument)."""
     if cache_argument(model) is None:
         return None
-    reads = [list(range(len(seq) - last_n_tokens, len(seq))) for seq in ids]
-    segments = build_prefix_tree(ids, reads)
+    segments = build_prefix_tree(ids, spans)
     if tree_tokens(segments) > 0.9 * sum(len(seq) for seq in ids):
         return None
     max_length = padded_length_bound(segments)
@@ -287,8 +335,10 @@ def _prefix_plan(model, ids, last_n_tokens):
 
 
 def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1, batch_size=16,
-            inputs=False, progress=True, desc="capture", share_prefixes=True, text_names=_text_name):
-    """Activations at the last ``last_n_tokens`` non-pad positions of each text.
+            inputs=False, progress=True, desc="capture", share_prefixes=True, text_names=_text_name,
+            read_token_index=-1):
+    """Activations at the last ``last_n_tokens`` non-pad positions of each text, or at the
+    ``last_n_tokens`` positions ending at ``read_token_index``.
 
     Returns ``{layer: Tensor [n_texts, last_n_tokens, D]}`` (CPU; float32, or float64 for a
     float64 model), keyed by the layers as given (an int or a list; negative indices count from
@@ -306,15 +356,24 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
     padded length, quantised or recurrent caches).
     ``batch_size`` bounds the rows of every forward pass either way. ``text_names(i)`` names
     text ``i`` in errors (default ``texts[i]``; extraction names the pair it came from).
+
+    ``read_token_index`` (default -1, the last token) is the token ``p`` whose state is read, an
+    index into the text's token ids as :func:`steerkern.tokens.text_token_ids` builds them (the
+    tokenizer's BOS first when it adds one; negative counts from the end): an int for every
+    text, a callable ``text -> int`` called on each text, or a sequence of one int per text.
+    Row ``j`` of a text's reads is token ``p - last_n_tokens + 1 + j``, so ``-2`` reads the
+    state before the last token (the answer letter of ``"... (A)"``).
     """
     model_and_tokenizer(model, tokenizer)
     inputs, share_prefixes = flag(inputs, "inputs"), flag(share_prefixes, "share_prefixes")
     progress = flag(progress, "progress")
     texts = _check_texts(texts)
+    read_token_index = check_read_token_index(read_token_index, len(texts))
     given = _layer_indices(model, layers)
     batch_size = count(batch_size, "batch_size")
     ids = _tokenize(model, tokenizer, texts, text_names)
     last_n_tokens = _check_reads(ids, last_n_tokens, text_names)
+    spans = read_spans(ids, texts, read_token_index, last_n_tokens, text_names)
     layers = sorted(set(given.values()))
     deepest = layers[-1]  # compared after normalising: layers=[1, -1] must run to the last layer
     reads = _Reads(len(texts), last_n_tokens, residual_stream_index(model))
@@ -330,14 +389,14 @@ def capture(model, tokenizer, texts, layers, *, target=RESIDUAL, last_n_tokens=1
         return hook
 
     modules = [resolve_module(model, layer, target) for layer in layers]  # may raise: hook nothing yet
-    plan = _prefix_plan(model, ids, last_n_tokens) if share_prefixes else None
+    plan = _prefix_plan(model, ids, spans) if share_prefixes else None
     handles = []
     try:
         for layer, module in zip(layers, modules):
             handles.append(module.register_forward_hook(make_hook(layer), with_kwargs=True))
         with torch.inference_mode(), eval_mode(model), whole_prompt_passes(model):
             if plan is None:
-                _plain_passes(model, tokenizer, ids, last_n_tokens, batch_size, reads, progress, desc)
+                _plain_passes(model, tokenizer, ids, spans, batch_size, reads, progress, desc)
             else:
                 _shared_prefix_passes(model, *plan, _pad_id(tokenizer), batch_size, reads,
                                       progress, desc)
@@ -362,11 +421,13 @@ def _check_ran(target: str, silent: list[int]) -> None:
 
 
 def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=RESIDUAL,
-                  last_n_tokens=1, batch_size=8, progress=True, text_names=_text_name):
+                  last_n_tokens=1, batch_size=8, progress=True, text_names=_text_name,
+                  read_token_index=-1):
     """Per-text gradients ``{layer: [n_texts, D]}`` of ``sum_p d · h_{L'}[p]`` (``p`` the last
     ``last_n_tokens`` positions at the read-out layer ``L'``) with respect to a bias added to
     the steered module's output at every position of layer ``L`` — ``J_{L->L'}^T d`` summed
-    over positions. One backward pass per batch for all layers; no Jacobian is built and no
+    over positions (``p`` the positions :func:`capture` reads under ``read_token_index``). One
+    backward pass per batch for all layers; no Jacobian is built and no
     parameter gradient is accumulated.
 
     Each hooked module's output ``h`` is held and the model continues with a copy of it, so the
@@ -375,9 +436,11 @@ def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=R
     ``h`` is a fresh leaf, so nothing below it is differentiated. Runs with autograd on even
     inside ``torch.no_grad()`` or ``torch.inference_mode()``."""
     texts = _check_texts(texts)
+    read_token_index = check_read_token_index(read_token_index, len(texts))
     batch_size = count(batch_size, "batch_size")
     ids = _tokenize(model, tokenizer, texts, text_names)
     last_n_tokens = _check_reads(ids, last_n_tokens, text_names)
+    spans = read_spans(ids, texts, read_token_index, last_n_tokens, text_names)
     if any(p.is_inference() for p in model.parameters()):
         raise ValueError("method='grad' differentiates through the model, but its weights are "
                          "inference tensors (created under torch.inference_mode()): load the model "
@@ -420,7 +483,7 @@ def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=R
                 runner.forward(ids, mask, positions)
                 _check_ran(target, [layer for layer in layers if layer not in held])
                 top = _as_btd(held["readout"], len(batch), ids.shape[1], stream)
-                pos = last_positions(mask, last_n_tokens).to(top.device)
+                pos = torch.tensor([spans[i] for i in batch], device=top.device)  # right-padded
                 rows = torch.arange(len(batch), device=top.device)[:, None]
                 read = top[rows, pos]
                 read = read.to(work_dtype(read))
@@ -442,6 +505,70 @@ def vjp_gradients(model, tokenizer, texts, layers, readout_layer, d, *, target=R
             handle.remove()
         held.clear()
     return {layer: torch.stack(rows) for layer, rows in grads.items()}
+
+
+
+@contextlib.contextmanager
+def record(model, layers, *, target=RESIDUAL, to_cpu=False):
+    """Record the activations of every forward pass of ``model`` inside the ``with`` block.
+
+    Yields ``{layer: [Tensor [B, T, D], ...]}`` (keyed by the layers as given: an int or a list,
+    negative indices counting from the last layer), one tensor per forward pass in call order:
+    the whole ``[batch, tokens]`` pass of module ``target`` (``"residual"``: the decoder
+    layer's output; or a sub-module name, as :func:`capture` takes). Inside ``generate`` the
+    first entry is the prompt's pass and each later one a decode step's new tokens. Tensors are
+    detached copies in the model's dtype, on the module's device, or on the CPU with
+    ``to_cpu=True``. Pad positions are recorded as the model computed them (mask them with the
+    attention mask). Nothing is read until the block runs the model: unlike :func:`capture`,
+    no pass is run and none is stopped early.
+
+    Hooks run in the order they were registered, so inside a :func:`steerkern.steer` block
+    entered before ``record`` the recorded states are the steered ones; a ``steer`` entered
+    inside ``record`` steers after the recording. The hooks are removed on exit, errors
+    included, and a bad ``layers`` or ``target`` raises before any hook is registered.
+
+    Example:
+        >>> with record(model, [8, 10]) as acts:                            # doctest: +SKIP
+        ...     model(**tokenizer(["Hello there"], return_tensors="pt"))
+        >>> acts[8][0].shape                                                 # doctest: +SKIP
+        torch.Size([1, 3, 576])
+    """
+    causal_lm(model)
+    to_cpu = flag(to_cpu, "to_cpu")
+    given = _layer_indices(model, layers)
+    modules = {index: resolve_module(model, index, target) for index in set(given.values())}
+    stream = residual_stream_index(model)
+    found = {index: [] for index in modules}
+    shape = [None]  # (batch, tokens) of the pass under way
+
+    def before(module, args, kwargs):
+        tokens = kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is None and args and isinstance(args[0], torch.Tensor):
+            tokens = args[0]
+        shape[0] = tuple(tokens.shape[:2]) if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
+
+    def make_hook(index):
+        def hook(module, args, output):
+            tensor = _main_tensor(output)
+            states = token_states(tensor, *shape[0], stream) if shape[0] else None
+            if states is None:
+                raise RuntimeError(f"record: layer {index}, target {target!r} returned an output of shape "
+                                   f"{tuple(getattr(tensor, 'shape', ()))}, not one state per token of the "
+                                   f"model's pass {shape[0]}: call the model itself, or record another module")
+            found[index].append(states.detach().to("cpu" if to_cpu else states.device, copy=True))
+        return hook
+
+    handles = []
+    try:
+        handles.append(model.register_forward_pre_hook(before, with_kwargs=True))
+        for index, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(index)))
+        yield {layer: found[index] for layer, index in given.items()}
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 _callable_module(__name__)  # steerkern.capture(...) calls capture() even once this module is bound there

@@ -20,7 +20,7 @@ import torch
 
 from steerkern import _callable_module
 from steerkern import directions as maths
-from steerkern.capture import capture, last_positions, vjp_gradients
+from steerkern.capture import capture, check_read_token_index, last_positions, vjp_gradients
 from steerkern.checks import count, flag, model_and_tokenizer
 from steerkern.data import PairSet, as_pairs, pair_text_name
 from steerkern.models import (
@@ -57,6 +57,7 @@ class _Plan:
     last_n_tokens: int
     batch_size: int | None
     share_prefixes: bool = True
+    read_token_index: object = -1  # an int or a callable text -> int (steerkern.capture.read_spans)
     readout: int | None = None
     fisher_lambda: float | None = None
     weights: dict = field(default_factory=dict)  # weight_svd: {layer: W [out, in]}
@@ -69,15 +70,17 @@ def _check_layers(model, layers) -> list[int]:
 
 
 def _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readout_layer,
-          fisher_lambda, share_prefixes) -> _Plan:
-    if method not in maths.METHODS:
-        raise ValueError(f"method={method!r} is not one of {list(maths.METHODS)}")
+          fisher_lambda, share_prefixes, read_token_index) -> _Plan:
+    if not callable(method) and method not in maths.METHODS:
+        raise ValueError(f"method={method!r} is not one of {list(maths.METHODS)} or a callable "
+                         "(chosen [n, D], rejected [n, D]) -> direction [D]")
     if method != "grad" and (readout_layer is not None or fisher_lambda is not None):
         raise ValueError("readout_layer and fisher_lambda apply to method='grad' only")
     share_prefixes = flag(share_prefixes, "share_prefixes")
     plan = _Plan(method, _check_layers(model, layers), target, count(rank, "rank"),
                  count(last_n_tokens, "last_n_tokens"),
-                 count(batch_size, "batch_size", optional=True), bool(share_prefixes))
+                 count(batch_size, "batch_size", optional=True), bool(share_prefixes),
+                 check_read_token_index(read_token_index))
     modules = {layer: resolve_module(model, layer, target) for layer in plan.layers}
     if method == "weight_svd":
         for layer, module in modules.items():
@@ -216,7 +219,7 @@ def _read(model, tokenizer, plan: _Plan, shard: _Shard, show: bool):
         local = shard.local(lambda: vjp_gradients(
             model, tokenizer, shard.texts, layers, plan.readout, d, target=plan.target,
             last_n_tokens=plan.last_n_tokens, batch_size=plan.batch_size or 8, progress=show,
-            text_names=shard.text_name) if shard.texts else {})
+            text_names=shard.text_name, read_token_index=plan.read_token_index) if shard.texts else {})
         grads = shard.gather(local, layers)
     return acts, inputs, grads
 
@@ -232,14 +235,14 @@ def _capture_share(model, tokenizer, plan: _Plan, shard: _Shard, show: bool):
     got = capture(model, tokenizer, shard.texts, wanted, target=plan.target,
                   last_n_tokens=plan.last_n_tokens, batch_size=plan.batch_size or 16,
                   inputs=plan.method == "weight_svd", progress=show,
-                  desc=f"extract {plan.method}", share_prefixes=plan.share_prefixes,
-                  text_names=shard.text_name)
+                  desc=f"extract {_method_name(plan.method)}", share_prefixes=plan.share_prefixes,
+                  text_names=shard.text_name, read_token_index=plan.read_token_index)
     acts, inputs = got if plan.method == "weight_svd" else (got, {})
     if plan.method == "grad" and not one_pass:  # the read-out is always the residual stream
         acts.update(capture(model, tokenizer, shard.texts, [plan.readout],
                             last_n_tokens=plan.last_n_tokens, batch_size=plan.batch_size or 16,
                             progress=False, share_prefixes=plan.share_prefixes,
-                            text_names=shard.text_name))
+                            text_names=shard.text_name, read_token_index=plan.read_token_index))
     return acts, inputs
 
 
@@ -247,11 +250,13 @@ def _part(plan: _Plan, layer: int, acts, inputs, grads) -> SteeringPart:
     try:
         return _method_part(plan, layer, acts, inputs, grads)
     except ValueError as error:  # the maths cannot name the layer or the method
-        raise ValueError(f"extract(method={plan.method!r}) at layer {layer}: {error}") from None
+        raise ValueError(f"extract(method={_method_name(plan.method)!r}) at layer {layer}: {error}") from None
 
 
 def _method_part(plan: _Plan, layer: int, acts, inputs, grads) -> SteeringPart:
     cho, rej = _members(acts[layer])
+    if callable(plan.method):
+        return SteeringPart(bias=_custom_direction(plan.method, cho, rej))
     if plan.method in ("mean_diff", "pca_diff", "pca_center"):
         return SteeringPart(bias=maths.additive(plan.method, cho, rej))
     if plan.method == "grad":
@@ -266,18 +271,45 @@ def _method_part(plan: _Plan, layer: int, acts, inputs, grads) -> SteeringPart:
     return SteeringPart(A=A, B=B, source="input")
 
 
+def _method_name(method) -> str:
+    """A method's name: itself, or ``custom:<name>`` for a callable."""
+    return f"custom:{getattr(method, '__name__', type(method).__name__)}" if callable(method) else method
+
+
+def _custom_direction(method, cho: torch.Tensor, rej: torch.Tensor) -> torch.Tensor:
+    """``method(cho, rej)`` checked: a real tensor (or array) of shape ``[D]`` with finite values
+    (the "method's result" errors name the layer in :func:`_part`)."""
+    with torch.no_grad():
+        got = method(cho.clone(), rej.clone())  # copies: a method that works in place cannot alter the reads
+    if not isinstance(got, torch.Tensor):
+        try:
+            got = torch.as_tensor(got)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"method (a callable) must return a tensor [D], got {type(got).__name__}") from None
+    if not got.is_floating_point() or tuple(got.shape) != (cho.shape[-1],):
+        raise ValueError(f"method (a callable) must return a float tensor of shape [{cho.shape[-1]}] "
+                         f"(one direction), got {got.dtype} of shape {tuple(got.shape)}")
+    if not bool(torch.isfinite(got).all()):
+        raise ValueError("method (a callable) returned NaN or Inf values: return a finite direction")
+    return got.detach().to("cpu", cho.dtype).clone()
+
+
 def _metadata(model, plan: _Plan, pair_set: PairSet, concept) -> dict:
     metadata = {
         "model": model_id(model),
         "model_type": model_type(model),
         "hidden_size": hidden_size(model),
-        "method": plan.method,
+        "method": _method_name(plan.method),
         "concept": concept if concept is not None else pair_set.concept,
         "target": plan.target,
         "last_n_tokens": plan.last_n_tokens,
         "n_pairs": len(pair_set),
-        "scale": SCALE_NOTE,
+        "scale": "as the custom method returned it" if callable(plan.method) else SCALE_NOTE,
     }
+    if plan.read_token_index != -1:
+        index = plan.read_token_index
+        metadata["read_token_index"] = (f"callable:{getattr(index, '__name__', type(index).__name__)}"
+                                        if callable(index) else int(index))
     if plan.method in ("lowrank", "weight_svd"):
         metadata["rank"] = plan.rank
     if plan.method == "grad":
@@ -290,7 +322,7 @@ def extract(model, tokenizer, pairs, *, layers=None, method: str = "mean_diff", 
             last_n_tokens: int = 1, target: str = RESIDUAL, batch_size: int | None = None,
             accelerator=None, progress: bool = True, readout_layer: int | None = None,
             fisher_lambda: float | None = None, concept: str | None = None,
-            share_prefixes: bool = True) -> SteeringVector:
+            share_prefixes: bool = True, read_token_index=-1) -> SteeringVector:
     """Extract a steering vector from contrast pairs.
 
     Args:
@@ -302,9 +334,19 @@ def extract(model, tokenizer, pairs, *, layers=None, method: str = "mean_diff", 
         layers: layer index or list; default :func:`~steerkern.models.default_layers` (middle band).
         method: ``"mean_diff"`` (default; the best at equal coherence cost on the shipped concepts,
             research_notes.md) ``| "pca_diff" | "pca_center" | "lowrank" | "weight_svd" | "grad"``
-            (maths and scale in :mod:`steerkern.directions`).
+            (maths and scale in :mod:`steerkern.directions`), or a callable
+            ``method(chosen, rejected) -> direction`` called once per layer with the reads as
+            float32 CPU tensors ``[n_pairs * last_n_tokens, D]`` (row ``i`` of both from the
+            same pair and token) and returning ``[D]``: the additive part at that layer, used
+            as returned (its sign and scale are the callable's; metadata ``method`` is
+            ``"custom:<name>"``).
         rank: rank of ``lowrank`` / ``weight_svd``.
         last_n_tokens: how many final non-pad tokens of each text are read (aligned from the right).
+        read_token_index: the token whose state is read (the last of the ``last_n_tokens``):
+            -1 (default) the last token, an int index into each text's token ids (the
+            tokenizer's BOS first when it adds one; negative counts from the end), or a
+            callable ``text -> int`` called on every chosen and rejected text
+            (:func:`steerkern.capture.capture`).
         target: ``"residual"`` or a sub-module name (``"mlp.down_proj"``, ...); ``weight_svd``
             needs a linear module.
         batch_size: texts per forward pass (default 16; 8 for the backward passes of ``grad``).
@@ -341,7 +383,7 @@ def extract(model, tokenizer, pairs, *, layers=None, method: str = "mean_diff", 
         raise ValueError("pairs: every chosen text is its rejected text, so there is no direction to "
                          "extract: give pairs that differ")
     plan = _plan(model, method, layers, rank, last_n_tokens, target, batch_size, readout_layer,
-                 fisher_lambda, share_prefixes)
+                 fisher_lambda, share_prefixes, read_token_index)
     _check_rows(plan, len(pair_set))
     shard = _Shard(pair_set, accelerator)
     with eval_mode(model):

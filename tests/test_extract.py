@@ -886,3 +886,159 @@ def test_on_off_options_and_the_tokenizer_of_capture_are_checked(tiny_model_fact
             capture(model, args.pop("tokenizer"), ["some text"], [1], **args)
     with pytest.raises(TypeError, match="minimal must be True or False"):
         concept_pairs("sentiment", None, minimal="no")
+
+
+# --- read positions, custom methods, recording (what steering-vectors users port) -------------
+
+SHARED = "Pretend you are a person who is " # a long common prefix, so capture shares it
+SHARED_TEXTS = [SHARED + tail for tail in ("kind (A)", "cruel and mean (B)", "calm", "angry at all (A)")]
+
+
+def _hidden_at(model, tok, text, layer, positions):
+    """Reference: ``output_hidden_states`` of ``text`` alone at token ``positions``."""
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states
+    return states[layer + 1][0, positions]
+
+
+def test_capture_reads_at_a_token_index(tiny_model_factory):
+    """``read_token_index`` as an int (from either end), a callable and a per-text list, with
+    ``last_n_tokens`` ending there, equal the hidden states of each text alone, with and
+    without prefix sharing."""
+    model = tiny_model_factory("llama")
+    tok = CharTokenizer()
+    n_ids = [len(tok(t)["input_ids"]) for t in SHARED_TEXTS]
+    by_text = {t: 1 + t.index(" a") for t in SHARED_TEXTS}  # the token of the space before "a"
+    from steerkern.capture import _prefix_plan
+
+    spans = [[n - 2] for n in n_ids]
+    assert _prefix_plan(model, [tok(t)["input_ids"] for t in SHARED_TEXTS], spans) is not None  # shared
+    cases = [(-2, [n - 2 for n in n_ids]), (5, [5] * 4), (by_text.get, list(by_text.values())),
+             ([3, -1, 7, -4], [3, n_ids[1] - 1, 7, n_ids[3] - 4])]
+    for index, ends in cases:
+        for share in (True, False):
+            got = capture(model, tok, SHARED_TEXTS, [1, 2], last_n_tokens=2, read_token_index=index,
+                          progress=False, share_prefixes=share, batch_size=3)
+            for i, (text, end) in enumerate(zip(SHARED_TEXTS, ends)):
+                for layer in (1, 2):
+                    torch.testing.assert_close(got[layer][i], _hidden_at(model, tok, text, layer, [end - 1, end]),
+                                               rtol=1e-4, atol=1e-5)
+
+
+def test_read_token_index_is_checked_by_name(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    tok = CharTokenizer()
+    texts = ["hello", "hi"]  # 6 and 3 tokens with the BOS
+    with pytest.raises(ValueError, match=r"read_token_index=3 for texts\[1\], which has 3 tokens"):
+        capture(model, tok, texts, [1], read_token_index=3, progress=False)
+    with pytest.raises(ValueError, match=r"read_token_index=-4 for texts\[1\]"):
+        capture(model, tok, texts, [1], read_token_index=-4, progress=False)
+    with pytest.raises(ValueError, match=r"last_n_tokens=2 tokens ending at token 0 of texts\[0\]"):
+        capture(model, tok, texts, [1], read_token_index=0, last_n_tokens=2, progress=False)
+    with pytest.raises(TypeError, match=r"read_token_index\(texts\[0\]\) must return an int"):
+        capture(model, tok, texts, [1], read_token_index=lambda text: "last", progress=False)
+    with pytest.raises(ValueError, match="one int per text"):
+        capture(model, tok, texts, [1], read_token_index=[1, 2, 3], progress=False)
+    for bad in (1.0, True, "last"):
+        with pytest.raises(TypeError, match="read_token_index must be"):
+            capture(model, tok, texts, [1], read_token_index=bad, progress=False)
+    with pytest.raises(TypeError, match="read_token_index must be an int, a callable"):
+        extract(model, tok, PAIRS, layers=[1], read_token_index=[1] * 10, progress=False)
+    with pytest.raises(ValueError, match=r"read_token_index=40 for pairs\[0\] \(chosen\)"):
+        extract(model, tok, PAIRS, layers=[1], read_token_index=40, progress=False)
+
+
+@pytest.mark.parametrize("method", ["mean_diff", "pca_center", "grad"])
+def test_extract_at_a_token_index_equals_extracting_the_cut_texts(tiny_model_factory, method):
+    """A causal model's state at token ``p`` does not see the tokens after it, so reading at
+    ``p`` equals reading the last token of the text cut after ``p`` (``grad`` included: its
+    read-out moves to ``p`` too, and the bias after ``p`` cannot reach it)."""
+    model = tiny_model_factory("llama")
+    tok = CharTokenizer()
+    options = dict(layers=[1], method=method, progress=False, last_n_tokens=2)
+    cut = [(c[:-2], r[:-2]) for c, r in PAIRS]  # one char per token: -3 becomes the last
+    want = extract(model, tok, cut, **options)
+    got = extract(model, tok, PAIRS, read_token_index=-3, **options)
+    torch.testing.assert_close(got.parts[(1, "residual")].bias, want.parts[(1, "residual")].bias,
+                               rtol=1e-4, atol=1e-5)
+    assert got.metadata["read_token_index"] == -3
+    # a callable: each text read at its own token (its first space, or its last token)
+    def first_space(text):
+        return text.index(" ") + 1 if " " in text else -1
+    cut = [tuple(t[:first_space(t)] if " " in t else t for t in pair) for pair in PAIRS]
+    want = extract(model, tok, cut, **{**options, "last_n_tokens": 1})
+    got = extract(model, tok, PAIRS, read_token_index=first_space, **{**options, "last_n_tokens": 1})
+    torch.testing.assert_close(got.parts[(1, "residual")].bias, want.parts[(1, "residual")].bias,
+                               rtol=1e-4, atol=1e-5)
+    assert got.metadata["read_token_index"] == "callable:first_space"
+
+
+def test_extract_with_a_custom_method(tiny_model_factory):
+    """A callable method gets the reads as capture gives them (chosen and rejected rows of the
+    same pair and token aligned) and its direction is the vector's part, unchanged."""
+    model = tiny_model_factory("llama")
+    tok = CharTokenizer()
+    seen = []
+
+    def unit_mean(chosen, rejected):
+        seen.append((chosen.shape, chosen.dtype))
+        d = (chosen - rejected).mean(0)
+        chosen.zero_()  # in place: must not change what another layer or the caller reads
+        return d / d.norm()
+
+    vector = extract(model, tok, PAIRS, layers=[1, 2], method=unit_mean, last_n_tokens=2, progress=False)
+    texts = [t for pair in PAIRS for t in pair]
+    acts = capture(model, tok, texts, [1, 2], last_n_tokens=2, progress=False)
+    for layer in (1, 2):
+        d = (acts[layer][0::2] - acts[layer][1::2]).reshape(-1, 64).double().mean(0)
+        torch.testing.assert_close(vector.parts[(layer, "residual")].bias.double(), d / d.norm(),
+                                   rtol=1e-4, atol=1e-5)
+    assert seen == [(torch.Size([10, 64]), torch.float32)] * 2
+    assert vector.metadata["method"] == "custom:unit_mean"
+    assert vector.metadata["scale"] == "as the custom method returned it"
+    with pytest.raises(ValueError, match=r"custom:<lambda>'\) at layer 1: method \(a callable\) must return .* \[64\]"):
+        extract(model, tok, PAIRS, layers=[1], method=lambda c, r: c - r, progress=False)
+    with pytest.raises(ValueError, match=r"at layer 1: method \(a callable\) returned NaN or Inf"):
+        extract(model, tok, PAIRS, layers=[1], method=lambda c, r: c[0] * float("nan"), progress=False)
+    with pytest.raises(TypeError, match=r"method \(a callable\) must return a tensor"):
+        extract(model, tok, PAIRS, layers=[1], method=lambda c, r: object(), progress=False)
+    with pytest.raises(ValueError, match="or a callable"):
+        extract(model, tok, PAIRS, layers=[1], method="logistic", progress=False)
+
+
+def test_record_gives_every_pass_and_sees_steering_entered_before_it(tiny_model_factory):
+    from steerkern import SteeringVector, steer
+    from steerkern.capture import record
+    from tests.hooks import steerkern_hook_count
+
+    model = tiny_model_factory("llama")
+    ids = torch.tensor([[0, 0, 5, 6, 7], [4, 5, 6, 7, 8]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        states = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    with torch.no_grad(), record(model, [1, -2]) as acts:
+        model(input_ids=ids, attention_mask=mask)
+        model(ids[:1, 2:])
+    assert sorted(acts) == [-2, 1] and [a.shape for a in acts[1]] == [(2, 5, 64), (1, 3, 64)]
+    torch.testing.assert_close(acts[1][0], states[2])  # hidden_states[i + 1]: layer i's output
+    torch.testing.assert_close(acts[-2][0], states[3])
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
+    bias = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    vector = SteeringVector.from_directions({1: bias})
+    with torch.no_grad(), steer(model, vector, coeff=2.0), record(model, 1, to_cpu=True) as acts:
+        model(input_ids=ids, attention_mask=mask)
+    want = states[2] + 2.0 * bias * mask[..., None]  # pads are never steered
+    torch.testing.assert_close(acts[1][0], want, rtol=1e-5, atol=1e-5)
+    assert steerkern_hook_count(model) == 0
+    with record(model, [2], target="mlp") as acts:  # generate: the prompt pass, then one per step
+        model.generate(ids[1:], attention_mask=mask[1:], max_new_tokens=3, do_sample=False)
+    assert [tuple(a.shape) for a in acts[2]] == [(1, 5, 64), (1, 1, 64), (1, 1, 64)]
+    with pytest.raises(ValueError, match="layers=9 is out of range"):
+        with record(model, [1, 9]):
+            pass
+    with pytest.raises(TypeError, match="to_cpu"):
+        with record(model, 1, to_cpu="yes"):
+            pass
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before

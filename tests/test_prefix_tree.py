@@ -189,7 +189,8 @@ def test_texts_longer_than_the_sliding_window_run_whole(tiny_model_factory, arch
     tok = CharTokenizer()
     long_texts = [t + " and then, after a long while, it rained all over the town" for t in TEXTS]
     for texts, shared in ((TEXTS, True), (long_texts, False)):
-        assert (_prefix_plan(model, _tokenize(model, tok, texts), 1) is not None) == shared
+        ids = _tokenize(model, tok, texts)
+        assert (_prefix_plan(model, ids, [[len(seq) - 1] for seq in ids]) is not None) == shared
         want = capture(model, tok, texts, [1, 3], progress=False, share_prefixes=False)
         got = capture(model, tok, texts, [1, 3], progress=False)
         for layer in (1, 3):
