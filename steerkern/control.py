@@ -103,8 +103,11 @@ class SteeringBank:
         model: a causal LM (see ``steerkern.models``).
         vectors: a ``SteeringVector`` or a sequence of them; row slot ``k`` selects
             ``vectors[k]``.
-        positions: "all", "prompt", "generated", or a boolean mask ``[batch, seq]`` (True =
-            steer; positions past the mask's length are not steered). "prompt" / "generated"
+        positions: "all", "prompt", "generated", a boolean mask ``[batch, seq]`` (True =
+            steer; positions past the mask's length are not steered), or an int ``k >= 0``:
+            every token whose index among its row's real (non-pad) tokens is ``>= k``, prompt
+            and generated tokens alike (steering-vectors' ``min_token_index``, counted per row
+            so left padding shifts nothing; the BOS, when the tokenizer adds one, is token 0). "prompt" / "generated"
             tell the prompt from the tokens added after it by the KV cache's length (or a
             recurrent state's token count); a pass without a cache (``use_cache=False``, models
             that generate by re-running the whole sequence, e.g. MPT) whose tokens extend the
@@ -139,6 +142,7 @@ class SteeringBank:
         self.vectors = vectors
         self.normalize = flag(normalize, "normalize")
         self.positions, self._position_mask = _check_positions(positions)
+        self._from_token = int(positions) if self.positions == "from" else None
         self.sites = self._build_sites()
         try:
             self.input_device = execution_device(model, model)
@@ -331,7 +335,9 @@ class SteeringBank:
             self._last_length = length
             if self._generate_prompt is not None:  # inside generate: its input is the prompt
                 self._prompt_len = self._generate_prompt
-            steer_here = self._positions_steered(batch, past, length, tokens.device)
+            steer_here = (self._from_token_on(mask, past, batch, length, tokens.device)
+                          if self.positions == "from" else
+                          self._positions_steered(batch, past, length, tokens.device))
         if mask is not None:
             valid = mask[:, -length:].to(torch.bool)
             steer_here = valid if steer_here is None else steer_here & valid
@@ -404,6 +410,23 @@ class SteeringBank:
         prompt = absolute < self._prompt_len
         chosen = prompt if self.positions == "prompt" else ~prompt
         return chosen[None, :].expand(batch, length)
+
+    def _from_token_on(self, mask, past, batch, length, device) -> torch.Tensor:
+        """``positions=k``: the pass's tokens whose index among their row's real tokens is
+        ``>= k``. With an attention mask over the whole sequence (``[B, past + T]``, as
+        ``generate`` and cached calls pass it) the index is ``cumsum(mask) - 1`` at this pass's
+        columns, so left padding shifts nothing; without a mask it is ``past + t``."""
+        if mask is None:
+            if isinstance(past, torch.Tensor):
+                past = past.to(device)
+            index = (torch.arange(length, device=device) + past)[None, :].expand(batch, length)
+        else:
+            if isinstance(past, int) and mask.shape[1] < past + length:
+                raise ValueError(f"steer(positions={self._from_token}): the attention mask covers "
+                                 f"{mask.shape[1]} tokens but the pass sees {past} cached + {length} new: "
+                                 "pass a mask over the whole sequence, as generate does")
+            index = mask.long().cumsum(-1)[:, -length:] - 1
+        return index >= self._from_token
 
     def _extends_prompt(self, tokens: torch.Tensor) -> bool:
         """Whether ``tokens`` are the last prompt followed by more tokens (a model re-running
@@ -761,6 +784,11 @@ def _recurrent_past(cache, length: int, seen: weakref.WeakKeyDictionary) -> int:
 
 
 def _check_positions(positions):
+    if isinstance(positions, numbers.Integral) and not isinstance(positions, bool):
+        if positions < 0:
+            raise ValueError(f"positions={positions}: a token index must be >= 0 (steer each row's "
+                             "tokens from its real token `positions` on)")
+        return "from", None
     if isinstance(positions, str):
         if positions not in POSITIONS:
             raise ValueError(f"positions={positions!r}: use one of {POSITIONS} or a boolean mask [batch, seq]")
@@ -773,7 +801,8 @@ def _check_positions(positions):
                 f"shape {tuple(positions.shape)}"
             )
         return "mask", positions.detach().clone()  # the bank's own: later writes by the caller steer nothing
-    raise TypeError(f"positions must be a string or a bool tensor, got {type(positions).__name__}")
+    raise TypeError(f"positions must be a string, an int token index or a bool tensor, got "
+                    f"{type(positions).__name__}")
 
 
 def _as_coeff(coeff) -> torch.Tensor:
@@ -880,7 +909,8 @@ def steer(model: nn.Module, vectors, coeff=1.0, *, slots=None, positions="all", 
         vectors: a ``SteeringVector`` (every row) or a list of them (pick per row with ``slots``).
         coeff: one number for every row, or per-row numbers ``[batch]``.
         slots: per-row index into ``vectors``; -1 leaves a row unsteered. Default: vector 0.
-        positions: "all" tokens, "prompt" only, "generated" only, or a bool mask ``[batch, seq]``.
+        positions: "all" tokens, "prompt" only, "generated" only, a bool mask ``[batch, seq]``,
+            or an int ``k``: each row's tokens from its ``k``-th real token on (see ``SteeringBank``).
         normalize: keep each steered hidden state's L2 norm.
 
     Nested ``steer`` blocks add up. Hooks are removed on exit, exceptions included, and a bad

@@ -955,3 +955,59 @@ def test_tensors_without_data_and_non_real_coefficients_are_refused_by_name(tiny
         with steer(model, vector, slots=[torch.tensor(0), torch.tensor([0])],
                    coeff=[torch.tensor(2.0), torch.tensor([-1.0])]):
             torch.testing.assert_close(model(ids).logits, expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_positions_from_a_token_index_count_each_rows_real_tokens(arch, tiny_model_factory):
+    """``positions=k`` (steering-vectors' ``min_token_index``): under left padding and the KV
+    cache of ``generate``, each row is steered from its k-th real token on, generated tokens
+    included, as a hand-written hook that re-runs the whole sequence without a cache steers it."""
+    model = tiny_model_factory(arch)
+    vector = random_vector(model, [1], seed=3, scale=4.0)
+    bias = vector.parts[(1, "residual")].bias
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7], [4, 5, 6, 7, 8, 9]])
+    mask = (ids != 0).long()
+    k, new = 2, 4
+
+    def hook(module, args, output):
+        hidden = (output[0] if isinstance(output, tuple) else output).clone()
+        real = state["mask"].cumsum(1) - 1
+        hidden += 1.5 * bias * ((real >= k) & state["mask"].bool())[..., None]
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    state = {"mask": mask}
+    want_ids = ids
+    handle = decoder_layers(model)[1].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for _ in range(new):
+                positions = (state["mask"].cumsum(1) - 1).clamp(min=0)
+                logits = model(input_ids=want_ids, attention_mask=state["mask"], position_ids=positions,
+                               use_cache=False).logits[:, -1]
+                want_ids = torch.cat([want_ids, logits.argmax(-1, keepdim=True)], 1)
+                state["mask"] = torch.cat([state["mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+    finally:
+        handle.remove()
+    with torch.no_grad(), steer(model, vector, coeff=1.5, positions=k):
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want_ids)
+    with torch.no_grad():  # k = 0 is every real token, as positions="all"
+        with steer(model, vector, coeff=1.5, positions=0):
+            from_zero = model(ids, attention_mask=mask).logits
+        with steer(model, vector, coeff=1.5):
+            everything = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(from_zero, everything)
+    assert steerkern_hook_count(model) == 0
+
+
+def test_a_token_index_position_is_checked(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    vector = random_vector(model, [1], seed=0)
+    with pytest.raises(ValueError, match="positions=-1: a token index must be >= 0"):
+        steer(model, vector, positions=-1).__enter__()
+    with pytest.raises(TypeError, match="positions must be a string, an int token index or a bool tensor"):
+        steer(model, vector, positions=True).__enter__()
+    with pytest.raises(TypeError, match="positions must be"):
+        steer(model, vector, positions=1.5).__enter__()
+    assert steerkern_hook_count(model) == 0
