@@ -155,6 +155,7 @@ class SteeringBank:
         self._prompt_tokens: torch.Tensor | None = None  # the last prompt, for passes without a cache
         self._last_length = 0  # tokens of the last pass: a pass without a cache re-runs them + 1
         self._recurrent_seen = weakref.WeakKeyDictionary()  # recurrent cache -> tokens it consumed
+        self._pads_seen = weakref.WeakKeyDictionary()  # cache -> pads per row its masked passes fed it
         self._token_state: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._token_shape: tuple[int, int] | None = None
         self._pass_open = False  # inside a forward pass of the model itself
@@ -335,7 +336,7 @@ class SteeringBank:
             self._last_length = length
             if self._generate_prompt is not None:  # inside generate: its input is the prompt
                 self._prompt_len = self._generate_prompt
-            steer_here = (self._from_token_on(mask, past, batch, length, tokens.device)
+            steer_here = (self._from_token_on(mask, past, batch, length, tokens.device, cache)
                           if self.positions == "from" else
                           self._positions_steered(batch, past, length, tokens.device))
         if mask is not None:
@@ -411,22 +412,38 @@ class SteeringBank:
         chosen = prompt if self.positions == "prompt" else ~prompt
         return chosen[None, :].expand(batch, length)
 
-    def _from_token_on(self, mask, past, batch, length, device) -> torch.Tensor:
+    def _from_token_on(self, mask, past, batch, length, device, cache) -> torch.Tensor:
         """``positions=k``: the pass's tokens whose index among their row's real tokens is
         ``>= k``. With an attention mask over the whole sequence (``[B, past + T]``, as
         ``generate`` and cached calls pass it) the index is ``cumsum(mask) - 1`` at this pass's
-        columns, so left padding shifts nothing; without a mask it is ``past + t``."""
+        columns, so left padding shifts nothing. Without a mask it is ``past + t`` less the pads
+        that earlier masked passes fed the same cache: Mamba and Mamba 2 get the mask for the
+        prompt pass only, and their recurrent state's token count includes its left pads."""
         if mask is None:
             if isinstance(past, torch.Tensor):
                 past = past.to(device)
-            index = (torch.arange(length, device=device) + past)[None, :].expand(batch, length)
+            index = torch.arange(length, device=device)[None, :] + past
+            pads = self._pads_of(cache)
+            if pads is not None and pads.shape[0] == batch and not (isinstance(past, int) and past == 0):
+                index = index - pads.to(device)[:, None]
+            index = index.expand(batch, length)
         else:
-            if isinstance(past, int) and mask.shape[1] < past + length:
-                raise ValueError(f"steer(positions={self._from_token}): the attention mask covers "
-                                 f"{mask.shape[1]} tokens but the pass sees {past} cached + {length} new: "
-                                 "pass a mask over the whole sequence, as generate does")
             index = mask.long().cumsum(-1)[:, -length:] - 1
+            if cache is not None:
+                self._remember_pads(cache, mask.shape[1] - mask.long().sum(-1))
         return index >= self._from_token
+
+    def _pads_of(self, cache):
+        try:
+            return self._pads_seen.get(cache) if cache is not None else None
+        except TypeError:  # not weakly referenceable (legacy tuple caches)
+            return None
+
+    def _remember_pads(self, cache, pads: torch.Tensor) -> None:
+        try:
+            self._pads_seen[cache] = pads
+        except TypeError:  # legacy tuple caches: their passes come with masks anyway
+            pass
 
     def _extends_prompt(self, tokens: torch.Tensor) -> bool:
         """Whether ``tokens`` are the last prompt followed by more tokens (a model re-running

@@ -207,6 +207,44 @@ def test_recurrent_cache_generated_positions_with_a_padded_batch():
     assert_generated_positions_match_their_columns(model, vector, ids, mask, new_tokens=3, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_recurrent_cache_token_index_positions_with_a_padded_batch(name):
+    """Mamba and Mamba 2 get the attention mask for the prompt pass only: ``positions=k`` must
+    still count each row's real tokens in the decode steps (not the left pads its recurrent
+    state consumed), as a hand hook steering by the mask's token index on the whole sequence
+    (no cache) does."""
+    model = build(name)
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7], [4, 5, 6, 7, 8, 9]])
+    mask = (ids != 0).long()
+    bias = 4 * torch.randn(64, generator=torch.Generator().manual_seed(3))
+    k, new = 4, 3  # row 0's first decode step feeds its real token 3 (column 6): not steered
+    state = {}
+
+    def hook(module, args, output):
+        hidden = (output[0] if isinstance(output, tuple) else output).clone()
+        hidden += 1.5 * bias * ((state["mask"].cumsum(1) - 1 >= k) & state["mask"].bool())[..., None]
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    want, want_logits = ids, []
+    handle = decoder_layers(model)[1].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for step in range(new):
+                state["mask"] = torch.cat([mask, torch.ones(2, step, dtype=torch.long)], 1)
+                logits = model(input_ids=want, attention_mask=state["mask"], use_cache=False).logits[:, -1]
+                want_logits.append(logits)
+                want = torch.cat([want, logits.argmax(-1, keepdim=True)], 1)
+    finally:
+        handle.remove()
+    with torch.no_grad(), steer(model, SteeringVector.from_directions({1: bias}), coeff=1.5, positions=k):
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    for ours, theirs in zip(got.logits, want_logits):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.sequences, want)
+    assert steerkern_hook_count(model) == 0
+
+
 def assert_generated_positions_match_their_columns(model, vector, ids, mask, *, new_tokens, atol,
                                                    rerun_without_cache=False):
     """Greedy generate under ``positions="generated"`` leaves the first token's scores alone,
