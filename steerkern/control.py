@@ -167,6 +167,8 @@ class SteeringBank:
         self._in_generate = 0  # depth of generate calls under way (their rows may be expanded)
         self._whole_prompts = 0  # depth of whole_prompt_passes contexts: every pass is a prompt
         self._generate_rows: int | None = None  # rows of the generate call's input, before expansion
+        self._generate_mask: torch.Tensor | None = None  # the generate call's 2-D attention mask
+        self._generate_index: dict[torch.device, torch.Tensor] = {}  # its real-token index, per device
         self._mask_on: dict[torch.device, torch.Tensor] = {}  # the positions mask, per device
 
     # --- building ------------------------------------------------------------------------------
@@ -419,6 +421,8 @@ class SteeringBank:
         columns, so left padding shifts nothing. Without a mask it is ``past + t`` less the pads
         that earlier masked passes fed the same cache: Mamba and Mamba 2 get the mask for the
         prompt pass only, and their recurrent state's token count includes its left pads."""
+        if mask is None and self._generate_mask is not None:
+            return self._generate_mask_index(past, batch, length, device) >= self._from_token
         if mask is None:
             if isinstance(past, torch.Tensor):
                 past = past.to(device)
@@ -432,6 +436,23 @@ class SteeringBank:
             if cache is not None:
                 self._remember_pads(cache, mask.shape[1] - mask.long().sum(-1))
         return index >= self._from_token
+
+    def _generate_mask_index(self, past, batch, length, device) -> torch.Tensor:
+        """``positions=k`` inside a ``generate`` call whose passes come without a 2-D mask (a
+        static cache gets a 4-D one, which does not say which keys are pads): each token's index
+        among its row's real tokens from the call's own 2-D mask ``[R, P]``; a prompt pad's is
+        -1, and every token after the prompt is real (generate extends the mask with ones)."""
+        index = self._generate_index.get(device)
+        if index is None:  # placed once per device and call
+            given = self._generate_mask.to(device).bool()
+            index = self._generate_index[device] = torch.where(given, given.long().cumsum(1) - 1, -1)
+        rows, width = index.shape
+        columns = torch.arange(length, device=device) + (past.to(device) if isinstance(past, torch.Tensor) else past)
+        real = index.max(1, keepdim=True).values  # the last real prompt token's index (-1: none)
+        got = torch.where(columns < width, index[:, columns.clamp(max=width - 1)], real + columns - width + 1)
+        if batch != rows:
+            got = got.repeat_interleave(self._copies(batch, rows, "the generate call's attention mask has"), dim=0)
+        return got
 
     def _pads_of(self, cache):
         try:
@@ -637,16 +658,21 @@ def _track_generate(model: nn.Module, bank: SteeringBank) -> None:
                 prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
             given = isinstance(prompt, torch.Tensor) and prompt.dim() >= 2
             length, rows = (prompt.shape[1], prompt.shape[0]) if given else (None, None)
-            outer = [(b, b._generate_prompt, b._generate_rows) for b in banks]
-            for b, _, _ in outer:
+            mask = kwargs.get("attention_mask")
+            mask = mask if given and isinstance(mask, torch.Tensor) and mask.shape == prompt.shape[:2] else None
+            outer = [(b, b._generate_prompt, b._generate_rows, b._generate_mask, b._generate_index)
+                     for b in banks]
+            for b, *_ in outer:
                 b._generate_prompt, b._generate_rows = length, rows
+                b._generate_mask, b._generate_index = mask, {}
                 b._in_generate += 1
             try:
                 with _chunks_through_hooks(model):
                     return inner(*args, **kwargs)
             finally:
-                for b, prompt_length, prompt_rows in outer:
+                for b, prompt_length, prompt_rows, prompt_mask, prompt_index in outer:
                     b._generate_prompt, b._generate_rows = prompt_length, prompt_rows
+                    b._generate_mask, b._generate_index = prompt_mask, prompt_index
                     b._in_generate -= 1
 
         def refuse_deepcopy(memo):

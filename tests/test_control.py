@@ -572,7 +572,8 @@ def test_positions_under_a_static_cache_with_left_padding(tiny_model_factory):
     comes from elsewhere: transformers 4.5x's static ``get_seq_length`` counts the non-zero keys
     of row 0, which fall short of the prompt when row 0 is left-padded, and decode steps were
     taken for prompt tokens (left unsteered under "generated"). Every setting must give what
-    the dynamic cache gives."""
+    the dynamic cache gives, ``positions=k`` too (each row's real tokens counted from the
+    generate call's own 2-D mask, since the model gets no 2-D mask to count them in)."""
     model = tiny_model_factory("llama")
     vector = random_vector(model, [1, 2], 0, scale=4.0)
     ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(7))
@@ -590,7 +591,7 @@ def test_positions_under_a_static_cache_with_left_padding(tiny_model_factory):
                 return model.generate(input_ids=ids, attention_mask=mask, **run, **extra)
 
     plain = tokens(None)
-    for positions in ("all", "prompt", "generated"):
+    for positions in ("all", "prompt", "generated", 4, 11):  # k: the 4-D mask names no pads
         assert torch.equal(tokens(positions, cache_implementation="static"), tokens(positions)), positions
     assert not torch.equal(tokens("generated"), plain)
 
