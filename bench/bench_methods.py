@@ -37,7 +37,7 @@ import torch
 
 from steerkern import calibrate, concept_eval_prompts, concept_pairs, evaluate, extract, load_model
 
-ALL_METHODS = ("mean_diff", "pca_diff", "pca_center", "lowrank", "weight_svd", "grad")
+ALL_METHODS = ("mean_diff", "pca_diff", "pca_center", "logistic", "lowrank", "weight_svd", "grad")
 METHODS = tuple(os.environ.get("STEERKERN_METHODS", ",".join(ALL_METHODS)).split(","))
 CONCEPTS = tuple(os.environ.get("STEERKERN_METHODS_CONCEPTS", "honesty,formality").split(","))
 LAYERS = [int(x) for x in os.environ.get("STEERKERN_METHODS_LAYERS", "10,12").split(",")]

@@ -26,7 +26,7 @@ from pathlib import Path
 EXIT_USAGE = 2
 # Spelled here rather than imported: steerkern.directions / steerkern.models import torch, which
 # would slow `--help` (tests/test_cli.py checks they agree).
-EXTRACT_METHODS = ("mean_diff", "pca_diff", "pca_center", "lowrank", "weight_svd", "grad")
+EXTRACT_METHODS = ("mean_diff", "pca_diff", "pca_center", "logistic", "lowrank", "weight_svd", "grad")
 RANK_METHODS = ("lowrank", "weight_svd")  # the methods --rank applies to
 RESIDUAL = "residual"
 FLOAT32_MAX = 3.4028234663852886e38  # steerkern.control.FLOAT32_MAX: coefficients are held as float32
@@ -545,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--pairs", metavar="FILE", help="contrast pairs, .jsonl or .json")
     source.add_argument("--mwe", metavar="FILE", help="model-written-evals JSONL (CAA pairs at the answer token)")
     p.add_argument("--method", default="mean_diff", choices=EXTRACT_METHODS,
-                   help="extraction method (default: mean_diff, as steerkern.extract)")
+                   help="extraction method (default: mean_diff, as steerkern.extract; logistic: a linear "
+                        "probe's direction, L2-regularised logistic regression of chosen vs rejected)")
     p.add_argument("--layers", default=None,
                    help="layers like 10-14 or 8,10,12; negative ones count from the last (-3--1: the last three) "
                         "(default: a middle band)")

@@ -20,6 +20,11 @@ Methods:
   (cho_i + rej_i) / 2``. These rows are ``±Δ_i / 2``, so this finds the top eigenvector of the
   *uncentred* second moment ``Δ^T Δ``: dominated by the consistent mean shift ``m``, where
   ``pca_diff`` removes ``m`` first.
+- ``logistic``: the normal of a linear probe (as steering-vectors' ``logistic_aggregator``,
+  without sklearn): L2-regularised logistic regression separating the ``2n`` rows ``{cho_i}``
+  (label ``+1``) from ``{rej_i}`` (label ``-1``), pairing ignored, on features centred on the
+  mean of all ``2n`` rows and divided by one global scale (their RMS norm);
+  ``u ∝ w`` (see :func:`logistic`).
 - ``lowrank``: ``V_r``, the top-r right singular vectors of ``Δ`` (uncentred), and in those
   coordinates the affine map fitted (ridge least squares) to carry each rejected activation to
   its chosen partner: ``delta(h) = c * V_r (t + K V_r^T h)``, i.e. ``bias = V_r t``,
@@ -49,8 +54,8 @@ from __future__ import annotations
 
 import torch
 
-ADDITIVE_METHODS = ("mean_diff", "pca_diff", "pca_center", "grad")
-METHODS = ("mean_diff", "pca_diff", "pca_center", "lowrank", "weight_svd", "grad")
+ADDITIVE_METHODS = ("mean_diff", "pca_diff", "pca_center", "logistic", "grad")
+METHODS = ("mean_diff", "pca_diff", "pca_center", "logistic", "lowrank", "weight_svd", "grad")
 
 
 def work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -162,6 +167,116 @@ def pca_center(cho: torch.Tensor, rej: torch.Tensor) -> torch.Tensor:
     rows = torch.cat([cho - mid, rej - mid])  # [2n, D], mean exactly zero
     u = top_right_singular(rows - rows.mean(0), 1)[:, 0]
     return signed_scaled(u, cho - rej)
+
+
+def logistic(cho: torch.Tensor, rej: torch.Tensor, lam: float | None = None) -> torch.Tensor:
+    """Linear-probe direction: the weight vector of an L2-regularised logistic regression that
+    tells chosen from rejected activations, signed and scaled. ``[D]``.
+
+    Features: the ``N = 2n`` rows ``r_i`` of ``cat(cho, rej)``, centred on their mean ``μ`` and
+    divided by their RMS norm ``s = sqrt(mean_i |r_i - μ|^2)``: ``x_i = (r_i - μ) / s``, labels
+    ``y_i = +1`` (chosen) and ``-1`` (rejected). The probe minimises
+
+        ``L(w, b) = mean_i softplus(-y_i (w · x_i + b)) + (λ/2) |w|^2``   (``b`` unpenalised)
+
+    and ``u = w / |w|`` (``w / s`` in activation units points the same way), with the shared
+    sign and scale (``m · u > 0``, ``bias = u (m · u)``). Centring makes the direction
+    invariant to a vector added to every row; the one global scale (not per-feature
+    standardisation, which would reweight the directions) makes ``λ`` mean the same at every
+    layer and model, whatever the activations' magnitude.
+
+    ``λ`` (default ``1 / N``): ``(1/N)`` times sklearn's default objective
+    ``½|w|^2 + C Σ_i loss_i`` with ``C = 1``, the setting steering-vectors'
+    ``logistic_aggregator`` trains with, i.e. a unit Gaussian prior on ``w`` in units where a
+    typical row has norm 1. (Applied to raw activations, as there, its strength depends on
+    the layer's activation norm.) Large ``λ`` tends to ``mean_diff`` (``w ∝ Σ y_i x_i ∝ m``);
+    small ``λ`` on separable data (generically so when ``D >= N``) to the max-margin direction.
+    The penalty keeps ``w`` finite when the classes are separable.
+
+    Solver (:func:`probe_weights`): float64 on CPU. By the representer theorem ``w`` lies in
+    the row space of ``X``: when ``D > N`` the thin SVD ``X = U S V^T`` (``V^T`` is
+    ``[N, D]``; never a ``D x D`` matrix) gives ``w = V β``, and the problem is the same
+    logistic regression on the ``N``-dimensional coordinates ``Z = U S`` with ``|w| = |β|``
+    (the dual / kernel form, in an orthonormal basis). When ``D <= N`` it runs on ``X`` itself.
+    Either way Newton's method on ``(β, b)`` from zero, damped by Armijo backtracking, then
+    full steps once the promised decrease is below the objective's rounding:
+    ``(k+1) x (k+1)`` systems, ``k = min(N, D)``, converged to float64 precision.
+    One pair (``n = 1``) is well defined: the rows are ``±Δ/2``, so ``w ∝ Δ`` (``mean_diff``).
+    """
+    check_pairs(cho, rej)
+    dtype = work_dtype(cho)
+    diffs = cho.to(dtype) - rej.to(dtype)
+    rows = torch.cat([cho, rej]).detach().to("cpu", torch.float64)
+    n_rows = rows.shape[0]
+    lam = 1.0 / n_rows if lam is None else float(lam)
+    if not 0 < lam < float("inf"):
+        raise ValueError(f"logistic: the regularisation lam must be a finite number > 0, got {lam}")
+    x = rows - rows.mean(0)
+    scale = torch.sqrt((x * x).sum() / n_rows)
+    if not scale > 0:
+        raise ValueError("logistic: every chosen and rejected activation is the same vector")
+    labels = torch.ones(n_rows, dtype=torch.float64)
+    labels[cho.shape[0]:] = -1.0
+    w, _ = probe_weights(x / scale, labels, lam)
+    return signed_scaled(w.to(diffs.device), diffs)
+
+
+def probe_weights(x: torch.Tensor, y: torch.Tensor, lam: float, max_iter: int = 200):
+    """``argmin_{w, b} mean_i softplus(-y_i (w · x_i + b)) + (λ/2)|w|^2`` for ``x [N, D]`` and
+    labels ``y [N]`` in ``{+1, -1}``, in float64: returns ``(w [D], b)``. Damped Newton in the
+    row space of ``x`` (see :func:`logistic`), so the work is ``O(N D min(N, D))`` for the SVD
+    and ``O(N k^2 + k^3)`` per Newton step, ``k = min(N, D)``."""
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    n_rows = x.shape[0]
+    if x.shape[1] > n_rows:  # the row space: thin SVD X = U S V^T, V^T [N, D] (no D x D matrix)
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        coords, basis = u * s, vh.T  # Z = U S [N, N], V [D, N]
+    else:
+        coords, basis = x, None  # D <= N: the features themselves (V = I)
+    k = coords.shape[1]
+    design = torch.cat([coords, torch.ones(n_rows, 1, dtype=torch.float64)], 1)  # [N, k + 1]
+    penalty = torch.full((k + 1,), lam, dtype=torch.float64)
+    # b is unpenalised; a negligible diagonal keeps its Newton system solvable where every
+    # probability saturates (it changes the search direction only, not the minimum).
+    penalty[-1] = lam * 1e-10
+
+    def objective(theta):
+        margins = y * (design @ theta)
+        return torch.nn.functional.softplus(-margins).mean() + lam / 2 * (theta[:k] @ theta[:k])
+
+    # Damped Newton while the decrease it promises (half the Newton decrement ``g^T H^-1 g``)
+    # is visible in the objective (about 1e-16 here); below that, full Newton steps (the
+    # quadratically convergent phase) until the decrement stops shrinking, at float64 rounding.
+    theta = torch.zeros(k + 1, dtype=torch.float64)
+    value, previous = objective(theta), float("inf")
+    for _ in range(max_iter):
+        z = design @ theta
+        grad = design.T @ (-y * torch.sigmoid(-y * z)) / n_rows
+        grad[:k] += lam * theta[:k]
+        curvature = torch.sigmoid(z) * torch.sigmoid(-z)
+        hessian = (design.T * curvature) @ design / n_rows + torch.diag(penalty)
+        step = torch.linalg.solve(hessian, grad)
+        decrement = float(grad @ step)
+        if decrement < 1e-13:
+            if decrement == 0 or decrement > previous / 4:
+                break  # converged: the decrement no longer shrinks quadratically
+            theta, previous = theta - step, decrement
+            value = objective(theta)
+            continue
+        t = 1.0
+        while t > 1e-12:
+            candidate = theta - t * step
+            new_value = objective(candidate)
+            if new_value <= value - 1e-4 * t * decrement:
+                break
+            t /= 2
+        else:
+            raise RuntimeError("logistic: Newton's line search found no decrease (a NaN in the features?)")
+        theta, value = candidate, new_value
+    else:
+        raise RuntimeError(f"logistic: Newton's method did not converge in {max_iter} steps")
+    beta = theta[:k]
+    return (beta if basis is None else basis @ beta), float(theta[k])
 
 
 def lowrank(cho: torch.Tensor, rej: torch.Tensor, rank: int = 1, ridge: float = 1e-2):
@@ -295,7 +410,7 @@ def grad_direction(grads: torch.Tensor, diffs: torch.Tensor, fisher_lambda: floa
 
 def additive(method: str, cho: torch.Tensor, rej: torch.Tensor) -> torch.Tensor:
     """Dispatch for the activation-only additive methods."""
-    functions = {"mean_diff": mean_diff, "pca_diff": pca_diff, "pca_center": pca_center}
+    functions = {"mean_diff": mean_diff, "pca_diff": pca_diff, "pca_center": pca_center, "logistic": logistic}
     if method not in functions:
         raise ValueError(f"method={method!r} is not one of {sorted(functions)}")
     return functions[method](cho, rej)

@@ -257,7 +257,7 @@ def _method_part(plan: _Plan, layer: int, acts, inputs, grads) -> SteeringPart:
     cho, rej = _members(acts[layer])
     if callable(plan.method):
         return SteeringPart(bias=_custom_direction(plan.method, cho, rej))
-    if plan.method in ("mean_diff", "pca_diff", "pca_center"):
+    if plan.method in ("mean_diff", "pca_diff", "pca_center", "logistic"):
         return SteeringPart(bias=maths.additive(plan.method, cho, rej))
     if plan.method == "grad":
         maths.check_pairs(cho, rej)
@@ -312,6 +312,8 @@ def _metadata(model, plan: _Plan, pair_set: PairSet, concept) -> dict:
                                         if callable(index) else int(index))
     if plan.method in ("lowrank", "weight_svd"):
         metadata["rank"] = plan.rank
+    if plan.method == "logistic":  # the probe's L2 strength, 1 / (its 2 * n_pairs * last_n_tokens rows)
+        metadata["probe_lambda"] = 1.0 / (2 * len(pair_set) * plan.last_n_tokens)
     if plan.method == "grad":
         metadata["readout_layer"] = plan.readout
         metadata["fisher_lambda"] = plan.fisher_lambda
@@ -333,8 +335,11 @@ def extract(model, tokenizer, pairs, *, layers=None, method: str = "mean_diff", 
             :class:`~steerkern.data.PairSet` from :func:`~steerkern.data.make_pairs`.
         layers: layer index or list; default :func:`~steerkern.models.default_layers` (middle band).
         method: ``"mean_diff"`` (default; the best at equal coherence cost on the shipped concepts,
-            research_notes.md) ``| "pca_diff" | "pca_center" | "lowrank" | "weight_svd" | "grad"``
-            (maths and scale in :mod:`steerkern.directions`), or a callable
+            research_notes.md) ``| "pca_diff" | "pca_center" | "logistic" | "lowrank" |
+            "weight_svd" | "grad"`` (maths and scale in :mod:`steerkern.directions`; ``logistic``
+            is a linear probe's normal, L2-regularised logistic regression of chosen vs rejected
+            rows at ``λ = 1 / rows`` on centred features of RMS norm 1, recorded as metadata
+            ``probe_lambda``), or a callable
             ``method(chosen, rejected) -> direction`` called once per layer with the reads as
             float32 CPU tensors ``[n_pairs * last_n_tokens, D]`` (row ``i`` of both from the
             same pair and token) and returning ``[D]``: the additive part at that layer, used

@@ -366,6 +366,17 @@ def test_target_flag_steers_a_sub_module_and_weight_svd_needs_one(tiny_cli, tmp_
         assert SteeringVector.load(out).targets == ["mlp.down_proj"]
 
 
+def test_extract_logistic_writes_a_gguf(tiny_cli, tmp_path, capsys):
+    """``--method logistic`` is additive, so it can be written as a .gguf control vector."""
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text('[["I like cats", "I hate cats"], ["Are you happy ?", "Are you sad ?"]]')
+    out = tmp_path / "v.gguf"
+    assert main(["extract", "--pairs", str(pairs), "--method", "logistic", "--layers", "1", "-o", str(out)]) == 0
+    assert "method logistic" in capsys.readouterr().out
+    vector = SteeringVector.from_gguf(out)
+    assert vector.layers == [1] and bool(torch.isfinite(vector.parts[(1, "residual")].bias).all())
+
+
 def test_a_failed_vector_write_is_one_line(tiny_cli, tmp_path, capsys, monkeypatch):
     """A write that fails after extraction (disk full, a file system that refuses it) ends with
     exit status 2 and a line naming -o, not a safetensors traceback."""

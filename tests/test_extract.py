@@ -222,7 +222,7 @@ def test_sign_convention_positive_moves_toward_chosen(method):
 
 
 
-@pytest.mark.parametrize("method", ["mean_diff", "pca_diff", "pca_center", "lowrank", "weight_svd"])
+@pytest.mark.parametrize("method", ["mean_diff", "pca_diff", "pca_center", "logistic", "lowrank", "weight_svd"])
 def test_identical_pairs_are_a_clear_error_not_a_zero_vector(method):
     """Chosen == rejected has no direction: every method must say so (pca_center, lowrank and
     weight_svd used to return an all-zero vector silently)."""
@@ -328,7 +328,7 @@ def test_left_and_right_padding_give_the_same_vector(tiny_model_factory, arch):
 def test_every_method_on_tiny_models(tiny_model_factory, arch):
     model = tiny_model_factory(arch)
     tok = CharTokenizer()
-    for method in ("mean_diff", "pca_diff", "pca_center", "lowrank", "grad"):
+    for method in ("mean_diff", "pca_diff", "pca_center", "logistic", "lowrank", "grad"):
         vector = extract(model, tok, PAIRS, layers=[1, 2], method=method, progress=False)
         vector.validate(model)
         assert vector.layers == [1, 2] and vector.metadata["method"] == method
@@ -407,7 +407,7 @@ def test_a_float64_model_is_extracted_in_float64():
                                    at_0[0::2] - at_0[1::2])
     assert grad.dtype == torch.float64
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
-    for method in ("pca_diff", "pca_center", "lowrank"):
+    for method in ("pca_diff", "pca_center", "logistic", "lowrank"):
         part = extract(model, tok, PAIRS, layers=[1], method=method, progress=False).parts[(1, "residual")]
         assert all(t.dtype == torch.float64 for t in (part.bias, part.A, part.B) if t is not None), method
 
@@ -752,7 +752,8 @@ def overflowing_model():
     return model
 
 
-@pytest.mark.parametrize("method", ["mean_diff", "pca_diff", "pca_center", "lowrank", "grad", "weight_svd"])
+@pytest.mark.parametrize("method", ["mean_diff", "pca_diff", "pca_center", "logistic", "lowrank", "grad",
+                                    "weight_svd"])
 def test_activations_that_overflow_are_named_as_such(method):
     """Non-finite activations once gave a solver's LinAlgError, 'are chosen and rejected
     identical?' or 'every output difference is zero'."""
@@ -1004,7 +1005,7 @@ def test_extract_with_a_custom_method(tiny_model_factory):
     with pytest.raises(TypeError, match=r"method \(a callable\) must return a tensor"):
         extract(model, tok, PAIRS, layers=[1], method=lambda c, r: object(), progress=False)
     with pytest.raises(ValueError, match="or a callable"):
-        extract(model, tok, PAIRS, layers=[1], method="logistic", progress=False)
+        extract(model, tok, PAIRS, layers=[1], method="svm", progress=False)
 
 
 def test_record_gives_every_pass_and_sees_steering_entered_before_it(tiny_model_factory):
