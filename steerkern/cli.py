@@ -265,7 +265,10 @@ def cmd_extract(args) -> int:
 
 def _in_flag_terms(message: str) -> str:
     """An ``extract`` error in the command's terms: its arguments (``rank=10``,
-    ``target='mlp'``, ``extract(method='lowrank')``) as the flags that set them."""
+    ``target='mlp'``, ``extract(method='lowrank')``) as the flags that set them. Advice to
+    change ``last_n_tokens`` is dropped: the command reads each text's last token and has no
+    flag for it."""
+    message = re.sub(r",? raise last_n_tokens( or|,)", r"\1", message)
     message = re.sub(r"\bextract\(method='([^']*)'\)", r"--method \1", message)
     return re.sub(r"(?<![-\w])(layers|method|rank|target)=('?)([^'\s,:]*)\2", r"--\1 \3", message)
 

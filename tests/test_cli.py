@@ -516,3 +516,16 @@ def test_errors_found_after_the_model_loads_name_the_flags(tiny_cli, tmp_path, c
     assert main(["extract", "--pairs", str(pairs), "--layers=-2--1", "-o", out]) == 0
     assert SteeringVector.load(out).layers == [2, 3]
     assert "2 pairs" in capsys.readouterr().out
+
+
+def test_one_pair_pca_diff_advice_names_only_what_the_command_can_change(tiny_cli, tmp_path, capsys):
+    """extract's advice for one pair under pca_diff mentions last_n_tokens, which the command
+    has no flag for: the command's message offers more pairs or --method mean_diff only."""
+    pairs = tmp_path / "one.json"
+    pairs.write_text('[["I like cats", "I hate cats"]]')
+    argv = ["extract", "--pairs", str(pairs), "--method", "pca_diff", "--layers", "1",
+            "-o", str(tmp_path / "v.safetensors")]
+    assert main(argv) == 2
+    line = _error_line(capsys)
+    assert "give more pairs or use --method mean_diff" in line, line
+    assert "last_n_tokens" not in line, line
