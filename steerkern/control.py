@@ -30,25 +30,42 @@ coefficient for its copies, as ``generate`` orders them.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
-import numbers
-import threading
-import types
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from steerkern import ops
-from steerkern.checks import causal_lm, flag, with_data
+from steerkern.bank_attach import (
+    claim_for_this_thread,
+    release_claim,
+    track_generate,
+    untrack_generate,
+    whole_prompt_passes,
+)
+from steerkern.checks import causal_lm, flag
 from steerkern.models import execution_device, residual_stream_index, resolve_module, token_states
+from steerkern.pass_state import (
+    cache_of,
+    checks_drafts,
+    in_backward,
+    past_length,
+    positional_names,
+    tracing,
+)
+from steerkern.steer_args import (
+    FLOAT32_MAX,
+    POSITIONS,
+    as_coeff,
+    as_slots,
+    check_positions,
+    copy_into,
+)
 from steerkern.vectors import SteeringVector
 
-POSITIONS = ("all", "prompt", "generated")
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # coefficients are held as float32
+__all__ = ["FLOAT32_MAX", "POSITIONS", "SteeringBank", "first_tensor", "steer", "whole_prompt_passes"]
 
 
 def first_tensor(module: nn.Module, where: str = "") -> torch.Tensor:
@@ -141,7 +158,7 @@ class SteeringBank:
         self.model = model
         self.vectors = vectors
         self.normalize = flag(normalize, "normalize")
-        self.positions, self._position_mask = _check_positions(positions)
+        self.positions, self._position_mask = check_positions(positions)
         self._from_token = int(positions) if self.positions == "from" else None
         self.sites = self._build_sites()
         try:
@@ -161,7 +178,7 @@ class SteeringBank:
         self._pass_open = False  # inside a forward pass of the model itself
         self._kept = None  # the pass's logits_to_keep when it keeps fewer positions than it runs
         self._handles: list = []
-        self._positional = _positional_names(model)
+        self._positional = positional_names(model)
         self._stream = residual_stream_index(model)  # Gemma 3n: the active residual copy
         self._generate_prompt: int | None = None  # P of the generate call under way
         self._in_generate = 0  # depth of generate calls under way (their rows may be expanded)
@@ -241,8 +258,8 @@ class SteeringBank:
 
         Values are checked here (once, on the host), never inside the hooks.
         """
-        coeff_t = _as_coeff(coeff)
-        slot_t = _as_slots(slots, len(self.vectors))
+        coeff_t = as_coeff(coeff)
+        slot_t = as_slots(slots, len(self.vectors))
         if slot_t.dim() == 0:  # one vector for every row
             if coeff_t.dim() == 0:
                 rows, slot_t, coeff_t = None, slot_t.reshape(1), coeff_t.reshape(1)
@@ -263,8 +280,8 @@ class SteeringBank:
                 f"{rows}: they must describe the same batch"
             )
         self._rows = rows
-        self._row_slot = _copy_into(self._row_slot, slot_t)
-        self._row_coeff = _copy_into(self._row_coeff, coeff_t)
+        self._row_slot = copy_into(self._row_slot, slot_t)
+        self._row_coeff = copy_into(self._row_coeff, coeff_t)
 
     # --- hooks ---------------------------------------------------------------------------------
 
@@ -280,7 +297,7 @@ class SteeringBank:
     def attach(self) -> None:
         if self._handles:
             raise RuntimeError("this SteeringBank is already attached")
-        _claim_for_this_thread(self.model, self)
+        claim_for_this_thread(self.model, self)
         try:
             self._handles.append(
                 self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
@@ -290,14 +307,14 @@ class SteeringBank:
                     site.module.register_forward_hook(self._site_hook(site), with_kwargs=True)
                 )
             self._handles.append(self.model.register_forward_hook(self._after_forward, always_call=True))
-            _track_generate(self.model, self)
+            track_generate(self.model, self)
         except BaseException:
             self.detach()
             raise
 
     def detach(self) -> None:
-        _release_claim(self.model, self)
-        _untrack_generate(self.model, self)
+        release_claim(self.model, self)
+        untrack_generate(self.model, self)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -323,16 +340,16 @@ class SteeringBank:
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         steer_here = None
         if self.positions != "all":
-            past = _past_length(kwargs, mask, length, self._recurrent_seen)
-            if isinstance(past, torch.Tensor) and self._generate_prompt is None and not _tracing(tokens):
+            past = past_length(kwargs, mask, length, self._recurrent_seen)
+            if isinstance(past, torch.Tensor) and self._generate_prompt is None and not tracing(tokens):
                 past = int(past)  # a host sync, outside generate only: it tracks the prompt below
-            cache = _cache_of(kwargs)
+            cache = cache_of(kwargs)
             if isinstance(past, int) and past == 0 and (self._whole_prompts or not (
                     cache is None and length == self._last_length + 1 and self._extends_prompt(tokens))):
                 self._prompt_len = length
                 self._prompt_tokens = tokens.detach().clone()
             elif (isinstance(past, int) and past > 0 and length > 1 and cache is not None
-                  and not _checks_drafts(kwargs, length)):
+                  and not checks_drafts(kwargs, length)):
                 # more prompt on top of the cache: a prefill chunk, or a continued conversation
                 self._prompt_len = past + length
             self._last_length = length
@@ -486,7 +503,7 @@ class SteeringBank:
 
     def _site_hook(self, site: _Site):
         def hook(module, args, kwargs, output):
-            if not (self._pass_open or _in_backward()):
+            if not (self._pass_open or in_backward()):
                 raise RuntimeError(
                     f"steer: {type(module).__name__} ran outside a forward pass of the steered "
                     f"model ({type(self.model).__name__}): call the model itself (or its "
@@ -542,405 +559,6 @@ def _put_states(hidden: torch.Tensor, steered: torch.Tensor, stream: int) -> tor
     if hidden.dim() == 4:
         return torch.cat([hidden[:stream], steered[None], hidden[stream + 1:]], dim=0)
     return steered.reshape(hidden.shape)
-
-
-def _past_length(kwargs, mask, length, recurrent_seen) -> int | torch.Tensor:
-    """Tokens already in the KV cache: from the attention mask's shape when there is one (no
-    host sync), else from generate's ``cache_position`` (the column the pass starts at), else
-    from the cache, where a static cache answers with a 0-dim device tensor
-    (left as a tensor so that a CUDA graph capture never waits on the host); legacy tuple
-    caches give their keys' length. A recurrent cache (Mamba-style state, no sequence length)
-    is counted in ``recurrent_seen``: 0 while it holds no state, then the tokens this context
-    has fed it; every pass is counted, also those that come with a mask (Mamba 2 and Falcon
-    Mamba get the mask for the prompt only, not for the decode steps). Last,
-    ``cache_position`` (older transformers' recurrent models)."""
-    cache = _cache_of(kwargs)
-    counted = _recurrent_past(cache, length, recurrent_seen) if _is_recurrent(cache) else None
-    if mask is not None:
-        return mask.shape[1] - length
-    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)):
-        return int(cache[0][0].shape[-2])  # legacy tuples: ((keys [B, H, S, d], values), ...)
-    position = kwargs.get("cache_position")
-    start = position.reshape(-1)[0] if isinstance(position, torch.Tensor) and position.numel() else None
-    if cache is not None and counted is None and start is not None:
-        # the column this pass starts at; a static cache's get_seq_length counts the non-zero
-        # keys of row 0 (transformers 4.5x: short of the prompt when row 0 starts with pads)
-        return start
-    if cache is not None and hasattr(cache, "get_seq_length"):
-        try:
-            past = cache.get_seq_length()
-        except ValueError:  # recurrent layers only: no sequence length to ask
-            return counted if counted is not None else _recurrent_past(cache, length, recurrent_seen)
-        return past if isinstance(past, torch.Tensor) else int(past) or _later_layers_length(cache)
-    return start if start is not None else 0
-
-
-def _later_layers_length(cache) -> int:
-    """The longest key/value length of ``cache``'s layers after the first, for a cache whose
-    first layer stays empty while the others fill (MiniMax keeps its linear-attention layers'
-    state apart, so its ``get_seq_length()``, which asks layer 0, answers 0 while decoding)."""
-    longest = 0
-    for index in range(1, len(cache) if hasattr(cache, "__len__") else 0):
-        try:
-            length = cache.get_seq_length(index)
-        except (ValueError, TypeError, IndexError):  # a layer that keeps no sequence length
-            continue
-        if isinstance(length, torch.Tensor):
-            length = int(length)
-        longest = max(longest, length)
-    return longest
-
-
-def _is_recurrent(cache) -> bool:
-    """Whether ``cache`` has recurrent layers (a state that records whether it holds tokens,
-    ``has_previous_state``, but not how many)."""
-    return any(hasattr(layer, "has_previous_state") for layer in getattr(cache, "layers", None) or ())
-
-
-def _cache_of(kwargs):
-    """The cache object a forward call was given (``None`` without one)."""
-    return next((kwargs[k] for k in ("cache", "past_key_values", "cache_params")
-                 if kwargs.get(k) is not None), None)
-
-
-_CLAIMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [(bank, thread id)]
-_CLAIMS_LOCK = threading.Lock()
-
-
-def _claim_for_this_thread(model: nn.Module, bank: SteeringBank) -> None:
-    """Record that ``bank`` steers ``model`` from the calling thread; refuse while a bank
-    attached from another thread steers it. Hooks act on every forward pass of the module,
-    whichever thread runs it, so two threads' contexts would each steer both threads' passes.
-    Checked once per ``steer()`` entry, never in a forward pass."""
-    me = threading.get_ident()
-    with _CLAIMS_LOCK:
-        claims = _CLAIMS.setdefault(model, [])
-        if any(thread != me for _, thread in claims):
-            raise RuntimeError(
-                f"steer(): this {type(model).__name__} is already steered by a context entered in "
-                "another thread. Hooks act on every forward pass of the model, whichever thread runs "
-                "it, so each thread's passes would be steered by both contexts: serve concurrent "
-                "requests as rows of one batch (a list of vectors with per-row slots and coeff), give "
-                "each thread its own copy of the model, or hold a lock around each with block")
-        claims.append((bank, me))
-
-
-def _release_claim(model: nn.Module, bank: SteeringBank) -> None:
-    with _CLAIMS_LOCK:
-        claims = _CLAIMS.get(model)
-        if claims is not None:
-            claims[:] = [(b, t) for b, t in claims if b is not bank]
-            if not claims:
-                del _CLAIMS[model]
-
-
-_MISSING = object()
-_GENERATE = "_steerkern_generate"  # (banks, replaced generate, replaced __deepcopy__) while any is attached
-
-
-def _track_generate(model: nn.Module, bank: SteeringBank) -> None:
-    """While ``bank`` is attached, ``model.generate`` tells it the prompt length ``P`` and the
-    rows of each call's ``input_ids`` / ``inputs_embeds``, and ``copy.deepcopy(model)`` is
-    refused (the copy would carry hooks that act for this model). One wrapper per model, an
-    instance attribute over the class's method, serves every attached bank; it is removed when
-    the last one detaches, in whatever order they detach."""
-    state = model.__dict__.get(_GENERATE)
-    if state is None:
-        inner = getattr(model, "generate", None)
-        if inner is None:
-            return
-        banks: list = []
-
-        @functools.wraps(inner)
-        def generate(*args, **kwargs):
-            prompt = kwargs.get("inputs_embeds")
-            if prompt is None:
-                prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-            given = isinstance(prompt, torch.Tensor) and prompt.dim() >= 2
-            length, rows = (prompt.shape[1], prompt.shape[0]) if given else (None, None)
-            mask = kwargs.get("attention_mask")
-            mask = mask if given and isinstance(mask, torch.Tensor) and mask.shape == prompt.shape[:2] else None
-            outer = [(b, b._generate_prompt, b._generate_rows, b._generate_mask, b._generate_index)
-                     for b in banks]
-            for b, *_ in outer:
-                b._generate_prompt, b._generate_rows = length, rows
-                b._generate_mask, b._generate_index = mask, {}
-                b._in_generate += 1
-            try:
-                with _chunks_through_hooks(model):
-                    return inner(*args, **kwargs)
-            finally:
-                for b, prompt_length, prompt_rows, prompt_mask, prompt_index in outer:
-                    b._generate_prompt, b._generate_rows = prompt_length, prompt_rows
-                    b._generate_mask, b._generate_index = prompt_mask, prompt_index
-                    b._in_generate -= 1
-
-        def refuse_deepcopy(memo):
-            raise RuntimeError(
-                f"copy.deepcopy of {type(model).__name__} inside steer() would copy its steering hooks, "
-                "which then act for this model from inside the copy: copy the model before or after "
-                "the with block")
-
-        state = (banks, model.__dict__.get("generate", _MISSING), model.__dict__.get("__deepcopy__", _MISSING))
-        object.__setattr__(model, _GENERATE, state)
-        object.__setattr__(model, "generate", generate)
-        object.__setattr__(model, "__deepcopy__", refuse_deepcopy)
-    state[0].append(bank)
-
-
-@contextlib.contextmanager
-def whole_prompt_passes(model: nn.Module):
-    """Inside, every cache-less forward pass of ``model`` is a prompt of its own for the banks
-    steering it (``steer(..., positions=...)``): capture, gradient and training passes run whole
-    texts, so a pass that repeats the last one plus a token (a suffix cut one token longer,
-    read after the shorter cut) is not taken for the decode step of a model that re-runs the
-    whole sequence each step."""
-    state = model.__dict__.get(_GENERATE)
-    banks = list(state[0]) if state is not None else []
-    for bank in banks:
-        bank._whole_prompts += 1
-    try:
-        yield
-    finally:
-        for bank in banks:
-            bank._whole_prompts -= 1
-
-
-_SKIPS_HOOKS: dict[type, bool] = {}
-
-
-def _chunking_skips_hooks(model: nn.Module) -> bool:
-    """Whether ``generate(prefill_chunk_size=...)`` runs the chunks through ``self.forward``,
-    past the model's forward hooks (transformers 4.53-4.57's ``_prefill_chunking``; 5.x calls
-    the model itself)."""
-    cls = type(model)
-    if cls not in _SKIPS_HOOKS:
-        method = getattr(cls, "_prefill_chunking", None)
-        try:
-            source = inspect.getsource(method) if method is not None else ""
-        except (OSError, TypeError):
-            source = ""
-        _SKIPS_HOOKS[cls] = "= self.forward" in source
-    return _SKIPS_HOOKS[cls]
-
-
-@contextlib.contextmanager
-def _chunks_through_hooks(model: nn.Module):
-    """Inside the context, the prefill chunks of a ``generate`` call go through the model's
-    forward hooks (where the steering bank learns each pass's tokens) when the installed
-    transformers calls ``self.forward`` for them: ``_prefill_chunking`` is wrapped so that,
-    while it runs, ``model.forward`` enters ``model.__call__`` once (hooks run once, then the
-    real forward)."""
-    if not _chunking_skips_hooks(model) or "_prefill_chunking" in model.__dict__:
-        yield
-        return
-    chunking = model._prefill_chunking
-
-    def prefill_chunking(*args, **kwargs):
-        own = model.__dict__.get("forward")  # accelerate's device hooks, if any
-        real = own if own is not None else types.MethodType(type(model).forward, model)
-        inside = []
-
-        def forward(*f_args, **f_kwargs):
-            if inside:  # called back by __call__: the real forward
-                return real(*f_args, **f_kwargs)
-            inside.append(True)
-            try:
-                return model(*f_args, **f_kwargs)
-            finally:
-                inside.pop()
-
-        object.__setattr__(model, "forward", forward)
-        try:
-            return chunking(*args, **kwargs)
-        finally:
-            if own is None:
-                model.__dict__.pop("forward", None)
-            else:
-                object.__setattr__(model, "forward", own)
-
-    object.__setattr__(model, "_prefill_chunking", prefill_chunking)
-    try:
-        yield
-    finally:
-        model.__dict__.pop("_prefill_chunking", None)
-
-
-def _untrack_generate(model: nn.Module, bank: SteeringBank) -> None:
-    state = model.__dict__.get(_GENERATE)
-    if state is None or not any(b is bank for b in state[0]):
-        return
-    banks, replaced_generate, replaced_deepcopy = state
-    banks[:] = [b for b in banks if b is not bank]
-    bank._generate_prompt = bank._generate_rows = None
-    if not banks:
-        del model.__dict__[_GENERATE]
-        for name, replaced in (("generate", replaced_generate), ("__deepcopy__", replaced_deepcopy)):
-            if replaced is _MISSING:
-                model.__dict__.pop(name, None)
-            else:
-                object.__setattr__(model, name, replaced)
-
-
-def _in_backward() -> bool:
-    """Whether a backward pass is running (where gradient checkpointing re-runs layers); true
-    when torch cannot say."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is None or task() != -1
-
-
-def _tracing(tokens: torch.Tensor) -> bool:
-    """Whether this pass is being compiled (dynamo) or captured into a CUDA graph: no host sync
-    may happen then (a host value read there would be baked into the graph)."""
-    compiling = getattr(torch.compiler, "is_compiling", None)
-    if compiling is not None and compiling():
-        return True
-    return tokens.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _checks_drafts(kwargs, length: int) -> bool:
-    """Whether a pass of ``length`` tokens checks assisted decoding's draft tokens: generate
-    then asks for the logits of every token of the pass (``logits_to_keep == length``), where a
-    prefill asks for the last one only."""
-    keep = kwargs.get("logits_to_keep")
-    return isinstance(keep, int) and not isinstance(keep, bool) and keep == length
-
-
-def _positional_names(model: nn.Module) -> tuple[str, ...]:
-    """Names of ``model.forward``'s positional parameters, in order (``("input_ids",)`` when
-    its signature cannot be read)."""
-    try:
-        parameters = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return ("input_ids",)
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    names = tuple(p.name for p in parameters if p.kind in kinds)
-    return names or ("input_ids",)
-
-
-def _recurrent_past(cache, length: int, seen: weakref.WeakKeyDictionary) -> int:
-    started = any(any(getattr(layer, "has_previous_state", {}).values())
-                  for layer in getattr(cache, "layers", ()))
-    past = seen.get(cache, 0) if started else 0
-    seen[cache] = past + length
-    return past
-
-
-def _check_positions(positions):
-    if isinstance(positions, numbers.Integral) and not isinstance(positions, bool):
-        if positions < 0:
-            raise ValueError(f"positions={positions}: a token index must be >= 0 (steer each row's "
-                             "tokens from its real token `positions` on)")
-        return "from", None
-    if isinstance(positions, str):
-        if positions not in POSITIONS:
-            raise ValueError(f"positions={positions!r}: use one of {POSITIONS} or a boolean mask [batch, seq]")
-        return positions, None
-    if isinstance(positions, torch.Tensor):
-        with_data(positions, "positions mask")
-        if positions.dim() != 2 or positions.dtype != torch.bool:
-            raise ValueError(
-                f"positions mask must be a bool tensor [batch, seq], got {positions.dtype} of "
-                f"shape {tuple(positions.shape)}"
-            )
-        return "mask", positions.detach().clone()  # the bank's own: later writes by the caller steer nothing
-    raise TypeError(f"positions must be a string, an int token index or a bool tensor, got "
-                    f"{type(positions).__name__}")
-
-
-def _as_coeff(coeff) -> torch.Tensor:
-    """``coeff`` as a float32 CPU tensor: 0-d for one number (python, numpy or 0-d tensor),
-    ``[rows]`` for per-row values (a sequence, numpy array or tensor)."""
-    if isinstance(coeff, torch.Tensor):
-        with_data(coeff, "coeff")
-        if coeff.dtype == torch.bool or coeff.dtype.is_complex:
-            raise TypeError(f"coeff must hold real numbers, got a {coeff.dtype} tensor")
-        values = coeff.detach().to("cpu", torch.float32)
-    elif isinstance(coeff, numbers.Real) and not isinstance(coeff, bool):  # numpy scalars too
-        values = torch.tensor(float(coeff))
-    elif hasattr(coeff, "__array__") and not isinstance(coeff, (str, bytes)):  # numpy arrays
-        values = torch.as_tensor(_numpy_values(coeff, "coeff")).to(torch.float32)
-    elif isinstance(coeff, Sequence) and not isinstance(coeff, (str, bytes)):
-        values = torch.tensor([_real(c, "coeff") for c in coeff], dtype=torch.float32)
-    else:
-        raise TypeError(f"coeff must be a number, a sequence or a tensor, got {type(coeff).__name__}")
-    if values.dim() > 1:
-        raise ValueError(f"coeff must be a number or one value per row, got shape {tuple(values.shape)}")
-    if values.dim() == 1 and values.numel() == 0:
-        raise ValueError("coeff is empty: give one coefficient per row of the batch, or a single number")
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError(f"coeff contains NaN or infinity, or a value beyond float32's range "
-                         f"(|coeff| <= {FLOAT32_MAX:.3g}): give finite coefficients")
-    return values
-
-
-def _real(value, name: str) -> float:
-    if isinstance(value, torch.Tensor):  # a 0-d (or one-element) real tensor is its number
-        with_data(value, name)
-        if value.numel() != 1 or value.dtype == torch.bool or value.dtype.is_complex:
-            raise TypeError(f"{name} values must be numbers, got a {value.dtype} tensor of shape "
-                            f"{tuple(value.shape)}")
-        return float(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} values must be numbers, got {type(value).__name__}")
-    return float(value)
-
-
-def _numpy_values(array, name: str):
-    import numpy as np
-
-    values = np.asarray(array)
-    if values.dtype.kind not in "iuf":
-        raise TypeError(f"{name} must hold integers or floats, got a numpy array of dtype {values.dtype}")
-    return values.astype(np.float64) if values.dtype.kind == "f" else values.astype(np.int64)
-
-
-def _is_index(value) -> bool:
-    """An integer (any integral type, never a bool) or a one-element integer tensor with data."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() == 1 and value.device.type != "meta" and not value.is_floating_point() \
-            and not value.dtype.is_complex and value.dtype != torch.bool
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _as_slots(slots, count: int) -> torch.Tensor:
-    """``slots`` as an int64 CPU tensor: 0-d for one index shared by every row (``None`` is
-    vector 0), ``[rows]`` for per-row indices; each in ``-1..count-1``."""
-    if slots is None:
-        return torch.zeros((), dtype=torch.int64)
-    if isinstance(slots, torch.Tensor):
-        values = with_data(slots, "slots").detach().cpu()
-    elif isinstance(slots, numbers.Integral) and not isinstance(slots, bool):  # numpy ints too
-        values = torch.tensor(int(slots))
-    elif hasattr(slots, "__array__") and not isinstance(slots, (str, bytes)):
-        values = torch.as_tensor(_numpy_values(slots, "slots"))
-    elif isinstance(slots, Sequence) and not isinstance(slots, (str, bytes)):
-        if not all(_is_index(v) for v in slots):
-            raise TypeError(f"slots must hold integers (indices into vectors, -1 = unsteered), got {list(slots)!r}")
-        values = torch.tensor([int(v) for v in slots], dtype=torch.int64)
-    else:
-        raise TypeError(f"slots must be an integer, a sequence of integers or an integer tensor, got {type(slots).__name__}")
-    if values.dim() > 1 or (values.numel() and (values.is_floating_point() or values.dtype == torch.bool)):
-        raise ValueError(f"slots must be a 1-D sequence of integers, got {values.dtype} of shape {tuple(values.shape)}")
-    values = values.to(torch.int64)
-    if values.dim() == 1 and values.numel() == 0:
-        raise ValueError("slots is empty: give one slot per row of the batch")
-    if bool(((values < -1) | (values >= count)).any()):
-        raise ValueError(f"slots must be in -1..{count - 1} (index into vectors, -1 = unsteered), got {values.tolist()}")
-    return values
-
-
-def _copy_into(buffer: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """The bank's own copy of ``values`` ``[rows]`` on ``buffer``'s device and dtype: ``buffer``
-    itself when the size is unchanged (copied in place, so captured graphs see the new values),
-    else a new tensor. Never ``values`` itself: a caller's CPU tensor (``coeff=torch.tensor(...)``
-    on a CPU model) would otherwise be the bank's buffer, changed by the next ``set_batch`` and
-    steering with whatever the caller later writes into it, past the checks."""
-    if buffer.shape == values.shape:
-        buffer.copy_(values, non_blocking=True)
-        return buffer
-    return values.to(device=buffer.device, dtype=buffer.dtype, memory_format=torch.contiguous_format,
-                     copy=True)
 
 
 @contextlib.contextmanager

@@ -499,7 +499,7 @@ def test_past_length_without_a_mask():
     and a recurrent cache (no sequence length) counted per cache object."""
     import weakref
 
-    from steerkern.control import _past_length
+    from steerkern.pass_state import past_length as _past_length
 
     keys = torch.zeros(2, 2, 5, 4)
     seen = weakref.WeakKeyDictionary()
