@@ -399,7 +399,7 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
             sees the processes of ``accelerate launch`` / torchrun; inside a ``torch.distributed``
             group started otherwise it sees one, and a warning says every process trains alone.
         progress: tqdm progress bars (main process only); True or False.
-        seed: initialisation of ``A`` and the order of the pairs.
+        seed: initialisation of ``A`` and the order of the pairs; an int in ``[-2**63, 2**64)``.
 
     Returns:
         ``SteeringVector`` with a ``(bias [D], A [D, R], B [D, R])`` part per layer at ``target``;
@@ -432,6 +432,9 @@ def train_adapter(model, tokenizer, pairs, *, layers=None, loss_layer=None, rank
     order_weight = real(order_weight, "order_weight", non_negative=True)
     weight_decay = real(weight_decay, "weight_decay", non_negative=True)
     seed = count(seed, "seed", minimum=None)
+    if not -2**63 <= seed < 2**64:  # torch.Generator.manual_seed's range, checked before any pass
+        raise ValueError(f"seed must be an int in [-2**63, 2**64) (a torch.Generator seed), got {seed}: "
+                         "reduce it, e.g. seed % 2**64")
     progress = flag(progress, "progress")
     needs = ("num_processes", "process_index", "prepare", "backward")
     if accelerator is not None and not all(hasattr(accelerator, name) for name in needs):

@@ -273,6 +273,8 @@ def test_a_module_whose_train_does_more_than_set_its_flag_is_left_alone(tiny_mod
         (dict(target="mlp.act_fn"), ValueError, "target 'mlp.act_fn': .* holds no parameters"),
         (dict(seed=1.5), ValueError, "seed must be an int"),  # was RuntimeError from manual_seed
         (dict(seed=None), ValueError, "seed must be an int"),
+        (dict(seed=2**64), ValueError, "seed must be an int in"),  # was torch's "Overflow when unpacking
+        (dict(seed=-2**63 - 1), ValueError, "seed must be an int in"),  # long long" after the reference pass
         (dict(accelerator="cpu"), TypeError, "accelerator must be an accelerate.Accelerator"),
         (dict(progress="no"), TypeError, "progress must be True or False, got 'no'"),
     ],
@@ -286,6 +288,21 @@ def test_bad_arguments(tiny_model_factory, kwargs, error, match):
     with pytest.raises(error, match=match):
         train_adapter(model, ToyTokenizer(), pairs, **args)
     assert_unchanged(model, before)
+
+
+def test_a_seed_beyond_the_generators_range_is_refused_before_any_pass(tiny_model_factory, monkeypatch):
+    """A seed torch.Generator cannot take (a 256-bit hash, say) is refused by name before the
+    reference pass; every seed it can take (negative ones and those up to 2**64 - 1) trains."""
+    model = tiny_model_factory("llama")
+    monkeypatch.setattr(train_mod, "_reference", lambda *a, **k: pytest.fail("reference pass ran"))
+    with pytest.raises(ValueError, match=r"seed must be an int in \[-2\*\*63, 2\*\*64\)"):
+        train_adapter(model, ToyTokenizer(), PAIRS, layers=[1], loss_layer=2, steps=1,
+                      progress=False, seed=2**64 + 5)
+    monkeypatch.undo()
+    for seed in (-2**63, 2**64 - 1):
+        vector = train_adapter(model, ToyTokenizer(), PAIRS[:2], layers=[1], loss_layer=2, steps=1,
+                               batch_size=1, progress=False, seed=seed)
+        assert vector.layers == [1]
 
 
 def test_gpt2_and_default_padding(tiny_model_factory):
