@@ -51,6 +51,7 @@ from steerkern.pass_state import (
     cache_of,
     checks_drafts,
     in_backward,
+    padded_mask_past,
     past_length,
     positional_names,
     tracing,
@@ -338,9 +339,15 @@ class SteeringBank:
         batch, length = tokens.shape[0], tokens.shape[1]
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        # a 2-D mask padded to a static cache's capacity (BLOOM): its columns from the cache's count
+        mask_past = padded_mask_past(cache_of(kwargs), mask, length)
+        if mask_past is not None and not isinstance(mask_past, torch.Tensor):
+            mask, mask_past = mask[:, :mask_past + length], None  # the usual form [B, past + T]
         steer_here = None
         if self.positions != "all":
             past = past_length(kwargs, mask, length, self._recurrent_seen)
+            if mask_past is not None:
+                past = mask_past
             if isinstance(past, torch.Tensor) and self._generate_prompt is None and not tracing(tokens):
                 past = int(past)  # a host sync, outside generate only: it tracks the prompt below
             cache = cache_of(kwargs)
@@ -355,11 +362,11 @@ class SteeringBank:
             self._last_length = length
             if self._generate_prompt is not None:  # inside generate: its input is the prompt
                 self._prompt_len = self._generate_prompt
-            steer_here = (self._from_token_on(mask, past, batch, length, tokens.device, cache)
+            steer_here = (self._from_token_on(mask, past, batch, length, tokens.device, cache, mask_past)
                           if self.positions == "from" else
                           self._positions_steered(batch, past, length, tokens.device))
         if mask is not None:
-            valid = mask[:, -length:].to(torch.bool)
+            valid = _pass_columns(mask, mask_past, length).to(torch.bool)
             steer_here = valid if steer_here is None else steer_here & valid
         row_slot, row_coeff = self._rows_for(batch)
         slot = row_slot.to(tokens.device)[:, None].expand(batch, length)
@@ -431,7 +438,7 @@ class SteeringBank:
         chosen = prompt if self.positions == "prompt" else ~prompt
         return chosen[None, :].expand(batch, length)
 
-    def _from_token_on(self, mask, past, batch, length, device, cache) -> torch.Tensor:
+    def _from_token_on(self, mask, past, batch, length, device, cache, mask_past=None) -> torch.Tensor:
         """``positions=k``: the pass's tokens whose index among their row's real tokens is
         ``>= k``. With an attention mask over the whole sequence (``[B, past + T]``, as
         ``generate`` and cached calls pass it) the index is ``cumsum(mask) - 1`` at this pass's
@@ -449,9 +456,11 @@ class SteeringBank:
                 index = index - pads.to(device)[:, None]
             index = index.expand(batch, length)
         else:
-            index = mask.long().cumsum(-1)[:, -length:] - 1
-            if cache is not None:
-                self._remember_pads(cache, mask.shape[1] - mask.long().sum(-1))
+            counts = _pass_columns(mask.long().cumsum(-1), mask_past, length)
+            index = counts - 1
+            if cache is not None:  # the pads among the columns up to this pass's last
+                end = mask.shape[1] if mask_past is None else mask_past.to(mask.device) + length
+                self._remember_pads(cache, end - counts[:, -1])
         return index >= self._from_token
 
     def _generate_mask_index(self, past, batch, length, device) -> torch.Tensor:
@@ -550,6 +559,17 @@ class SteeringBank:
             return output
 
         return hook
+
+
+def _pass_columns(values: torch.Tensor, mask_past, length: int) -> torch.Tensor:
+    """The columns of a per-column tensor over the attention mask (``[B, W]``) that this pass's
+    ``length`` tokens occupy: the last ``length`` ones, or for a mask padded to a static cache's
+    capacity (``mask_past``: the tokens cached before the pass, a 0-dim tensor) the ``length``
+    from ``mask_past`` on, gathered without a host sync."""
+    if mask_past is None:
+        return values[:, -length:]
+    columns = torch.arange(length, device=values.device) + mask_past.to(values.device)
+    return values.index_select(1, columns)
 
 
 def _put_states(hidden: torch.Tensor, steered: torch.Tensor, stream: int) -> torch.Tensor:

@@ -43,6 +43,30 @@ def past_length(kwargs, mask, length, recurrent_seen) -> int | torch.Tensor:
     return start if start is not None else 0
 
 
+def padded_mask_past(cache, mask, length: int):
+    """Tokens ``cache`` holds before this pass when the pass's 2-D ``mask`` is not ``[B, past +
+    length]`` but padded with zeros on the right to the cache's capacity (BLOOM under a static
+    cache: its ``create_masks_for_generate`` keeps the 2-D mask its ALiBi needs at the cache's
+    static length, so ``mask.shape[1] - length`` is not the past and ``mask[:, -length:]`` are
+    not this pass's columns). ``None`` for a mask of the usual form; else the cache's own count
+    (a 0-dim device tensor for a static cache: no host sync)."""
+    if mask is None or cache is None or not hasattr(cache, "get_max_length"):
+        return None
+    try:
+        capacity = cache.get_max_length()
+    except (ValueError, TypeError, AttributeError, IndexError):  # no layers yet, or no such answer
+        return None
+    if isinstance(capacity, torch.Tensor) or not isinstance(capacity, int) or capacity != mask.shape[1]:
+        return None
+    try:
+        past = cache.get_seq_length()
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(past, torch.Tensor) and past + length == capacity:
+        return None  # the usual form (a full cache's last pass reads the same either way)
+    return past
+
+
 def _later_layers_length(cache) -> int:
     """The longest key/value length of ``cache``'s layers after the first, for a cache whose
     first layer stays empty while the others fill (MiniMax keeps its linear-attention layers'

@@ -411,3 +411,30 @@ def test_generated_positions_with_a_cache_whose_first_layer_holds_no_keys():
     vector = SteeringVector.from_directions({1: 4 * torch.randn(64, generator=generator)})
     assert_generated_positions_match_their_columns(model, vector, ids, torch.ones_like(ids), new_tokens=4,
                                                    atol=1e-5, rerun_without_cache=True)
+
+
+@pytest.mark.parametrize("positions", ["all", "generated", 3])
+def test_static_cache_with_a_mask_padded_to_its_capacity(positions):
+    """BLOOM under a static cache gets a 2-D attention mask padded with zeros to the cache's
+    capacity (its ALiBi needs 2-D), not ``[B, past + T]``: the pass's columns must come from the
+    cache's count, so steering under a static cache gives the dynamic cache's tokens and scores
+    (the last prompt tokens and the decode steps were left unsteered)."""
+    model = build("bloom")
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 100, (2, 6), generator=generator)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0  # row 1 is left-padded
+    vector = SteeringVector.from_directions({1: 3 * torch.randn(64, generator=generator)})
+    options = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                   pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = model.generate(**options)
+        assert torch.equal(model.generate(**options, cache_implementation="static").sequences, plain.sequences)
+        with steer(model, vector, coeff=[1.5, -2.0], positions=positions):
+            dynamic = model.generate(**options)
+            static = model.generate(**options, cache_implementation="static")
+    assert (dynamic.scores[-1] - plain.scores[-1]).abs().max() > 1e-2
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for ours, theirs in zip(static.scores, dynamic.scores):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert steerkern_hook_count(model) == 0
