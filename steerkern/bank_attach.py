@@ -85,7 +85,8 @@ def track_generate(model: nn.Module, bank: SteeringBank) -> None:
                 b._generate_mask, b._generate_index = mask, {}
                 b._in_generate += 1
             try:
-                with _chunks_through_hooks(model):
+                with _chunks_through_hooks(model), _inferred_mask(model, banks if given and mask is None else (),
+                                                                  tuple(prompt.shape[:2]) if given else None):
                     return inner(*args, **kwargs)
             finally:
                 for b, prompt_length, prompt_rows, prompt_mask, prompt_index in outer:
@@ -182,6 +183,31 @@ def _chunks_through_hooks(model: nn.Module):
         yield
     finally:
         model.__dict__.pop("_prefill_chunking", None)
+
+
+@contextlib.contextmanager
+def _inferred_mask(model: nn.Module, banks, shape):
+    """Inside, the 2-D attention mask that ``generate`` infers for a call given none (left pads
+    told from ``pad_token_id``: ``_prepare_attention_mask_for_generation``) becomes the call's
+    mask for ``banks``, as a given one would: a static cache's passes come with a 4-D mask only,
+    so ``positions=k`` counts each row's real tokens from it."""
+    method = getattr(model, "_prepare_attention_mask_for_generation", None)
+    if not banks or method is None or "_prepare_attention_mask_for_generation" in model.__dict__:
+        yield
+        return
+
+    def prepare(*args, **kwargs):
+        mask = method(*args, **kwargs)
+        if isinstance(mask, torch.Tensor) and tuple(mask.shape) == shape:
+            for bank in banks:
+                bank._generate_mask, bank._generate_index = mask, {}
+        return mask
+
+    object.__setattr__(model, "_prepare_attention_mask_for_generation", prepare)
+    try:
+        yield
+    finally:
+        model.__dict__.pop("_prepare_attention_mask_for_generation", None)
 
 
 def untrack_generate(model: nn.Module, bank: SteeringBank) -> None:

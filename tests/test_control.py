@@ -596,6 +596,36 @@ def test_positions_under_a_static_cache_with_left_padding(tiny_model_factory):
     assert not torch.equal(tokens("generated"), plain)
 
 
+def test_token_index_positions_under_a_static_cache_with_an_inferred_mask(tiny_model_factory):
+    """Left-padded ``input_ids`` given without an attention mask: generate infers the mask from
+    ``pad_token_id``. Under a static cache the passes get only a 4-D mask, so ``positions=k``
+    must count each row's real tokens from the mask generate inferred (it counted the pads),
+    giving what the dynamic cache and an explicit mask give."""
+    model = tiny_model_factory("llama")
+    vector = random_vector(model, [1, 2], 0, scale=4.0)
+    ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    ids[mask == 0] = 0
+    run = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=2,
+               output_scores=True, return_dict_in_generate=True)
+
+    def generate(**extra):
+        with torch.no_grad(), steer(model, vector, coeff=[1.0, -1.5, 2.0], positions=4):
+            return model.generate(input_ids=ids, **run, **extra)
+
+    explicit = generate(attention_mask=mask, cache_implementation="static")
+    for extra in ({}, {"cache_implementation": "static"}, {"cache_implementation": "static", "num_beams": 2}):
+        got = generate(**extra)
+        want = generate(attention_mask=mask, **extra)
+        assert torch.equal(got.sequences, want.sequences), extra
+        for ours, theirs in zip(got.scores, want.scores):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(generate(cache_implementation="static").scores[0], explicit.scores[0])
+    assert steerkern_hook_count(model) == 0
+
+
 def test_positional_attention_mask_keeps_pads_unsteered(tiny_model_factory):
     """``model(ids, mask)``: the mask is read from the positional arguments (their order is the
     architecture's own and the release's: GPT-2 takes the cache second, and in transformers
