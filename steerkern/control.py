@@ -340,7 +340,7 @@ class SteeringBank:
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         # a 2-D mask padded to a static cache's capacity (BLOOM): its columns from the cache's count
-        mask_past = padded_mask_past(cache_of(kwargs), mask, length)
+        mask_past = padded_mask_past(cache_of(kwargs), mask, length, kwargs.get("cache_position"))
         if mask_past is not None and not isinstance(mask_past, torch.Tensor):
             mask, mask_past = mask[:, :mask_past + length], None  # the usual form [B, past + T]
         steer_here = None

@@ -43,13 +43,15 @@ def past_length(kwargs, mask, length, recurrent_seen) -> int | torch.Tensor:
     return start if start is not None else 0
 
 
-def padded_mask_past(cache, mask, length: int):
+def padded_mask_past(cache, mask, length: int, cache_position=None):
     """Tokens ``cache`` holds before this pass when the pass's 2-D ``mask`` is not ``[B, past +
     length]`` but padded with zeros on the right to the cache's capacity (BLOOM under a static
     cache: its ``create_masks_for_generate`` keeps the 2-D mask its ALiBi needs at the cache's
     static length, so ``mask.shape[1] - length`` is not the past and ``mask[:, -length:]`` are
-    not this pass's columns). ``None`` for a mask of the usual form; else the cache's own count
-    (a 0-dim device tensor for a static cache: no host sync)."""
+    not this pass's columns). ``None`` for a mask of the usual form; else the column the pass
+    starts at: ``cache_position``'s first entry when the call has one (a 0-dim tensor: no host
+    sync), else the cache's own count (transformers 4.5x's static cache counts the non-zero keys
+    of row 0, short of the past when that row starts with pads)."""
     if mask is None or cache is None or not hasattr(cache, "get_max_length"):
         return None
     try:
@@ -58,6 +60,8 @@ def padded_mask_past(cache, mask, length: int):
         return None
     if isinstance(capacity, torch.Tensor) or not isinstance(capacity, int) or capacity != mask.shape[1]:
         return None
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        return cache_position.reshape(-1)[0]
     try:
         past = cache.get_seq_length()
     except (ValueError, TypeError):
