@@ -567,6 +567,17 @@ def test_positions_when_generate_continues_a_cache_or_prefills_in_chunks(tiny_mo
         assert not torch.allclose(everywhere, plain)
 
 
+def _left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` ``[3, 9]``: rows 0 and 2 left-padded by 3 and 1 with pad id 0, whose
+    embedding row is zero in the tiny models, so are the pads' keys."""
+    ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
 def test_positions_under_a_static_cache_with_left_padding(tiny_model_factory):
     """With ``cache_implementation="static"`` generate passes a 4-D mask, so the cache length
     comes from elsewhere: transformers 4.5x's static ``get_seq_length`` counts the non-zero keys
@@ -576,11 +587,7 @@ def test_positions_under_a_static_cache_with_left_padding(tiny_model_factory):
     generate call's own 2-D mask, since the model gets no 2-D mask to count them in)."""
     model = tiny_model_factory("llama")
     vector = random_vector(model, [1, 2], 0, scale=4.0)
-    ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(7))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    mask[2, :1] = 0
-    ids[mask == 0] = 0  # the pad id: its embedding row is zero, so are the pads' keys
+    ids, mask = _left_padded_batch()
     run = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
 
     def tokens(positions, **extra):
@@ -603,11 +610,7 @@ def test_token_index_positions_under_a_static_cache_with_an_inferred_mask(tiny_m
     giving what the dynamic cache and an explicit mask give."""
     model = tiny_model_factory("llama")
     vector = random_vector(model, [1, 2], 0, scale=4.0)
-    ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(7))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    mask[2, :1] = 0
-    ids[mask == 0] = 0
+    ids, mask = _left_padded_batch()
     run = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=2,
                output_scores=True, return_dict_in_generate=True)
 
